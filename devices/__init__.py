@@ -1,0 +1,1 @@
+"""Device protocols (pure decoders) and thin transports for alarm devices."""

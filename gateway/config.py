@@ -1,0 +1,325 @@
+"""Configuration: one TOML file, validated once at start into immutable typed objects.
+
+Secrets never live in the file. They are read from environment variables or from
+systemd credentials (``$CREDENTIALS_DIRECTORY/<name>``); the file only names
+which variable or credential to use. Every error names the file, the key and the
+reason, so an operator can fix a broken config without reading code.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from devices.events import EventKind
+
+
+class ConfigError(Exception):
+    """A configuration problem: which file, which key, why."""
+
+    def __init__(self, file: Path | str, key: str, reason: str) -> None:
+        super().__init__(f"{file}: {key}: {reason}" if key else f"{file}: {reason}")
+        self.file = str(file)
+        self.key = key
+        self.reason = reason
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+
+
+class GatewaySection(_Section):
+    name: str = Field("alarm-gateway", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    state_dir: Path = Path("/var/lib/alarm-gateway")
+    journal_file: str = "journal.sqlite3"
+    dedupe_window_s: PositiveFloat = 120.0
+    shutdown_timeout_s: PositiveFloat = 20.0
+    journal_synchronous: Literal["FULL", "NORMAL"] = "FULL"
+
+    @property
+    def journal_path(self) -> Path:
+        return self.state_dir / self.journal_file
+
+
+class RegistrySection(_Section):
+    directory: Path = Path("sample")
+    default_region: str = Field("CN", pattern=r"^[A-Z]{2}$")
+    # Service area (min_lon, min_lat, max_lon, max_lat); points outside are registry errors.
+    bbox: tuple[float, float, float, float] | None = None
+
+    @field_validator("bbox")
+    @classmethod
+    def _bbox_ordered(
+        cls, v: tuple[float, float, float, float] | None
+    ) -> tuple[float, float, float, float] | None:
+        if v is None:
+            return v
+        min_lon, min_lat, max_lon, max_lat = v
+        if not all(math.isfinite(x) for x in v):
+            raise ValueError("bbox values must be finite")
+        if not (-180 <= min_lon < max_lon <= 180 and -90 <= min_lat < max_lat <= 90):
+            raise ValueError("bbox must be [min_lon, min_lat, max_lon, max_lat] in degrees")
+        return v
+
+
+class LoggingSection(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+
+
+class GeoSection(_Section):
+    # UTM 50N covers 114-120E: the whole district, without the 118.5E Gauss-Kruger border.
+    crs: str = "EPSG:32650"
+    source_crs: str = "EPSG:4326"
+    responders_k: int = Field(3, ge=1, le=50)
+    stale_after_s: PositiveFloat = 600.0
+
+
+class TlsSection(_Section):
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    insecure: bool = False
+
+
+class MqttSection(_Section):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(1883, ge=1, le=65535)
+    username: str | None = None
+    # Name of the env variable / systemd credential holding the password.
+    password_secret: str = "mqtt_password"  # noqa: S105 - a credential name
+    tls: TlsSection | None = None
+    client_id: str | None = None  # default: "gw-<gateway.name>"
+    keepalive_s: int = Field(30, ge=5, le=3600)
+    z2m_base: str = "zigbee2mqtt"
+    own_base: str = "alarm/buttons"
+    status_topic: str = "alarm/gateway/{name}/status"
+    alarm_topic: str = "alarm/alarms/{alarm_id}/state"
+    emergency_actions: tuple[str, ...] = ("emergency", "sos", "single", "double", "hold", "panic")
+    reconnect_initial_s: PositiveFloat = 0.5
+    reconnect_max_s: PositiveFloat = 30.0
+    max_inflight: int = Field(64, ge=1, le=10_000)
+
+
+class SerialPortSection(_Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    port: str
+    protocol: Literal["surgard", "callerid"]
+    baudrate: int = Field(9600, ge=300, le=921600)
+    init_commands: tuple[str, ...] | None = None  # modem only; default ATZ, AT+VCID=1
+    heartbeat_interval_s: PositiveFloat = 30.0
+    heartbeat_missed: int = Field(3, ge=1, le=100)
+    reconnect_initial_s: PositiveFloat = 0.5
+    reconnect_max_s: PositiveFloat = 30.0
+
+
+class AlertSection(_Section):
+    backend: Literal["auto", "aplay", "paplay", "file", "none"] = "auto"
+    output_dir: Path | None = None
+    repeat_interval_s: PositiveFloat = 10.0
+    voice: str = "cmn"
+    device: str | None = None
+
+
+class SmsSection(_Section):
+    provider: Literal["twilio"] = "twilio"
+    from_number: str | None = None
+    messaging_service_sid: str | None = Field(None, pattern=r"^MG[0-9a-fA-F]{32}$")
+    # Twilio API base URL; set for the local test double or a self-hosted proxy.
+    base_url: str | None = Field(None, pattern=r"^https?://")
+    account_sid_secret: str = "twilio_account_sid"  # noqa: S105 - a credential name
+    auth_token_secret: str = "twilio_auth_token"  # noqa: S105 - a credential name
+    request_timeout_s: PositiveFloat = 5.0
+    max_attempts: int = Field(5, ge=1, le=20)
+    concurrency: int = Field(16, ge=1, le=1000)
+    budget_ms: PositiveFloat = 2000.0
+    staff_per_alarm: int = Field(2, ge=0, le=20)
+    notify_clinic: bool = False
+
+    @model_validator(mode="after")
+    def _one_sender(self) -> SmsSection:
+        if bool(self.from_number) == bool(self.messaging_service_sid):
+            raise ValueError("set exactly one of from_number or messaging_service_sid")
+        return self
+
+
+class ControlSection(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8765, ge=0, le=65535)
+
+
+class ContactIdSection(_Section):
+    # Contact ID event code -> alarm kind overrides, e.g. {"150" = "emergency"}.
+    codes: dict[str, EventKind] = Field(default_factory=dict)
+
+    @field_validator("codes")
+    @classmethod
+    def _three_hex(cls, v: dict[str, EventKind]) -> dict[str, EventKind]:
+        for code in v:
+            if len(code) != 3 or any(c not in "0123456789ABCDEFabcdef" for c in code):
+                raise ValueError(f"event code {code!r} must be 3 hex digits")
+        return v
+
+
+class GatewayConfigModel(_Section):
+    gateway: GatewaySection = GatewaySection()
+    registry: RegistrySection = RegistrySection()
+    logging: LoggingSection = LoggingSection()
+    geo: GeoSection = GeoSection()
+    mqtt: MqttSection = MqttSection()
+    serial: tuple[SerialPortSection, ...] = ()
+    alert: AlertSection = AlertSection()
+    sms: SmsSection
+    control: ControlSection = ControlSection()
+    contact_id: ContactIdSection = ContactIdSection()
+
+    @model_validator(mode="after")
+    def _unique_serial_names(self) -> GatewayConfigModel:
+        names = [s.name for s in self.serial]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"serial port names must be unique, repeated: {', '.join(dupes)}")
+        return self
+
+
+@dataclass(frozen=True, slots=True)
+class Secrets:
+    """Secrets resolved from the environment or systemd credentials. Never logged."""
+
+    twilio_account_sid: str | None
+    twilio_auth_token: str | None
+    mqtt_password: str | None
+
+    def __repr__(self) -> str:
+        def shown(v: str | None) -> str:
+            return "unset" if v is None else "set"
+
+        return (
+            f"Secrets(twilio_account_sid={shown(self.twilio_account_sid)}, "
+            f"twilio_auth_token={shown(self.twilio_auth_token)}, "
+            f"mqtt_password={shown(self.mqtt_password)})"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The validated configuration plus where it came from."""
+
+    source: Path
+    model: GatewayConfigModel
+
+    @property
+    def registry_dir(self) -> Path:
+        d = self.model.registry.directory
+        return d if d.is_absolute() else (self.source.parent / d)
+
+
+def _loc_to_key(loc: tuple[int | str, ...]) -> str:
+    parts: list[str] = []
+    for p in loc:
+        if isinstance(p, int):
+            parts.append(f"[{p}]")
+        else:
+            parts.append(("." if parts else "") + p)
+    return "".join(parts)
+
+
+def parse_config(data: Mapping[str, Any], source: Path) -> Config:
+    """Validate already-parsed TOML data; raise ConfigError naming the first bad key."""
+    if "secrets" in data or _contains_secret_key(data):
+        raise ConfigError(
+            source,
+            _secret_key_path(data),
+            "secrets must not be stored in the config file; "
+            "use environment variables or systemd credentials (see README)",
+        )
+    try:
+        model = GatewayConfigModel.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        key = _loc_to_key(tuple(first["loc"]))
+        msg = first["msg"]
+        if first["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif first["type"] == "missing":
+            msg = "required key is missing"
+        more = len(exc.errors()) - 1
+        if more:
+            msg += f" (and {more} more problem{'s' if more > 1 else ''})"
+        raise ConfigError(source, key, msg) from None
+    return Config(source=source, model=model)
+
+
+_SECRET_KEYS = {"auth_token", "password", "account_sid", "token", "api_key", "secret"}
+
+
+def _secret_key_path(data: Mapping[str, Any], prefix: str = "") -> str:
+    for k, v in data.items():
+        path = f"{prefix}.{k}" if prefix else str(k)
+        if k in _SECRET_KEYS or k == "secrets":
+            return path
+        if isinstance(v, Mapping):
+            found = _secret_key_path(v, path)
+            if found:
+                return found
+    return ""
+
+
+def _contains_secret_key(data: Mapping[str, Any]) -> bool:
+    return bool(_secret_key_path(data))
+
+
+def load_config(path: Path) -> Config:
+    """Read and validate a TOML config file."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(path, "", f"cannot read: {exc.strerror or exc}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(path, "", f"not valid UTF-8 at byte {exc.start}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(path, "", f"invalid TOML: {exc}") from None
+    return parse_config(data, path.resolve())
+
+
+def read_secret(name: str, env: Mapping[str, str] | None = None) -> str | None:
+    """A secret from ``$CREDENTIALS_DIRECTORY/<name>`` (systemd) or env ``<NAME>``."""
+    env = os.environ if env is None else env
+    cred_dir = env.get("CREDENTIALS_DIRECTORY")
+    if cred_dir:
+        p = Path(cred_dir) / name
+        if p.is_file():
+            return p.read_text(encoding="utf-8").strip() or None
+    value = env.get(name.upper())
+    return value.strip() if value and value.strip() else None
+
+
+def load_secrets(cfg: Config, env: Mapping[str, str] | None = None) -> Secrets:
+    m = cfg.model
+    return Secrets(
+        twilio_account_sid=read_secret(m.sms.account_sid_secret, env),
+        twilio_auth_token=read_secret(m.sms.auth_token_secret, env),
+        mqtt_password=read_secret(m.mqtt.password_secret, env) if m.mqtt.username else None,
+    )

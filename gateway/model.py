@@ -1,0 +1,117 @@
+"""Immutable domain records: who the elders are, their devices, contacts, responders, facilities.
+
+Loaded and validated once by :mod:`gateway.registry`; everything downstream reads
+these frozen values and never re-validates them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from devices.events import AddressScheme, DeviceAddress
+
+
+@dataclass(frozen=True, slots=True)
+class LonLat:
+    """A geographic position in degrees (WGS84 / CGCS2000, which agree to centimetres)."""
+
+    lon: float
+    lat: float
+
+
+class ResponderRole(StrEnum):
+    GRID_LEADER = "grid_leader"
+    COMMUNITY_WORKER = "community_worker"
+    SUPERVISOR = "supervisor"
+
+
+class FacilityKind(StrEnum):
+    HOSPITAL = "hospital"
+    CLINIC = "clinic"
+
+
+@dataclass(frozen=True, slots=True)
+class Contact:
+    """A family member (or neighbour) told when the elder presses the button."""
+
+    name: str
+    phone: str  # E.164, e.g. "+8613800000000"
+    relation: str = ""
+    language: str = "zh"  # "zh" or "en": which SMS template they get
+
+
+@dataclass(frozen=True, slots=True)
+class Device:
+    device_id: str
+    elder_id: str
+    scheme: AddressScheme
+    address: str  # account, E.164 phone or base MQTT topic, as the channel identifies it
+    model: str = ""
+    test_interval_h: float | None = None  # expected periodic test/check-in interval
+
+    @property
+    def device_address(self) -> DeviceAddress:
+        return DeviceAddress(self.scheme, self.address)
+
+
+@dataclass(frozen=True, slots=True)
+class Elder:
+    elder_id: str
+    name: str
+    address: str  # postal address, read out and sent by SMS
+    community: str
+    location: LonLat
+    phone: str | None = None  # E.164 home / alarm phone, if any
+    contacts: tuple[Contact, ...] = ()
+    notes: str = ""  # medical notes for responders (kept out of logs)
+
+
+@dataclass(frozen=True, slots=True)
+class Responder:
+    responder_id: str
+    name: str
+    phone: str  # E.164
+    community: str
+    role: ResponderRole
+    on_duty: bool
+    base: LonLat  # where they are when no live position is known
+
+
+@dataclass(frozen=True, slots=True)
+class Facility:
+    facility_id: str
+    name: str
+    kind: FacilityKind
+    duty_phone: str  # E.164
+    location: LonLat
+    address: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Registry:
+    """Everything the gateway knows about the district, indexed for lookups."""
+
+    elders: Mapping[str, Elder]
+    devices: Mapping[str, Device]
+    responders: Mapping[str, Responder]
+    facilities: Mapping[str, Facility]
+    _by_address: Mapping[DeviceAddress, Device] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def build(
+        cls,
+        elders: Mapping[str, Elder],
+        devices: Mapping[str, Device],
+        responders: Mapping[str, Responder],
+        facilities: Mapping[str, Facility],
+    ) -> Registry:
+        by_address = {d.device_address: d for d in devices.values()}
+        return cls(elders, devices, responders, facilities, by_address)
+
+    def device_by_address(self, address: DeviceAddress) -> Device | None:
+        return self._by_address.get(address)
+
+    def elder_of(self, device: Device) -> Elder:
+        return self.elders[device.elder_id]

@@ -1,0 +1,168 @@
+"""The journal: dedupe, lifecycle, notification plans, group commit, durability, full disk."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from gateway.journal import (
+    Journal,
+    JournalError,
+    JournalFull,
+    NotificationPlan,
+    NotificationState,
+    UnknownAlarm,
+    new_alarm_id,
+)
+from gateway.lifecycle import AlarmState, IllegalTransition
+
+
+class Clock:
+    def __init__(self, t: float = 1_760_000_000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+async def press(j: Journal, device: str = "d1", at: float = 1_760_000_000.0,
+                window: float = 60.0) -> object:
+    return await j.record_press(device_id=device, elder_id="e1", code="101", source="test",
+                                address="contact_id:1234", raw=b"frame", received_at=at,
+                                dedupe_window_s=window)
+
+
+async def test_press_creates_alarm_and_second_press_within_window_joins(tmp_path: Path) -> None:
+    async with Journal(tmp_path / "j.db") as j:
+        first = await press(j, at=1000.0)
+        second = await press(j, at=1030.0)
+        third = await press(j, at=1091.0)  # 61 s after the last press: a new alarm
+        assert first.new and not second.new and third.new
+        assert second.alarm_id == first.alarm_id and second.presses == 2
+        assert third.alarm_id != first.alarm_id
+        rec = await j.get_alarm(first.alarm_id)
+        assert rec.presses == 2 and rec.last_press_at == 1030.0
+        assert rec.state is AlarmState.JOURNALED
+        assert await j.count("device_messages") == 3
+        states = await j.device_states()
+        assert [s.device_id for s in states] == ["d1"] and states[0].last_seen == 1091.0
+
+
+async def test_other_device_never_joins(tmp_path: Path) -> None:
+    async with Journal(tmp_path / "j.db") as j:
+        a = await press(j, "d1", 1000.0)
+        b = await press(j, "d2", 1001.0)
+        assert a.new and b.new and a.alarm_id != b.alarm_id
+
+
+async def test_resolved_alarm_is_not_joined(tmp_path: Path) -> None:
+    async with Journal(tmp_path / "j.db", clock=Clock(1010.0)) as j:
+        a = await press(j, at=1000.0)
+        await j.transition(a.alarm_id, AlarmState.RESOLVED, note="false alarm")
+        b = await press(j, at=1020.0)
+        assert b.new
+
+
+async def test_transitions_follow_the_table(tmp_path: Path) -> None:
+    async with Journal(tmp_path / "j.db", clock=Clock(2000.0)) as j:
+        a = await press(j)
+        assert await j.transition(a.alarm_id, AlarmState.NOTIFYING) is AlarmState.JOURNALED
+        await j.transition(a.alarm_id, AlarmState.ACKNOWLEDGED, by="operator:li")
+        rec = await j.get_alarm(a.alarm_id)
+        assert rec.acknowledged_by == "operator:li" and rec.acknowledged_at == 2000.0
+        with pytest.raises(IllegalTransition):
+            await j.transition(a.alarm_id, AlarmState.NOTIFYING)
+        await j.transition(a.alarm_id, AlarmState.RESOLVED)
+        with pytest.raises(IllegalTransition):
+            await j.transition(a.alarm_id, AlarmState.ACKNOWLEDGED)
+        with pytest.raises(UnknownAlarm):
+            await j.transition("NOPE-NOPE", AlarmState.RESOLVED)
+        events = [ev for _, ev, _ in await j.alarm_log(a.alarm_id)]
+        assert events == ["alarm.journaled", "alarm.notifying", "alarm.acknowledged",
+                          "alarm.resolved"]
+        assert await j.open_alarms() == []
+
+
+async def test_notification_plan_is_idempotent_and_updatable(tmp_path: Path) -> None:
+    async with Journal(tmp_path / "j.db") as j:
+        a = await press(j)
+        plans = [NotificationPlan("family", "张丽", "+8613800000001", "body 1"),
+                 NotificationPlan("responder", "王强", "+8613900000002", "body 2")]
+        rows = await j.plan_notifications(a.alarm_id, 1, plans)
+        again = await j.plan_notifications(a.alarm_id, 1, plans)
+        assert [r.id for r in rows] == [r.id for r in again]
+        assert all(r.state == NotificationState.SENDING for r in rows)
+        await j.update_notification(rows[0].id, NotificationState.ACCEPTED, sid="SM1",
+                                    attempts=1, latency_ms=12.5)
+        got = {r.phone: r for r in await j.notifications(a.alarm_id)}
+        assert got["+8613800000001"].state == "accepted"
+        assert got["+8613800000001"].sid == "SM1"
+        assert got["+8613800000001"].latency_ms == 12.5
+        assert got["+8613900000002"].state == "sending"
+
+
+async def test_concurrent_writes_share_commits(tmp_path: Path) -> None:
+    async with Journal(tmp_path / "j.db") as j:
+        outcomes = await asyncio.gather(*(press(j, f"d{i}", 1000.0 + i) for i in range(300)))
+        assert len({o.alarm_id for o in outcomes}) == 300
+        assert j.jobs >= 300
+        assert j.commits < j.jobs  # group commit: fewer fsyncs than writes
+
+
+async def test_committed_alarm_survives_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "j.db"
+    async with Journal(path) as j:
+        a = await press(j)
+    async with Journal(path) as j:
+        assert [r.alarm_id for r in await j.open_alarms()] == [a.alarm_id]
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+async def test_failing_job_rolls_back_only_itself(tmp_path: Path) -> None:
+    async with Journal(tmp_path / "j.db") as j:
+        a = await press(j)
+        results = await asyncio.gather(
+            j.transition("MISSING", AlarmState.RESOLVED),
+            press(j, "d9", 5000.0),
+            return_exceptions=True,
+        )
+        assert isinstance(results[0], UnknownAlarm)
+        assert not isinstance(results[1], BaseException) and results[1].new
+        assert len(await j.open_alarms()) == 2
+        assert a.new
+
+
+async def test_full_disk_is_a_typed_error_and_the_journal_recovers(tmp_path: Path) -> None:
+    path = tmp_path / "j.db"
+    async with Journal(path) as j:
+        await press(j)
+        # Cap the database at its current size: the next growing write hits SQLITE_FULL.
+        await j._run(lambda c: c.execute(  # noqa: SLF001 - test reaches the writer
+            "PRAGMA max_page_count = " + str(c.execute("PRAGMA page_count").fetchone()[0])))
+        with pytest.raises(JournalFull):
+            for i in range(200):
+                await j.record_press(device_id=f"x{i}", elder_id="e", code="101",
+                                     source="t", address="a", raw=b"x" * 3000,
+                                     received_at=9000.0 + i, dedupe_window_s=1)
+        await j._run(lambda c: c.execute("PRAGMA max_page_count = 1073741823"))  # noqa: SLF001
+        assert (await press(j, "after", 20000.0)).new
+
+
+async def test_unwritable_location_is_a_journal_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(JournalError):
+        async with Journal(blocker / "j.db"):
+            pass
+
+
+def test_alarm_ids_are_short_unambiguous_and_distinct() -> None:
+    ids = {new_alarm_id() for _ in range(2000)}
+    assert len(ids) == 2000
+    for i in ids:
+        assert len(i) == 9 and i[4] == "-"
+        assert not set(i) & set("ILOU")
