@@ -1,0 +1,411 @@
+"""MQTT button messages: Zigbee2MQTT state and availability, and our own schema."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from devices.events import AddressScheme, DeviceAddress, DeviceEvent, DeviceProtocolError, EventKind
+from devices.mqtt_payloads import OWN_EVENT_KINDS, MqttDecoder, encode_own_event
+
+FUZZ = settings(max_examples=150, deadline=None)
+SOS = DeviceAddress(AddressScheme.MQTT, "zigbee2mqtt/sos-0001")
+BUTTON = DeviceAddress(AddressScheme.MQTT, "alarm/buttons/kl-0042")
+
+
+def decode(topic: str, payload: object) -> list[DeviceEvent]:
+    raw = payload if isinstance(payload, bytes) else orjson.dumps(payload)
+    return MqttDecoder().decode(topic, raw)
+
+
+def kinds(events: list[DeviceEvent]) -> list[EventKind]:
+    return [e.kind for e in events]
+
+
+def test_subscriptions_leave_out_the_bridge() -> None:
+    assert MqttDecoder().subscriptions() == [
+        "zigbee2mqtt/+",
+        "zigbee2mqtt/+/availability",
+        "alarm/buttons/+/event",
+    ]
+    custom = MqttDecoder(z2m_base="z2m/kenli", own_base="kenli/buttons")
+    assert custom.subscriptions() == [
+        "z2m/kenli/+",
+        "z2m/kenli/+/availability",
+        "kenli/buttons/+/event",
+    ]
+
+
+def test_tuya_sos_button() -> None:
+    payload = b'{"action":"emergency","battery":87,"voltage":2900,"linkquality":116}'
+    assert decode("zigbee2mqtt/sos-0001", payload) == [
+        DeviceEvent(
+            kind=EventKind.EMERGENCY,
+            address=SOS,
+            raw=payload,
+            code="emergency",
+            battery_pct=87.0,
+            voltage_mv=2900,
+            link_quality=116,
+        )
+    ]
+
+
+@pytest.mark.parametrize(
+    ("payload", "expected"),
+    [
+        ({"action": "single", "battery": 100}, [(EventKind.EMERGENCY, "single")]),
+        ({"action": "double"}, [(EventKind.EMERGENCY, "double")]),
+        ({"action": "hold"}, [(EventKind.EMERGENCY, "hold")]),
+        ({"action": "sos"}, [(EventKind.EMERGENCY, "sos")]),
+        ({"action": "panic"}, [(EventKind.EMERGENCY, "panic")]),
+        ({"action": "disarm"}, [(EventKind.CANCEL, "disarm")]),
+        ({"action": "cancel"}, [(EventKind.CANCEL, "cancel")]),
+        ({"action": "arm_all_zones"}, [(EventKind.STATUS, "arm_all_zones")]),
+        ({"battery": 55, "linkquality": 30}, [(EventKind.STATUS, None)]),
+        ({}, [(EventKind.STATUS, None)]),
+        # Zigbee2MQTT clears the action with "" or null after publishing it.
+        ({"action": "", "battery": 55}, [(EventKind.STATUS, None)]),
+        ({"action": None, "battery": None}, [(EventKind.STATUS, None)]),
+        ({"battery_low": False, "tamper": False}, [(EventKind.STATUS, None)]),
+        ({"battery_low": True, "battery": 9}, [(EventKind.LOW_BATTERY, "battery_low")]),
+        ({"tamper": True}, [(EventKind.TAMPER, "tamper")]),
+        (
+            {"action": "emergency", "battery_low": True, "tamper": True},
+            [
+                (EventKind.EMERGENCY, "emergency"),
+                (EventKind.LOW_BATTERY, "battery_low"),
+                (EventKind.TAMPER, "tamper"),
+            ],
+        ),
+    ],
+)
+def test_zigbee2mqtt_state(
+    payload: dict[str, object], expected: list[tuple[EventKind, str | None]]
+) -> None:
+    events = decode("zigbee2mqtt/sos-0001", payload)
+    assert [(e.kind, e.code) for e in events] == expected
+    assert all(e.address == SOS for e in events)
+
+
+def test_telemetry_rides_on_every_event() -> None:
+    events = decode(
+        "zigbee2mqtt/sos-0001",
+        {"action": "emergency", "battery_low": True, "battery": 12.5, "voltage": 2650.0},
+    )
+    assert [(e.battery_pct, e.voltage_mv) for e in events] == [(12.5, 2650), (12.5, 2650)]
+
+
+@pytest.mark.parametrize(
+    ("payload", "field"),
+    [
+        ({"battery": "85"}, "battery"),
+        ({"battery": 101}, "battery"),
+        ({"battery": True}, "battery"),
+        ({"voltage": -1}, "voltage"),
+        ({"voltage": 2900.5}, "voltage"),
+        ({"linkquality": 256}, "linkquality"),
+        ({"linkquality": "good"}, "linkquality"),
+        ({"battery_low": "yes"}, "battery_low"),
+        ({"tamper": 1}, "tamper"),
+        ({"action": "cancel", "battery": []}, "battery"),
+    ],
+)
+def test_wrongly_typed_fields_are_rejected(payload: dict[str, object], field: str) -> None:
+    raw = orjson.dumps(payload)
+    with pytest.raises(DeviceProtocolError, match=f"invalid fields: {field}") as info:
+        MqttDecoder().decode("zigbee2mqtt/sos-0001", raw)
+    assert info.value.raw == raw
+
+
+def test_emergency_survives_a_malformed_auxiliary_field() -> None:
+    [event] = decode(
+        "zigbee2mqtt/sos-0001", {"action": "emergency", "battery": "low", "linkquality": 90}
+    )
+    assert event.kind is EventKind.EMERGENCY
+    assert (event.battery_pct, event.link_quality) == (None, 90)
+    assert dict(event.extra) == {"invalid_fields": "battery"}
+
+
+def test_action_of_the_wrong_type_is_rejected() -> None:
+    with pytest.raises(DeviceProtocolError, match="action must be a string"):
+        decode("zigbee2mqtt/sos-0001", {"action": 1})
+
+
+@pytest.mark.parametrize(
+    ("payload", "kind"),
+    [
+        (b"online", EventKind.ONLINE),
+        (b"offline", EventKind.OFFLINE),
+        (b"online\n", EventKind.ONLINE),
+        (b'{"state":"online"}', EventKind.ONLINE),
+        (b'{"state": "offline"}', EventKind.OFFLINE),
+    ],
+)
+def test_availability(payload: bytes, kind: EventKind) -> None:
+    [event] = decode("zigbee2mqtt/sos-0001/availability", payload)
+    assert event == DeviceEvent(kind=kind, address=SOS, raw=payload, code=kind.value)
+
+
+@pytest.mark.parametrize("payload", [b"maybe", b'{"state": 1}', b'["online"]', b"", b"\xff"])
+def test_bad_availability(payload: bytes) -> None:
+    with pytest.raises(DeviceProtocolError) as info:
+        decode("zigbee2mqtt/sos-0001/availability", payload)
+    assert info.value.raw == payload
+
+
+@pytest.mark.parametrize(
+    "topic", ["zigbee2mqtt/bridge/state", "zigbee2mqtt/bridge/devices", "zigbee2mqtt/bridge"]
+)
+def test_bridge_topics_decode_to_nothing(topic: str) -> None:
+    # Even when huge or not JSON: the bridge is not a button.
+    assert decode(topic, b"x" * 10_000) == []
+
+
+@pytest.mark.parametrize(
+    ("event", "kind"), [(name, kind) for name, kind in OWN_EVENT_KINDS.items()]
+)
+def test_own_schema_events(event: str, kind: EventKind) -> None:
+    payload = encode_own_event(event)
+    assert decode("alarm/buttons/kl-0042/event", payload) == [
+        DeviceEvent(kind=kind, address=BUTTON, raw=payload, code=event)
+    ]
+
+
+def test_own_schema_optional_fields() -> None:
+    payload = {"v": 1, "event": "sos", "seq": 17, "ts": 1728995880, "battery": 64, "rssi": -71}
+    [event] = decode("alarm/buttons/kl-0042/event", payload)
+    assert event.kind is EventKind.EMERGENCY
+    assert event.battery_pct == 64.0
+    assert dict(event.extra) == {"seq": "17", "ts": "2024-10-15T12:38:00+00:00", "rssi": "-71"}
+
+
+@pytest.mark.parametrize(
+    ("ts", "expected"),
+    [
+        ("2024-10-15T20:38:00+08:00", "2024-10-15T12:38:00+00:00"),
+        ("2024-10-15T12:38:00Z", "2024-10-15T12:38:00+00:00"),
+        (1728995880.5, "2024-10-15T12:38:00.500000+00:00"),
+    ],
+)
+def test_own_schema_timestamps(ts: object, expected: str) -> None:
+    [event] = decode("alarm/buttons/kl-0042/event", {"v": 1, "event": "status", "ts": ts})
+    assert dict(event.extra)["ts"] == expected
+
+
+def test_own_schema_ignores_unknown_fields() -> None:
+    [event] = decode("alarm/buttons/kl-0042/event", {"v": 1, "event": "test", "fw": "1.2"})
+    assert event.kind is EventKind.TEST
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        ({"event": "sos"}, "schema version None"),
+        ({"v": 2, "event": "sos"}, "schema version 2"),
+        ({"v": True, "event": "sos"}, "schema version True"),
+        ({"v": "1", "event": "sos"}, "schema version '1'"),
+        ({"v": 1}, "unknown button event None"),
+        ({"v": 1, "event": "fire"}, "unknown button event 'fire'"),
+        ({"v": 1, "event": ["sos"]}, "unknown button event"),
+        ({"v": 1, "event": "status", "seq": -1}, "invalid fields: seq"),
+        ({"v": 1, "event": "status", "seq": "7"}, "invalid fields: seq"),
+        ({"v": 1, "event": "status", "ts": "2024-10-15T20:38:00"}, "invalid fields: ts"),
+        ({"v": 1, "event": "status", "ts": "yesterday"}, "invalid fields: ts"),
+        ({"v": 1, "event": "status", "ts": -5}, "invalid fields: ts"),
+        ({"v": 1, "event": "status", "ts": 1e300}, "invalid fields: ts"),
+        ({"v": 1, "event": "cancel", "battery": 120}, "invalid fields: battery"),
+        ({"v": 1, "event": "test", "rssi": 1.5, "battery": "x"}, "invalid fields: battery,rssi"),
+        ([1, "sos"], "must be a JSON object, got list"),
+        ("sos", "must be a JSON object, got str"),
+    ],
+)
+def test_own_schema_rejects(payload: object, reason: str) -> None:
+    raw = orjson.dumps(payload)
+    with pytest.raises(DeviceProtocolError, match=reason.replace("(", r"\(")) as info:
+        MqttDecoder().decode("alarm/buttons/kl-0042/event", raw)
+    assert info.value.raw == raw
+
+
+def test_own_schema_sos_survives_malformed_auxiliary_fields() -> None:
+    payload = {"v": 1, "event": "sos", "seq": "x", "ts": "2024-10-15T20:38:00", "battery": 64}
+    [event] = decode("alarm/buttons/kl-0042/event", payload)
+    assert event.kind is EventKind.EMERGENCY
+    assert event.battery_pct == 64.0
+    assert dict(event.extra) == {"invalid_fields": "seq,ts"}
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (b"\xff\xfe{}", "not UTF-8"),
+        (b"{not json", "not JSON"),
+        (b'{"action": NaN}', "not JSON"),
+        (b"", "not JSON"),
+        (b"42", "must be a JSON object, got int"),
+        (b"null", "must be a JSON object, got NoneType"),
+    ],
+)
+@pytest.mark.parametrize("topic", ["zigbee2mqtt/sos-0001", "alarm/buttons/kl-0042/event"])
+def test_malformed_payloads(topic: str, payload: bytes, reason: str) -> None:
+    with pytest.raises(DeviceProtocolError, match=reason) as info:
+        MqttDecoder().decode(topic, payload)
+    assert info.value.raw == payload
+
+
+@pytest.mark.parametrize(
+    "topic",
+    [
+        "zigbee2mqtt/sos-0001",
+        "zigbee2mqtt/sos-0001/availability",
+        "alarm/buttons/kl-0042/event",
+    ],
+)
+def test_oversized_payload(topic: str) -> None:
+    # Valid for both schemas, so only the size can make it fail.
+    payload = b'{"v":1,"event":"sos","action":"emergency","pad":"' + b"x" * 100 + b'"}'
+    with pytest.raises(DeviceProtocolError, match="exceeds 64") as info:
+        MqttDecoder(max_payload=64).decode(topic, payload)
+    assert info.value.raw == payload
+    state_topic = topic.removesuffix("/availability")
+    [event] = MqttDecoder(max_payload=len(payload)).decode(state_topic, payload)
+    assert event.kind is EventKind.EMERGENCY
+
+
+@pytest.mark.parametrize(
+    ("topic", "reason"),
+    [
+        ("zigbee2mqtt/", "unknown zigbee2mqtt topic shape"),
+        ("zigbee2mqtt/kitchen/sos", "unknown zigbee2mqtt topic shape"),
+        ("zigbee2mqtt/sos-0001/set", "unknown zigbee2mqtt topic shape"),
+        ("zigbee2mqtt/sos-0001/availability/x", "unknown zigbee2mqtt topic shape"),
+        ("alarm/buttons/kl-0042", "unknown button topic shape"),
+        ("alarm/buttons/kl-0042/status", "unknown button topic shape"),
+        ("alarm/buttons//event", "unknown button topic shape"),
+        ("alarm/buttons/a/b/event", "unknown button topic shape"),
+        ("zigbee2mqtt", "outside the configured bases"),
+        ("homeassistant/sensor/x/config", "outside the configured bases"),
+    ],
+)
+def test_unknown_topic_shapes(topic: str, reason: str) -> None:
+    with pytest.raises(DeviceProtocolError, match=reason):
+        decode(topic, {"action": "emergency"})
+
+
+def test_custom_actions_and_nested_bases() -> None:
+    decoder = MqttDecoder(
+        z2m_base="site",
+        own_base="site/buttons",
+        emergency_actions=frozenset({"press"}),
+        cancel_actions=frozenset({"release"}),
+    )
+    [sos] = decoder.decode("site/sos-1", b'{"action":"press"}')
+    assert (sos.kind, sos.address.value) == (EventKind.EMERGENCY, "site/sos-1")
+    [own] = decoder.decode("site/buttons/b1/event", encode_own_event("sos"))
+    assert (own.kind, own.address.value) == (EventKind.EMERGENCY, "site/buttons/b1")
+    [other] = decoder.decode("site/sos-1", b'{"action":"emergency"}')
+    assert (other.kind, other.code) == (EventKind.STATUS, "emergency")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "reason"),
+    [
+        ({"z2m_base": "zigbee2mqtt/#"}, "z2m_base"),
+        ({"own_base": "alarm/buttons/"}, "own_base"),
+        ({"own_base": ""}, "own_base"),
+        ({"own_base": "zigbee2mqtt"}, "must differ"),
+        ({"cancel_actions": frozenset({"sos"})}, "both emergency and cancel"),
+        ({"max_payload": 0}, "max_payload"),
+    ],
+)
+def test_bad_configuration(kwargs: dict[str, object], reason: str) -> None:
+    with pytest.raises(ValueError, match=reason):
+        MqttDecoder(**kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "reason"),
+    [
+        ({"event": "fire"}, "unknown button event"),
+        ({"event": "sos", "seq": -1}, "seq"),
+        ({"event": "sos", "battery": 101}, "battery"),
+        ({"event": "sos", "ts": float("nan")}, "ts"),
+    ],
+)
+def test_encode_rejects(kwargs: dict[str, object], reason: str) -> None:
+    with pytest.raises(ValueError, match=reason):
+        encode_own_event(**kwargs)  # type: ignore[arg-type]
+
+
+@FUZZ
+@given(
+    event=st.sampled_from(sorted(OWN_EVENT_KINDS)),
+    seq=st.none() | st.integers(0, 2**63 - 1),
+    battery=st.none() | st.integers(0, 100),
+    ts=st.none() | st.floats(0, 4e9),
+    device=st.from_regex(r"[a-z0-9][a-z0-9_-]{0,15}", fullmatch=True),
+)
+def test_encode_decode_round_trip(
+    event: str, seq: int | None, battery: int | None, ts: float | None, device: str
+) -> None:
+    payload = encode_own_event(event, seq=seq, battery=battery, ts=ts)
+    [decoded] = MqttDecoder().decode(f"alarm/buttons/{device}/event", payload)
+    assert decoded.kind is OWN_EVENT_KINDS[event]
+    assert decoded.code == event
+    assert decoded.address == DeviceAddress(AddressScheme.MQTT, f"alarm/buttons/{device}")
+    assert decoded.battery_pct == (None if battery is None else float(battery))
+    extra = dict(decoded.extra)
+    assert extra.get("seq") == (None if seq is None else str(seq))
+    assert ("ts" in extra) == (ts is not None)
+    assert "invalid_fields" not in extra
+
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**63 - 1)
+    | st.floats()
+    | st.text(max_size=8),
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(
+        st.sampled_from(
+            ["v", "event", "seq", "ts", "battery", "rssi", "action", "voltage", "linkquality",
+             "battery_low", "tamper", "state", "x"]
+        ),
+        children,
+        max_size=6,
+    ),
+    max_leaves=12,
+)  # fmt: skip
+topics = st.one_of(
+    st.sampled_from(
+        [
+            "zigbee2mqtt/sos-0001",
+            "zigbee2mqtt/sos-0001/availability",
+            "zigbee2mqtt/bridge/state",
+            "alarm/buttons/kl-0042/event",
+        ]
+    ),
+    st.text(max_size=40),
+    st.from_regex(r"(zigbee2mqtt|alarm/buttons)(/[a-z+#]{0,4}){0,4}", fullmatch=True),
+)
+# orjson writes NaN and infinities as null, so every generated value serialises.
+payloads = st.one_of(st.binary(max_size=64), json_values.map(orjson.dumps))
+
+
+@FUZZ
+@given(topic=topics, payload=payloads)
+def test_arbitrary_messages_raise_only_protocol_errors(topic: str, payload: bytes) -> None:
+    error: DeviceProtocolError | None = None
+    events: list[DeviceEvent] = []
+    try:
+        events = MqttDecoder().decode(topic, payload)
+    except DeviceProtocolError as exc:
+        error = exc
+    if error is not None:
+        assert error.raw == payload
+    for event in events:
+        assert event.raw == payload
+        assert event.address.scheme is AddressScheme.MQTT
