@@ -1,0 +1,766 @@
+"""Tests for the command-center audible alert (gateway.alert).
+
+Rendering runs the real espeak-ng and checks the WAVs with the ``wave`` module.
+Playback runs real subprocesses: aplay on ALSA's ``null`` device or a bogus
+device, and small shell scripts standing in for a player that hangs (so a cut
+or a timeout can be observed by its pid). The pause between rounds is injected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import shutil
+import wave
+from collections.abc import Callable, MutableMapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+from structlog.testing import capture_logs
+
+from gateway.alert import (
+    AlertError,
+    AlertPlayer,
+    AlertSettings,
+    RenderInfo,
+    render_alert_wav,
+)
+
+SENTENCE = "紧急呼叫。张秀英，建设社区，胜利路12号3单元。"
+SHORT = "紧急呼叫。张秀英。"
+TONE_S = 1.2
+GAP_S = 0.3
+RATE = 22050
+
+ESPEAK = shutil.which("espeak-ng")
+APLAY = shutil.which("aplay")
+needs_espeak = pytest.mark.skipif(ESPEAK is None, reason="espeak-ng not installed")
+needs_aplay = pytest.mark.skipif(APLAY is None, reason="aplay not installed")
+
+
+# -- helpers ---------------------------------------------------------------------------
+
+
+def read_wav(path: Path) -> tuple[Any, npt.NDArray[np.int16]]:
+    with wave.open(str(path), "rb") as w:
+        params = w.getparams()
+        frames = w.readframes(params.nframes)
+    return params, np.frombuffer(frames, dtype="<i2")
+
+
+def rms(samples: npt.NDArray[np.int16]) -> float:
+    return float(np.sqrt(np.mean(samples.astype(np.float64) ** 2)))
+
+
+def peak_hz(samples: npt.NDArray[np.int16], rate: int) -> float:
+    spectrum = np.abs(np.fft.rfft(samples.astype(np.float64)))
+    return float(np.argmax(spectrum) * rate / len(samples))
+
+
+def events(logs: Sequence[MutableMapping[str, Any]], name: str) -> list[MutableMapping[str, Any]]:
+    return [entry for entry in logs if entry["event"] == name]
+
+
+def play_log(out: Path) -> list[dict[str, Any]]:
+    path = out / "plays.log"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+async def wait_for(predicate: Callable[[], bool], limit_s: float = 5.0) -> None:
+    """Poll a condition that has no event to await (a file, a log line)."""
+    async with asyncio.timeout(limit_s):
+        while not predicate():  # noqa: ASYNC110 - files and log lines cannot be awaited
+            await asyncio.sleep(0.005)
+
+
+def wav_files(directory: Path) -> list[Path]:
+    return sorted(directory.glob("*.wav"))
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+class FastSleep:
+    """Injected pause between rounds: records the request and just yields."""
+
+    def __init__(self) -> None:
+        self.calls: list[float] = []
+        self._changed = asyncio.Event()
+
+    async def __call__(self, seconds: float) -> None:
+        self.calls.append(seconds)
+        self._changed.set()
+        self._changed = asyncio.Event()
+        await asyncio.sleep(0)
+
+    async def wait_calls(self, n: int, limit_s: float = 5.0) -> None:
+        async with asyncio.timeout(limit_s):
+            while len(self.calls) < n:
+                await self._changed.wait()
+
+
+class BlockingSleep:
+    """Injected pause that never ends by itself: only a new alarm can cut it short."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def __call__(self, seconds: float) -> None:
+        self.calls += 1
+        await asyncio.Event().wait()
+
+
+def write_script(path: Path, body: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("#!/bin/sh\n" + body, encoding="utf-8")
+    path.chmod(0o755)
+    return path
+
+
+@pytest.fixture
+def out(tmp_path: Path) -> Path:
+    return tmp_path / "out"
+
+
+@pytest.fixture
+def hanging_aplay(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Put an ``aplay`` first on PATH that logs its pid and then plays 'forever'."""
+    pidfile = tmp_path / "aplay.pids"
+    bindir = tmp_path / "bin"
+    write_script(bindir / "aplay", f'echo $$ >> "{pidfile}"\nexec sleep 30\n')
+    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
+    return pidfile
+
+
+def pids(pidfile: Path) -> list[int]:
+    if not pidfile.exists():
+        return []
+    return [int(x) for x in pidfile.read_text().split()]
+
+
+# -- rendering -------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+@needs_espeak
+def test_render_chinese_announcement_is_tone_then_speech(tmp_path: Path) -> None:
+    path = tmp_path / "alarm.wav"
+    with capture_logs() as logs:
+        info = render_alert_wav(path, SENTENCE)
+
+    params, pcm = read_wav(path)
+    assert (params.nchannels, params.sampwidth, params.framerate) == (1, 2, RATE)
+    assert params.comptype == "NONE"
+    duration = params.nframes / params.framerate
+    assert info == RenderInfo(path=path, duration_s=info.duration_s, sample_rate=RATE,
+                              has_speech=True)
+    assert info.duration_s == pytest.approx(duration, abs=1e-3)
+    # A 20-syllable Chinese sentence takes seconds to say, not a blip.
+    assert TONE_S + 2.0 < duration < 60.0
+
+    tone = pcm[: int(TONE_S * RATE)]
+    gap = pcm[int(TONE_S * RATE) + 1 : int((TONE_S + GAP_S) * RATE) - 1]
+    speech = pcm[int((TONE_S + GAP_S) * RATE) :]
+    assert rms(tone) > 8000  # a 0.6 full-scale sine is ~13,900 RMS
+    assert not gap.any()
+    assert rms(speech) > 300
+    assert events(logs, "alert.speech_unavailable") == []
+
+
+@pytest.mark.integration
+@needs_espeak
+def test_render_tone_alternates_between_the_two_frequencies(tmp_path: Path) -> None:
+    info = render_alert_wav(tmp_path / "a.wav", SHORT, tone_hz=(1000.0, 500.0))
+    _, pcm = read_wav(info.path)
+    segment = int(0.25 * RATE)
+    first, second, third = (pcm[i * segment : (i + 1) * segment] for i in range(3))
+    assert peak_hz(first, RATE) == pytest.approx(1000.0, abs=10)
+    assert peak_hz(second, RATE) == pytest.approx(500.0, abs=10)
+    assert peak_hz(third, RATE) == pytest.approx(1000.0, abs=10)
+
+
+@pytest.mark.integration
+@needs_espeak
+def test_render_resamples_speech_to_the_requested_rate(tmp_path: Path) -> None:
+    native = render_alert_wav(tmp_path / "native.wav", SHORT)
+    low = render_alert_wav(tmp_path / "low.wav", SHORT, sample_rate=16000)
+
+    params, pcm = read_wav(low.path)
+    assert (params.nchannels, params.sampwidth, params.framerate) == (1, 2, 16000)
+    assert low.sample_rate == 16000
+    assert low.has_speech
+    # Same speech, different rate: same length in seconds.
+    assert low.duration_s == pytest.approx(native.duration_s, rel=0.01)
+    assert rms(pcm[int((TONE_S + GAP_S) * 16000) :]) > 300
+
+
+@pytest.mark.integration
+def test_render_without_espeak_is_a_valid_tone_only_wav(tmp_path: Path) -> None:
+    with capture_logs() as logs:
+        info = render_alert_wav(tmp_path / "a.wav", SENTENCE, espeak="/nonexistent/espeak-ng")
+
+    assert not info.has_speech
+    params, pcm = read_wav(info.path)
+    assert (params.nchannels, params.sampwidth, params.framerate) == (1, 2, RATE)
+    assert TONE_S <= info.duration_s < TONE_S + 0.5
+    assert rms(pcm[: int(TONE_S * RATE)]) > 8000
+    [warning] = events(logs, "alert.speech_unavailable")
+    assert warning["log_level"] == "warning"
+    assert "not found" in warning["reason"]
+
+
+@pytest.mark.integration
+@needs_espeak
+def test_render_with_failing_espeak_falls_back_to_tone(tmp_path: Path) -> None:
+    with capture_logs() as logs:
+        info = render_alert_wav(tmp_path / "a.wav", SHORT, voice="nosuchvoice")
+    assert not info.has_speech
+    assert info.path.exists()
+    [warning] = events(logs, "alert.speech_unavailable")
+    assert "exited 1" in warning["reason"]
+
+
+@pytest.mark.integration
+@needs_espeak
+def test_render_text_is_never_parsed_as_espeak_options(tmp_path: Path) -> None:
+    info = render_alert_wav(tmp_path / "a.wav", "-v en 紧急呼叫")
+    assert info.has_speech
+
+
+@pytest.mark.integration
+def test_render_blank_text_is_tone_only(tmp_path: Path) -> None:
+    with capture_logs() as logs:
+        info = render_alert_wav(tmp_path / "a.wav", "   ")
+    assert not info.has_speech
+    assert events(logs, "alert.speech_unavailable")[0]["reason"] == "blank text"
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"sample_rate": 1000},
+        {"tone_hz": (880.0, 20000.0)},
+        {"tone_hz": (0.0, 660.0)},
+        {"tone_s": 0.0},
+        {"tone_s": float("nan")},
+        {"speed_wpm": 10},
+        {"timeout_s": 0.0},
+    ],
+)
+def test_render_rejects_invalid_parameters(tmp_path: Path, kwargs: dict[str, Any]) -> None:
+    path = tmp_path / "a.wav"
+    with pytest.raises(AlertError) as caught:
+        render_alert_wav(path, SHORT, **kwargs)
+    assert caught.value.path == path
+    assert not path.exists()
+
+
+@pytest.mark.parametrize("parent", ["not-a-dir", "missing"])
+def test_render_needs_an_existing_directory(tmp_path: Path, parent: str) -> None:
+    (tmp_path / "not-a-dir").write_text("x")
+    path = tmp_path / parent / "a.wav"
+    with pytest.raises(AlertError, match="does not exist") as caught:
+        render_alert_wav(path, SHORT, espeak="/nonexistent/espeak-ng")
+    assert caught.value.path == path
+
+
+def test_render_that_cannot_replace_the_target_is_an_alert_error(tmp_path: Path) -> None:
+    target = tmp_path / "a.wav"
+    (target / "occupied").mkdir(parents=True)  # a non-empty directory where the WAV goes
+    with pytest.raises(AlertError, match="cannot write alert WAV") as caught:
+        render_alert_wav(target, SHORT, espeak="/nonexistent/espeak-ng")
+    assert caught.value.path == target
+    assert [p.name for p in tmp_path.iterdir()] == ["a.wav"]  # no temp file left behind
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"backend": "alsa"},
+        {"repeat_interval_s": -1.0},
+        {"max_render_s": 0.0},
+        {"playback_margin_s": float("inf")},
+        {"voice": ""},
+        {"device": ""},
+    ],
+)
+def test_settings_are_validated(kwargs: dict[str, Any]) -> None:
+    with pytest.raises(AlertError):
+        AlertSettings(**kwargs)
+
+
+# -- player: rotation --------------------------------------------------------------------
+
+
+@pytest.mark.integration
+@needs_espeak
+async def test_file_backend_repeats_an_alarm_until_it_is_stopped(out: Path) -> None:
+    settings = AlertSettings(backend="file", output_dir=out, repeat_interval_s=0.5)
+    sleep = FastSleep()
+    with capture_logs() as logs:
+        async with AlertPlayer(settings, sleep=sleep) as player:
+            assert player.backend == "file"
+            await player.start("A1", SHORT)
+            assert player.active() == ("A1",)
+            await player.wait_played("A1", 3)
+            assert await player.stop("A1") is True
+            plays = player.plays("A1")
+            assert player.active() == ()
+
+    assert plays >= 3
+    assert player.plays("A1") == plays
+    assert set(sleep.calls) == {0.5}
+    params, _ = read_wav(out / "A1.wav")
+    assert (params.nchannels, params.sampwidth) == (1, 2)
+    entries = play_log(out)
+    assert [e["play"] for e in entries] == list(range(1, plays + 1))
+    assert {e["alarm_id"] for e in entries} == {"A1"}
+
+    [started] = events(logs, "alert.started")
+    assert started["alarm_id"] == "A1"
+    assert started["has_speech"] is True
+    assert started["duration_s"] > TONE_S + 0.5
+    played = events(logs, "alert.played")
+    assert len(played) == plays
+    assert {(e["alarm_id"], e["backend"]) for e in played} == {("A1", "file")}
+    assert [e["plays"] for e in played] == list(range(1, plays + 1))
+    [stopped] = events(logs, "alert.stopped")
+    assert (stopped["alarm_id"], stopped["plays"]) == ("A1", plays)
+    assert events(logs, "alert.backend")[0]["backend"] == "file"
+
+
+@pytest.mark.integration
+@needs_espeak
+async def test_two_alarms_alternate_and_stopping_one_leaves_the_other(out: Path) -> None:
+    settings = AlertSettings(backend="file", output_dir=out, repeat_interval_s=0.0)
+    async with AlertPlayer(settings, sleep=FastSleep()) as player:
+        await player.start("A", SHORT)
+        await player.wait_played("A", 1)
+        await player.start("B", "紧急呼叫。王建国。")
+        await player.wait_played("B", 4)
+        assert player.active() == ("A", "B")
+
+        ids = [e["alarm_id"] for e in play_log(out)]
+        first_b = ids.index("B")
+        together = ids[first_b:]
+        assert all(x != y for x, y in itertools.pairwise(together))
+
+        assert await player.stop("A") is True
+        mark = len(play_log(out))
+        a_plays = player.plays("A")
+        await player.wait_played("B", player.plays("B") + 3)
+        assert player.active() == ("B",)
+
+    later = [e["alarm_id"] for e in play_log(out)[mark:]]
+    assert len(later) >= 3
+    assert set(later) == {"B"}
+    assert player.plays("A") == a_plays
+
+
+@pytest.mark.integration
+@needs_espeak
+async def test_a_new_alarm_cuts_the_pause_between_rounds_short(out: Path) -> None:
+    settings = AlertSettings(backend="file", output_dir=out, repeat_interval_s=600.0)
+    sleep = BlockingSleep()
+    async with AlertPlayer(settings, sleep=sleep) as player:
+        await player.start("A", SHORT)
+        await player.wait_played("A", 1)
+        await wait_for(lambda: sleep.calls == 1)  # now in the 600 s pause
+
+        await player.start("B", SHORT)
+        await player.wait_played("B", 1)
+        # The new alarm was played at once; the old one waits for the next round.
+        assert player.plays("A") == 1
+        assert [e["alarm_id"] for e in play_log(out)] == ["A", "B"]
+
+
+@pytest.mark.integration
+@needs_espeak
+async def test_start_is_idempotent_per_alarm_id(out: Path) -> None:
+    settings = AlertSettings(backend="file", output_dir=out, repeat_interval_s=600.0)
+    with capture_logs() as logs:
+        async with AlertPlayer(settings, sleep=BlockingSleep()) as player:
+            await asyncio.gather(player.start("A", SHORT), player.start("A", SHORT))
+            await player.start("A", "another text")
+            assert player.active() == ("A",)
+            await player.stop("A")
+            await player.start("A", SHORT)  # an acknowledged alarm does not come back
+            assert player.active() == ()
+    assert len(events(logs, "alert.started")) == 1
+
+
+@pytest.mark.integration
+async def test_stop_reports_unknown_alarms_and_is_idempotent(out: Path) -> None:
+    settings = AlertSettings(backend="file", output_dir=out, espeak="/nonexistent/espeak-ng")
+    with capture_logs() as logs:
+        async with AlertPlayer(settings, sleep=BlockingSleep()) as player:
+            assert await player.stop("nope") is False
+            await player.start("A", SHORT)
+            assert await player.stop("A") is True
+            assert await player.stop("A") is True
+            assert player.plays("nope") == 0
+    assert len(events(logs, "alert.stopped")) == 1
+
+
+@pytest.mark.integration
+async def test_wait_played_errors_are_typed(out: Path) -> None:
+    settings = AlertSettings(backend="file", output_dir=out, espeak="/nonexistent/espeak-ng")
+    async with AlertPlayer(settings, sleep=BlockingSleep()) as player:
+        with pytest.raises(AlertError) as unknown:
+            await player.wait_played("nope")
+        assert unknown.value.alarm_id == "nope"
+
+        await player.start("A", SHORT)
+        await player.wait_played("A", 1)
+        # The pause never ends, so a second play cannot come.
+        with pytest.raises(TimeoutError):
+            await player.wait_played("A", 2, timeout=0.05)
+
+        waiter = asyncio.create_task(player.wait_played("A", 2))
+        await asyncio.sleep(0)
+        await player.stop("A")
+        with pytest.raises(AlertError, match="acknowledged after 1 of 2 plays"):
+            await waiter
+
+
+@pytest.mark.integration
+async def test_stop_while_rendering_means_it_never_plays(tmp_path: Path, out: Path) -> None:
+    started = tmp_path / "espeak.started"
+    release = tmp_path / "espeak.release"
+    slow_espeak = write_script(
+        tmp_path / "bin" / "slow-espeak",
+        f'touch "{started}"\nwhile [ ! -e "{release}" ]; do sleep 0.01; done\nexit 1\n',
+    )
+    settings = AlertSettings(backend="file", output_dir=out, espeak=str(slow_espeak))
+    with capture_logs() as logs:
+        async with AlertPlayer(settings, sleep=BlockingSleep()) as player:
+            starting = asyncio.create_task(player.start("A", SHORT))
+            await wait_for(started.exists)
+            assert await player.stop("A") is True
+            release.touch()
+            await starting
+            assert player.active() == ()
+            assert player.plays("A") == 0
+    assert play_log(out) == []
+    [stopped] = events(logs, "alert.stopped")
+    assert stopped["plays"] == 0
+
+
+async def test_start_needs_a_running_player(out: Path) -> None:
+    player = AlertPlayer(AlertSettings(backend="none"))
+    with pytest.raises(AlertError, match="not running"):
+        await player.start("A", SHORT)
+    async with player:
+        pass
+    with pytest.raises(AlertError, match="not running"):
+        await player.start("A", SHORT)
+    with pytest.raises(AlertError, match="entered twice"):
+        await player.__aenter__()
+
+
+@pytest.mark.integration
+async def test_alarm_ids_cannot_escape_the_output_dir(out: Path) -> None:
+    settings = AlertSettings(backend="file", output_dir=out, espeak="/nonexistent/espeak-ng")
+    async with AlertPlayer(settings, sleep=BlockingSleep()) as player:
+        await player.start("../../evil/x", SHORT)
+        await player.wait_played("../../evil/x", 1)
+    wavs = wav_files(out)
+    assert len(wavs) == 1
+    assert wavs[0].parent == out
+    assert not (out.parent.parent / "evil").exists()
+    assert play_log(out)[0]["alarm_id"] == "../../evil/x"
+
+
+@pytest.mark.integration
+async def test_none_backend_only_logs(tmp_path: Path) -> None:
+    settings = AlertSettings(backend="none", espeak="/nonexistent/espeak-ng")
+    with capture_logs() as logs:
+        async with AlertPlayer(settings, sleep=FastSleep()) as player:
+            await player.start("A", SHORT)
+            await player.wait_played("A", 2)
+            workdir = player.output_dir
+    assert {e["backend"] for e in events(logs, "alert.played")} == {"none"}
+    assert workdir is not None
+    assert not workdir.exists()  # its private render dir is removed on exit
+
+
+@pytest.mark.integration
+async def test_loop_survives_an_unexpected_error(out: Path) -> None:
+    calls = 0
+
+    async def flaky_sleep(seconds: float) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("clock broke")
+        await asyncio.sleep(0)
+
+    settings = AlertSettings(backend="file", output_dir=out, espeak="/nonexistent/espeak-ng")
+    with capture_logs() as logs:
+        async with AlertPlayer(settings, sleep=flaky_sleep) as player:
+            await player.start("A", SHORT)
+            await player.wait_played("A", 3)
+    [error] = events(logs, "alert.loop_error")
+    assert error["log_level"] == "error"
+
+
+# -- player: real subprocesses -----------------------------------------------------------
+
+
+@pytest.mark.integration
+@needs_aplay
+async def test_aplay_backend_plays_through_a_working_device(out: Path) -> None:
+    settings = AlertSettings(backend="aplay", device="null", repeat_interval_s=0.0,
+                             espeak="/nonexistent/espeak-ng")
+    with capture_logs() as logs:
+        async with AlertPlayer(settings, sleep=FastSleep()) as player:
+            await player.start("A", SHORT)
+            await player.wait_played("A", 2)
+    assert events(logs, "alert.playback_failed") == []
+    assert {e["backend"] for e in events(logs, "alert.played")} == {"aplay"}
+
+
+@pytest.mark.integration
+@needs_aplay
+async def test_failing_audio_device_is_logged_retried_and_never_raises(out: Path) -> None:
+    settings = AlertSettings(backend="aplay", device="no_such_device", repeat_interval_s=0.0,
+                             espeak="/nonexistent/espeak-ng")
+    sleep = FastSleep()
+    with capture_logs() as logs:
+        async with AlertPlayer(settings, sleep=sleep) as player:
+            await player.start("A", SHORT)
+            await sleep.wait_calls(3)  # three rounds went by
+            failures = events(logs, "alert.playback_failed")
+            assert len(failures) >= 2
+            assert player.active() == ("A",)
+            assert player.plays("A") == 0
+            assert await player.stop("A") is True
+
+    first = failures[0]
+    assert first["log_level"] == "error"
+    assert (first["alarm_id"], first["backend"]) == ("A", "aplay")
+    assert first["returncode"] not in (0, None)
+    assert "no_such_device" in first["stderr"]
+    assert [f["consecutive_failures"] for f in failures[:2]] == [1, 2]
+    assert events(logs, "alert.played") == []
+
+
+@pytest.mark.integration
+@needs_espeak
+async def test_missing_player_binary_is_logged_not_raised(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    empty = tmp_path / "empty-bin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    assert ESPEAK is not None
+    settings = AlertSettings(backend="aplay", repeat_interval_s=0.0, espeak=ESPEAK)
+    sleep = FastSleep()
+    with capture_logs() as logs:
+        async with AlertPlayer(settings, sleep=sleep) as player:
+            await player.start("A", SHORT)
+            await sleep.wait_calls(2)
+            assert player.active() == ("A",)
+    failures = events(logs, "alert.playback_failed")
+    assert failures
+    assert "cannot run aplay" in failures[0]["reason"]
+    assert events(logs, "alert.started")[0]["has_speech"] is True
+
+
+@pytest.mark.integration
+async def test_stop_cuts_the_alarm_on_the_speaker_and_the_next_one_plays(
+    hanging_aplay: Path,
+) -> None:
+    settings = AlertSettings(backend="aplay", playback_margin_s=60.0,
+                             espeak="/nonexistent/espeak-ng")
+    with capture_logs() as logs:
+        async with AlertPlayer(settings, sleep=FastSleep()) as player:
+            await player.start("A", SHORT)
+            await player.start("B", SHORT)
+            await wait_for(lambda: len(pids(hanging_aplay)) == 1)
+            [a_pid] = pids(hanging_aplay)
+            assert pid_alive(a_pid)
+
+            assert await player.stop("A") is True
+            assert not pid_alive(a_pid)
+            await wait_for(lambda: len(pids(hanging_aplay)) == 2)  # B is on the speaker
+            assert player.active() == ("B",)
+    assert events(logs, "alert.playback_failed") == []
+    assert [(e["alarm_id"], e["plays"]) for e in events(logs, "alert.stopped")] == [("A", 0)]
+
+
+@pytest.mark.integration
+async def test_concurrent_acknowledgements_of_a_playing_alarm_both_succeed(
+    hanging_aplay: Path,
+) -> None:
+    settings = AlertSettings(backend="aplay", playback_margin_s=60.0,
+                             espeak="/nonexistent/espeak-ng")
+    with capture_logs() as logs:
+        async with AlertPlayer(settings, sleep=FastSleep()) as player:
+            await player.start("A", SHORT)
+            await wait_for(lambda: len(pids(hanging_aplay)) == 1)
+            wav = player.output_dir / "A.wav" if player.output_dir else None
+            assert wav is not None
+            assert wav.exists()
+            assert list(await asyncio.gather(player.stop("A"), player.stop("A"))) == [True, True]
+            assert not pid_alive(pids(hanging_aplay)[0])
+            assert not wav.exists()  # private render files are removed once cut
+    assert len(events(logs, "alert.stopped")) == 1
+
+
+@pytest.mark.integration
+async def test_exit_kills_playback_and_leaves_no_task_behind(hanging_aplay: Path) -> None:
+    settings = AlertSettings(backend="aplay", playback_margin_s=60.0,
+                             espeak="/nonexistent/espeak-ng")
+    with capture_logs() as logs:
+        async with AlertPlayer(settings) as player:
+            await player.start("A", SHORT)
+            await wait_for(lambda: len(pids(hanging_aplay)) == 1)
+            workdir = player.output_dir
+    [pid] = pids(hanging_aplay)
+    assert not pid_alive(pid)
+    assert asyncio.all_tasks() == {asyncio.current_task()}
+    assert workdir is not None
+    assert not workdir.exists()
+    [closed] = events(logs, "alert.closed")
+    assert closed["unacknowledged"] == ("A",)
+
+
+@pytest.mark.integration
+async def test_a_player_that_hangs_is_timed_out_and_retried(hanging_aplay: Path) -> None:
+    # Tone-only WAV (~1.4 s) and no margin: the timeout is the WAV's own length.
+    settings = AlertSettings(backend="aplay", playback_margin_s=0.0, repeat_interval_s=0.0,
+                             espeak="/nonexistent/espeak-ng")
+    with capture_logs() as logs:
+        async with AlertPlayer(settings, sleep=FastSleep()) as player:
+            await player.start("A", SHORT)
+            await wait_for(lambda: bool(events(logs, "alert.playback_failed")), limit_s=10.0)
+            await wait_for(lambda: len(pids(hanging_aplay)) == 2)  # retried
+    [failure, *_] = events(logs, "alert.playback_failed")
+    assert "still playing after" in failure["reason"]
+    assert not any(pid_alive(p) for p in pids(hanging_aplay))
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    ("backend", "device", "expected_args"),
+    [
+        ("aplay", None, ["-q"]),
+        ("aplay", "plughw:1,0", ["-q", "-D", "plughw:1,0"]),
+        ("paplay", None, []),
+        ("paplay", "alarm_sink", ["--device=alarm_sink"]),
+    ],
+)
+async def test_player_command_line(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    backend: str,
+    device: str | None,
+    expected_args: list[str],
+) -> None:
+    argsfile = tmp_path / "args"
+    bindir = tmp_path / "bin"
+    write_script(bindir / backend, f'for a in "$@"; do echo "$a" >> "{argsfile}"; done\n')
+    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
+    settings = AlertSettings(backend=backend, device=device, espeak="/nonexistent/espeak-ng")
+    async with AlertPlayer(settings, sleep=BlockingSleep()) as player:
+        await player.start("A", SHORT)
+        await player.wait_played("A", 1)
+        workdir = player.output_dir
+        assert workdir is not None
+    assert argsfile.read_text().splitlines() == [*expected_args, str(workdir / "A.wav")]
+
+
+# -- backend selection ----------------------------------------------------------------
+
+
+@pytest.mark.integration
+async def test_auto_falls_back_to_file_without_sound_system(
+    tmp_path: Path, out: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    empty = tmp_path / "empty-bin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    settings = AlertSettings(output_dir=out, espeak="/nonexistent/espeak-ng")
+    with capture_logs() as logs:
+        async with AlertPlayer(settings, sleep=BlockingSleep()) as player:
+            assert player.backend == "file"
+            await player.start("A", SHORT)
+            await player.wait_played("A", 1)
+    assert (out / "A.wav").exists()
+    assert [e["alarm_id"] for e in play_log(out)] == ["A"]
+    [chosen] = events(logs, "alert.backend")
+    assert chosen["backend"] == "file"
+    assert chosen["output_dir"] == str(out)
+
+
+@pytest.mark.integration
+async def test_auto_without_output_dir_uses_a_private_temp_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    empty = tmp_path / "empty-bin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    settings = AlertSettings(espeak="/nonexistent/espeak-ng")
+    async with AlertPlayer(settings, sleep=BlockingSleep()) as player:
+        await player.start("A", SHORT)
+        await player.wait_played("A", 1)
+        workdir = player.output_dir
+        assert workdir is not None
+        assert play_log(workdir)[0]["alarm_id"] == "A"
+    assert not workdir.exists()
+
+
+CARD = "echo 'card 0: PCH [HDA Intel PCH], device 0: ALC897 Analog [ALC897 Analog]'\n"
+NO_CARD = "echo 'aplay: device_list:274: no soundcards found...' >&2\n"
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    ("pactl", "paplay", "aplay", "expected"),
+    [
+        ("exit 0\n", True, CARD, "paplay"),
+        ("exit 0\n", True, None, "paplay"),
+        ("exit 0\n", False, CARD, "aplay"),  # a server but no paplay binary
+        ("exit 1\n", True, CARD, "aplay"),
+        (None, False, CARD, "aplay"),
+        ("exit 1\n", True, NO_CARD, "file"),
+        (None, False, None, "file"),
+    ],
+)
+async def test_auto_probes_pulseaudio_then_alsa(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    pactl: str | None,
+    paplay: bool,
+    aplay: str | None,
+    expected: str,
+) -> None:
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    if pactl is not None:
+        write_script(bindir / "pactl", pactl)
+    if paplay:
+        write_script(bindir / "paplay", "exit 0\n")
+    if aplay is not None:
+        write_script(bindir / "aplay", aplay)
+    # Only the fakes: the machine's own sound tools must not decide the outcome.
+    monkeypatch.setenv("PATH", str(bindir))
+    with capture_logs() as logs:
+        async with AlertPlayer(AlertSettings(output_dir=tmp_path / "out")) as player:
+            assert player.backend == expected
+    [chosen] = events(logs, "alert.backend")
+    assert chosen["backend"] == expected
+    assert chosen["reason"]
