@@ -1,0 +1,919 @@
+"""TEST DOUBLE of Twilio's Messages REST API. Never a production path.
+
+A real HTTP server (aiohttp.web) on localhost that answers the subset of
+``/2010-04-01/Accounts/{AccountSid}/Messages`` that the gateway uses, closely
+enough that the real twilio-python client works against it unchanged
+(``client.api.base_url = double.base_url``). Nothing sent to it leaves the
+machine: it is the SMS sink of the gateway's clearly labelled ``demo`` mode and
+the counterpart of the integration tests.
+
+What it models, because the gateway's retry and reconciliation logic depends
+on it:
+
+* message creation with Twilio's validation errors (JSON ``code``,
+  ``message``, ``more_info``, ``status``) and HTTP Basic authentication;
+* list (with ``To``/``From``/``DateSent`` filters and paging) and fetch;
+* the status progression ``queued -> sent -> delivered`` (or a scripted
+  ``undelivered``/``failed`` per number), with signed ``StatusCallback``
+  webhooks;
+* faults injected one create request at a time (HTTP 429/5xx, slow answers,
+  a message created but its answer lost) and whole outages.
+
+Every request is recorded with its arrival time, so tests can count attempts
+and check that requests overlapped.
+
+Run it by hand with ``python -m gateway.sandbox.twilio_double --port 8099``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import binascii
+import contextlib
+import hmac
+import re
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, replace
+from datetime import UTC, date, datetime
+from email.utils import format_datetime
+from types import TracebackType
+from typing import Any, Final, Literal, Self, TypeVar
+
+import aiohttp
+import structlog
+from aiohttp import web
+from twilio.request_validator import RequestValidator
+from yarl import URL
+
+from gateway.redact import mask_phone
+from gateway.smstext import segments
+
+__all__ = [
+    "DEFAULT_ACCOUNT_SID",
+    "CallbackDelivery",
+    "Fault",
+    "RecordedRequest",
+    "SentMessage",
+    "TwilioDouble",
+    "main",
+]
+
+log = structlog.get_logger(__name__)
+
+_T = TypeVar("_T")
+
+#: Account SID the double answers to unless told otherwise. Not a real account.
+DEFAULT_ACCOUNT_SID: Final = "AC" + "d0" * 16
+
+API_VERSION: Final = "2010-04-01"
+MAX_BODY_CHARS: Final = 1600
+FINAL_STATUSES: Final = frozenset({"delivered", "undelivered", "failed"})
+_SCRIPTABLE_FINALS: Final = frozenset({"sent", "delivered", "undelivered", "failed"})
+
+_E164 = re.compile(r"^\+[1-9]\d{1,14}$")
+_ALPHANUMERIC_SENDER = re.compile(r"^(?=.*[A-Za-z])[A-Za-z0-9 ]{1,11}$")
+_ACCOUNT_SID = re.compile(r"^AC[0-9a-f]{32}$")
+_SERVICE_SID = re.compile(r"^MG[0-9a-f]{32}$")
+_ISO_DATETIME = "%Y-%m-%dT%H:%M:%SZ"
+
+_ERROR_MESSAGES: Final[Mapping[int, str]] = {
+    20003: "Authenticate",
+    20404: "The requested resource {path} was not found",
+    20429: "Too Many Requests",
+    20500: "Internal Server Error",
+    20502: "Bad Gateway",
+    20503: "Service Unavailable",
+    21211: "Invalid 'To' Phone Number: {to}",
+    21408: "Permission to send an SMS has not been enabled for the region indicated by the "
+    "'To' number: {to}",
+    21602: "Message body is required.",
+    21603: "A 'From' phone number is required.",
+    21604: "A 'To' phone number is required.",
+    21606: "The 'From' phone number provided is not a valid message-capable Twilio phone "
+    "number for this destination.",
+    21610: "Attempt to send to unsubscribed recipient",
+    21612: "The 'To' phone number: {to}, is not currently reachable using the 'From' phone "
+    "number via SMS.",
+    21614: "'To' number is not a valid mobile number",
+    21617: "The concatenated message body exceeds the 1600 character limit.",
+    21624: "Invalid validity period value",
+    21701: "The Messaging Service Sid is invalid.",
+}
+_DEFAULT_CODE_FOR_STATUS: Final[Mapping[int, int]] = {
+    429: 20429,
+    500: 20500,
+    502: 20502,
+    503: 20503,
+}
+
+
+# ----------------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True, slots=True)
+class SentMessage:
+    """One message the double accepted. Replaced (not mutated) as its status moves on."""
+
+    sid: str
+    to: str
+    from_: str | None
+    messaging_service_sid: str | None
+    body: str
+    status_callback: str | None
+    received_at: float  # event-loop (monotonic) time of creation
+    date_created: datetime  # UTC, from the injected wall clock
+    num_segments: int
+    status: str
+    error_code: int | None = None
+    date_sent: datetime | None = None
+    date_updated: datetime | None = None
+    validity_period: int | None = None
+
+
+@dataclass(slots=True)
+class RecordedRequest:
+    """One HTTP request as it reached the double.
+
+    ``answered_at`` and ``status`` are filled in when the answer is written;
+    they stay ``None`` for a request whose connection was dropped on purpose.
+    """
+
+    arrived_at: float  # event-loop (monotonic) time
+    method: str
+    path: str
+    query: dict[str, str]
+    form: dict[str, str]
+    answered_at: float | None = None
+    status: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CallbackDelivery:
+    """One status callback the double POSTed (or failed to)."""
+
+    url: str
+    params: dict[str, str]
+    signature: str
+    http_status: int | None
+    error: str | None
+
+
+FaultKind = Literal["status", "delay", "drop", "error"]
+
+
+@dataclass(frozen=True, slots=True)
+class Fault:
+    """A misbehaviour applied to exactly one message-create request.
+
+    Build them with the class methods; queue them with :meth:`TwilioDouble.inject`.
+    """
+
+    kind: FaultKind
+    http_status: int = 0
+    code: int | None = None
+    retry_after: float | str | None = None
+    seconds: float = 0.0
+
+    @classmethod
+    def status(
+        cls, http_status: int, *, code: int | None = None, retry_after: float | str | None = None
+    ) -> Fault:
+        """Answer ``http_status`` with a Twilio error body; the message is not created.
+
+        ``retry_after`` adds a ``Retry-After`` header: seconds, or a string sent
+        verbatim (e.g. an HTTP date).
+        """
+        return cls(
+            "status",
+            http_status=http_status,
+            code=code if code is not None else _DEFAULT_CODE_FOR_STATUS.get(http_status),
+            retry_after=retry_after,
+        )
+
+    @classmethod
+    def delay(cls, seconds: float) -> Fault:
+        """Hold the request ``seconds`` before handling it normally."""
+        return cls("delay", seconds=seconds)
+
+    @classmethod
+    def drop_after_receive(cls) -> Fault:
+        """Create the message, then close the connection without answering."""
+        return cls("drop")
+
+    @classmethod
+    def error(cls, *, code: int, status: int = 400) -> Fault:
+        """Answer a Twilio API error such as 21211, 21610 or 21408; nothing is created."""
+        return cls("error", http_status=status, code=code)
+
+
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    status: str
+    error_code: int | None
+
+
+class _DropConnection(Exception):
+    """Internal: the handler closed the connection on purpose; there is no answer."""
+
+
+@dataclass(slots=True)
+class _QueuedFault:
+    fault: Fault
+    to: str | None
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _new_sid(prefix: str) -> str:
+    return prefix + secrets.token_hex(16)
+
+
+def _rfc2822(moment: datetime | None) -> str | None:
+    return None if moment is None else format_datetime(moment.replace(microsecond=0))
+
+
+def _error_body(code: int, status: int, **fields: str) -> dict[str, Any]:
+    template = _ERROR_MESSAGES.get(code, "Error {code}")
+    try:
+        message = template.format(code=code, **fields)
+    except KeyError:
+        message = template
+    return {
+        "code": code,
+        "message": message,
+        "more_info": f"https://www.twilio.com/docs/errors/{code}",
+        "status": status,
+    }
+
+
+def _error_response(
+    code: int, status: int, headers: Mapping[str, str] | None = None, **fields: str
+) -> web.Response:
+    return web.json_response(_error_body(code, status, **fields), status=status, headers=headers)
+
+
+async def _form(request: web.Request) -> dict[str, str]:
+    # request.post() caches the parsed body, so the middleware and the handler
+    # share one parse without stashing it on the request.
+    if request.method != "POST":
+        return {}
+    posted = await request.post()
+    return {key: value for key, value in posted.items() if isinstance(value, str)}
+
+
+def _parse_filter_moment(text: str) -> datetime | date:
+    """Parse a ``DateSent`` filter: ``YYYY-MM-DD`` or ``YYYY-MM-DDTHH:MM:SSZ`` (what the
+    twilio client sends for a datetime)."""
+    try:
+        return datetime.strptime(text, _ISO_DATETIME).replace(tzinfo=UTC)
+    except ValueError:
+        return date.fromisoformat(text)
+
+
+_Relation = Literal["eq", "ge", "le"]
+_DATE_FILTERS: Final[tuple[tuple[str, _Relation], ...]] = (
+    ("DateSent", "eq"),
+    ("DateSent>", "ge"),
+    ("DateSent<", "le"),
+)
+
+
+def _matches_moment(when: datetime, bound: datetime | date, relation: _Relation) -> bool:
+    if isinstance(bound, datetime):
+        left: datetime | date = when.replace(microsecond=0)
+    else:
+        left = when.date()
+    if relation == "ge":
+        return left >= bound
+    if relation == "le":
+        return left <= bound
+    return left == bound
+
+
+# ----------------------------------------------------------------------------- the double
+
+
+class TwilioDouble:
+    """Local HTTP stand-in for Twilio's Messages API (a test double, see the module doc).
+
+    Use as an async context manager::
+
+        async with TwilioDouble() as double:
+            client.api.base_url = double.base_url
+            ...
+
+    ``sent_delay`` and ``delivered_delay`` (seconds) drive the automatic status
+    progression; ``None`` stops it at that step until :meth:`advance` is called.
+    ``clock`` is the wall clock used for ``date_created``/``date_sent``.
+    """
+
+    def __init__(
+        self,
+        account_sid: str = DEFAULT_ACCOUNT_SID,
+        auth_token: str | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        clock: Callable[[], float] = time.time,
+        *,
+        sent_delay: float | None = 0.05,
+        delivered_delay: float | None = 0.05,
+        callback_timeout: float = 5.0,
+    ) -> None:
+        if not _ACCOUNT_SID.fullmatch(account_sid):
+            raise ValueError(f"account_sid must be 'AC' + 32 lowercase hex, got {account_sid!r}")
+        self.account_sid = account_sid
+        # A fresh random token per instance unless given: the double is never
+        # configured with a real credential, and nothing can depend on a constant.
+        self.auth_token = auth_token if auth_token is not None else secrets.token_hex(16)
+        self.host = host
+        self._requested_port = port
+        self._port: int | None = None
+        self._clock = clock
+        self.sent_delay = sent_delay
+        self.delivered_delay = delivered_delay
+        self._callback_timeout = callback_timeout
+
+        self.messages: list[SentMessage] = []
+        self.requests: list[RecordedRequest] = []
+        self.callbacks: list[CallbackDelivery] = []
+
+        self._index: dict[str, int] = {}
+        self._faults: list[_QueuedFault] = []
+        self._final_by_number: dict[str, _Outcome] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._progressions: set[asyncio.Task[None]] = set()
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._closing: asyncio.Event | None = None
+        self._outage: Literal["503", "refuse"] | None = None
+        self._runner: web.AppRunner | None = None
+        self._site: web.TCPSite | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._validator = RequestValidator(self.auth_token)
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        """Bind the port and start serving."""
+        if self._runner is not None:
+            raise RuntimeError("TwilioDouble already started")
+        self._closing = asyncio.Event()
+        self._session = aiohttp.ClientSession()
+        app = web.Application(middlewares=[self._middleware])
+        base = f"/{API_VERSION}/Accounts/{{account_sid}}"
+        app.router.add_post(f"{base}/Messages.json", self._create)
+        app.router.add_get(f"{base}/Messages.json", self._list)
+        app.router.add_get(f"{base}/Messages/{{message_sid}}.json", self._fetch)
+        # Short shutdown timeout: held requests wake on the closing event, so
+        # nothing legitimate is still running when the runner stops.
+        self._runner = web.AppRunner(
+            app, access_log=None, handle_signals=False, shutdown_timeout=1.0
+        )
+        try:
+            await self._runner.setup()
+            await self._bind(self._requested_port)
+        except BaseException:
+            # E.g. the port is taken: release the runner and callback session now,
+            # since __aexit__ does not run when __aenter__ fails.
+            await self.stop()
+            raise
+        log.info(
+            "twilio_double.started",
+            base_url=self.base_url,
+            account_sid=self.account_sid,
+            note="TEST DOUBLE: no SMS leaves this machine",
+        )
+
+    async def _bind(self, port: int) -> None:
+        runner = self._started(self._runner)
+        self._site = web.TCPSite(runner, self.host, port)
+        await self._site.start()
+        self._port = int(runner.addresses[-1][1])
+
+    @staticmethod
+    def _started(resource: _T | None) -> _T:
+        if resource is None:
+            raise RuntimeError("TwilioDouble not started")
+        return resource
+
+    async def stop(self) -> None:
+        """Stop serving, cancel pending status progressions, close the callback client."""
+        if self._closing is not None:
+            self._closing.set()
+        tasks = list(self._progressions)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._progressions.clear()
+        for _, waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_exception(RuntimeError("TwilioDouble stopped"))
+        self._waiters.clear()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+            self._site = None
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+        log.info("twilio_double.stopped", messages=len(self.messages))
+
+    @property
+    def port(self) -> int:
+        """The bound TCP port (known once started)."""
+        if self._port is None:
+            raise RuntimeError("TwilioDouble not started")
+        return self._port
+
+    @property
+    def base_url(self) -> str:
+        """``http://HOST:PORT``: what to set as ``client.api.base_url``."""
+        return f"http://{self.host}:{self.port}"
+
+    # -- scripting -----------------------------------------------------------------
+
+    def inject(self, *faults: Fault, to: str | None = None) -> None:
+        """Queue faults (FIFO). Each is consumed by one message-create request,
+        only by one addressed to ``to`` when given."""
+        self._faults.extend(_QueuedFault(f, to) for f in faults)
+
+    @property
+    def pending_faults(self) -> int:
+        """Faults not consumed yet."""
+        return len(self._faults)
+
+    def set_final_status(self, to: str, status: str, *, error_code: int | None = None) -> None:
+        """Script where messages to ``to`` end: ``delivered`` (default), ``sent``
+        (no delivery report), ``undelivered`` or ``failed`` (with ``error_code``)."""
+        if status not in _SCRIPTABLE_FINALS:
+            raise ValueError(f"final status must be one of {sorted(_SCRIPTABLE_FINALS)}")
+        self._final_by_number[to] = _Outcome(status, error_code)
+
+    async def outage(self, on: bool, *, refuse: bool = False) -> None:
+        """Start or end an outage.
+
+        By default every request is answered 503 (error 20503). With
+        ``refuse=True`` the listening socket is closed and open connections are
+        cut, so clients see "connection refused" until the outage ends (the same
+        port is bound again).
+        """
+        refusing = self._outage == "refuse"
+        if on and refuse:
+            if not refusing:
+                if self._site is not None:
+                    await self._site.stop()
+                    self._site = None
+                if self._runner is not None and self._runner.server is not None:
+                    for connection in self._runner.server.connections:
+                        connection.force_close()
+        elif refusing and self._runner is not None:
+            # Leaving the refusing mode (ending the outage or switching to 503s).
+            await self._bind(self.port)
+        self._outage = ("refuse" if refuse else "503") if on else None
+        log.info("twilio_double.outage", on=on, refuse=refuse)
+
+    # The timeout parameter is the documented test-helper API (a bounded wait
+    # that reports a clear failure), not a substitute for asyncio.timeout.
+    async def wait_for_messages(
+        self,
+        n: int,
+        timeout: float = 5.0,
+    ) -> list[SentMessage]:
+        """Wait until at least ``n`` messages exist; return all of them.
+
+        Raises ``TimeoutError`` when fewer arrived within ``timeout`` seconds.
+        """
+        if len(self.messages) < n:
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            entry = (n, waiter)
+            self._waiters.append(entry)
+            try:
+                async with asyncio.timeout(timeout):
+                    await waiter
+            finally:
+                if entry in self._waiters:
+                    self._waiters.remove(entry)
+        return list(self.messages)
+
+    def message(self, sid: str) -> SentMessage:
+        """The current state of message ``sid`` (``KeyError`` if unknown)."""
+        return self.messages[self._index[sid]]
+
+    async def advance(self, sid: str | None = None) -> None:
+        """Move one message (or every message) to its final status now,
+        POSTing each intermediate status callback in order."""
+        sids = [sid] if sid is not None else [m.sid for m in self.messages]
+        for each in sids:
+            while await self._step(each):
+                pass
+
+    # -- status progression ------------------------------------------------------------
+
+    def _final_for(self, message: SentMessage) -> _Outcome:
+        return self._final_by_number.get(message.to, _Outcome("delivered", None))
+
+    async def _step(self, sid: str) -> bool:
+        """Move ``sid`` one status further; False when it is already final."""
+        lock = self._locks.setdefault(sid, asyncio.Lock())
+        # The lock keeps the callbacks of one message in order when advance()
+        # races the automatic progression.
+        async with lock:
+            current = self.message(sid)
+            final = self._final_for(current)
+            if current.status == final.status or current.status in FINAL_STATUSES:
+                return False
+            if current.status == "queued":
+                nxt = "failed" if final.status == "failed" else "sent"
+            else:
+                nxt = final.status
+            now = datetime.fromtimestamp(self._clock(), UTC)
+            updated = replace(
+                current,
+                status=nxt,
+                error_code=final.error_code if nxt in ("failed", "undelivered") else None,
+                date_sent=now if nxt == "sent" else current.date_sent,
+                date_updated=now,
+            )
+            self.messages[self._index[sid]] = updated
+            log.info("twilio_double.status", sid=sid, status=nxt, to=mask_phone(updated.to))
+            if updated.status_callback:
+                await self._post_callback(updated)
+            return True
+
+    async def _progress(self, sid: str) -> None:
+        closing = self._started(self._closing)
+        for delay in (self.sent_delay, self.delivered_delay):
+            if delay is None:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(closing.wait(), delay)
+            if closing.is_set() or not await self._step(sid):
+                return
+
+    async def _post_callback(self, message: SentMessage) -> None:
+        url = message.status_callback
+        if url is None:
+            return
+        params = {
+            "AccountSid": self.account_sid,
+            "ApiVersion": API_VERSION,
+            "MessageSid": message.sid,
+            "SmsSid": message.sid,
+            "MessageStatus": message.status,
+            "SmsStatus": message.status,
+            "To": message.to,
+        }
+        if message.from_ is not None:
+            params["From"] = message.from_
+        if message.messaging_service_sid is not None:
+            params["MessagingServiceSid"] = message.messaging_service_sid
+        # Twilio includes ErrorCode only when the message failed.
+        if message.error_code is not None:
+            params["ErrorCode"] = str(message.error_code)
+        signature = self._validator.compute_signature(url, params)
+        http_status: int | None = None
+        error: str | None = None
+        session = self._started(self._session)
+        try:
+            async with (
+                asyncio.timeout(self._callback_timeout),
+                session.post(
+                    url, data=params, headers={"X-Twilio-Signature": signature}
+                ) as response,
+            ):
+                http_status = response.status
+                await response.read()
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            # Twilio does not retry a failed status callback either; record it.
+            error = f"{type(exc).__name__}: {exc}"
+            log.warning("twilio_double.callback_failed", sid=message.sid, error=error)
+        self.callbacks.append(CallbackDelivery(url, params, signature, http_status, error))
+
+    # -- HTTP ------------------------------------------------------------------------
+
+    @web.middleware
+    async def _middleware(
+        self,
+        request: web.Request,
+        handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+    ) -> web.StreamResponse:
+        loop = asyncio.get_running_loop()
+        form = await _form(request)
+        record = RecordedRequest(
+            arrived_at=loop.time(),
+            method=request.method,
+            path=request.path,
+            query=dict(request.query),
+            form=form,
+        )
+        self.requests.append(record)
+        if self._outage == "refuse":
+            # A keep-alive connection that outlived the listening socket.
+            return self._drop(request)
+        if self._outage == "503":
+            response: web.StreamResponse = _error_response(20503, 503)
+        elif not self._authorized(request):
+            response = _error_response(
+                20003, 401, headers={"WWW-Authenticate": 'Basic realm="Twilio API"'}
+            )
+        else:
+            try:
+                response = await handler(request)
+            except web.HTTPException as exc:
+                # Unknown routes and methods, answered in Twilio's JSON shape.
+                response = _error_response(20404, exc.status, path=request.path)
+            except _DropConnection:
+                return self._drop(request)
+        record.answered_at = loop.time()
+        record.status = response.status
+        return response
+
+    @staticmethod
+    def _drop(request: web.Request) -> web.StreamResponse:
+        if request.protocol is not None:
+            request.protocol.force_close()
+        # Nothing reaches the client: aiohttp discards this answer on the closed transport.
+        return web.Response(status=500)
+
+    def _authorized(self, request: web.Request) -> bool:
+        # Parsed by hand: aiohttp 3.14 deprecates BasicAuth (and its decode()).
+        scheme, _, encoded = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "basic":
+            return False
+        try:
+            decoded = base64.b64decode(encoded.strip(), validate=True)
+        except binascii.Error:
+            return False
+        login, sep, password = decoded.partition(b":")
+        if not sep:
+            return False
+        login_ok = hmac.compare_digest(login, self.account_sid.encode())
+        password_ok = hmac.compare_digest(password, self.auth_token.encode())
+        return login_ok and password_ok
+
+    def _wrong_account(self, request: web.Request) -> web.Response | None:
+        if request.match_info["account_sid"] != self.account_sid:
+            return _error_response(20404, 404, path=request.path)
+        return None
+
+    def _take_fault(self, to: str | None) -> Fault | None:
+        for position, queued in enumerate(self._faults):
+            if queued.to is None or queued.to == to:
+                del self._faults[position]
+                return queued.fault
+        return None
+
+    async def _create(self, request: web.Request) -> web.StreamResponse:
+        if (wrong := self._wrong_account(request)) is not None:
+            return wrong
+        form = await _form(request)
+        to = form.get("To")
+        fault = self._take_fault(to)
+        if fault is not None:
+            log.info("twilio_double.fault", kind=fault.kind, status=fault.http_status)
+            if fault.kind == "status":
+                headers: dict[str, str] | None = None
+                if isinstance(fault.retry_after, str):
+                    headers = {"Retry-After": fault.retry_after}
+                elif fault.retry_after is not None:
+                    headers = {"Retry-After": f"{fault.retry_after:g}"}
+                code = fault.code if fault.code is not None else fault.http_status
+                return _error_response(code, fault.http_status, headers=headers)
+            if fault.kind == "error":
+                code = fault.code if fault.code is not None else fault.http_status
+                return _error_response(code, fault.http_status, to=to or "")
+            if fault.kind == "delay":
+                closing = self._started(self._closing)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(closing.wait(), fault.seconds)
+                if closing.is_set():
+                    raise _DropConnection
+
+        invalid = self._validate(form)
+        if invalid is not None:
+            return invalid
+        message = self._record_message(form)
+        if fault is not None and fault.kind == "drop":
+            raise _DropConnection
+        return web.json_response(self._message_json(message), status=201)
+
+    def _validate(self, form: Mapping[str, str]) -> web.Response | None:
+        to = form.get("To")
+        sender = form.get("From")
+        service = form.get("MessagingServiceSid")
+        body = form.get("Body")
+        validity = form.get("ValidityPeriod")
+        if not to:
+            return _error_response(21604, 400)
+        if not _E164.fullmatch(to):
+            return _error_response(21211, 400, to=to)
+        if not sender and not service:
+            return _error_response(21603, 400)
+        if sender and not (_E164.fullmatch(sender) or _ALPHANUMERIC_SENDER.fullmatch(sender)):
+            return _error_response(21606, 400)
+        if service and not _SERVICE_SID.fullmatch(service):
+            return _error_response(21701, 400)
+        if not body:
+            return _error_response(21602, 400)
+        if len(body) > MAX_BODY_CHARS:
+            return _error_response(21617, 400)
+        if validity is not None and not (validity.isdigit() and 1 <= int(validity) <= 36000):
+            return _error_response(21624, 400)
+        return None
+
+    def _record_message(self, form: Mapping[str, str]) -> SentMessage:
+        loop = asyncio.get_running_loop()
+        body = form["Body"]
+        validity = form.get("ValidityPeriod")
+        now = datetime.fromtimestamp(self._clock(), UTC)
+        message = SentMessage(
+            sid=_new_sid("SM"),
+            to=form["To"],
+            from_=form.get("From") or None,
+            messaging_service_sid=form.get("MessagingServiceSid") or None,
+            body=body,
+            status_callback=form.get("StatusCallback") or None,
+            received_at=loop.time(),
+            date_created=now,
+            num_segments=segments(body),
+            status="queued",
+            date_updated=now,
+            validity_period=int(validity) if validity is not None else None,
+        )
+        self._index[message.sid] = len(self.messages)
+        self.messages.append(message)
+        log.info(
+            "twilio_double.message_created",
+            sid=message.sid,
+            to=mask_phone(message.to),
+            segments=message.num_segments,
+        )
+        for entry in list(self._waiters):
+            wanted, waiter = entry
+            if len(self.messages) >= wanted and not waiter.done():
+                waiter.set_result(None)
+        task = asyncio.get_running_loop().create_task(
+            self._progress(message.sid), name=f"twilio_double.progress.{message.sid}"
+        )
+        # Owned here and cancelled by stop(); the set keeps the task referenced.
+        self._progressions.add(task)
+        task.add_done_callback(self._progressions.discard)
+        return message
+
+    def _message_json(self, message: SentMessage) -> dict[str, Any]:
+        uri = f"/{API_VERSION}/Accounts/{self.account_sid}/Messages/{message.sid}"
+        return {
+            "account_sid": self.account_sid,
+            "api_version": API_VERSION,
+            "body": message.body,
+            "date_created": _rfc2822(message.date_created),
+            "date_sent": _rfc2822(message.date_sent),
+            "date_updated": _rfc2822(message.date_updated),
+            "direction": "outbound-api",
+            "error_code": message.error_code,
+            "error_message": None,
+            "from": message.from_,
+            "messaging_service_sid": message.messaging_service_sid,
+            "num_media": "0",
+            "num_segments": str(message.num_segments),
+            "price": None,
+            "price_unit": "USD",
+            "sid": message.sid,
+            "status": message.status,
+            "subresource_uris": {
+                "media": f"{uri}/Media.json",
+                "feedback": f"{uri}/Feedback.json",
+            },
+            "to": message.to,
+            "uri": f"{uri}.json",
+        }
+
+    async def _fetch(self, request: web.Request) -> web.StreamResponse:
+        if (wrong := self._wrong_account(request)) is not None:
+            return wrong
+        index = self._index.get(request.match_info["message_sid"])
+        if index is None:
+            return _error_response(20404, 404, path=request.path)
+        return web.json_response(self._message_json(self.messages[index]))
+
+    async def _list(self, request: web.Request) -> web.StreamResponse:
+        if (wrong := self._wrong_account(request)) is not None:
+            return wrong
+        query = request.query
+        try:
+            page_size = int(query.get("PageSize", "50"))
+            page = int(query.get("Page", "0"))
+            bounds = [
+                (_parse_filter_moment(query[key]), relation)
+                for key, relation in _DATE_FILTERS
+                if key in query
+            ]
+        except ValueError:
+            return web.json_response(
+                {
+                    "code": 20001,
+                    "message": "Invalid paging or DateSent filter",
+                    "more_info": "https://www.twilio.com/docs/errors/20001",
+                    "status": 400,
+                },
+                status=400,
+            )
+        # Twilio clamps rather than rejects out-of-range paging.
+        page_size = min(max(page_size, 1), 1000)
+        page = max(page, 0)
+
+        def keep(message: SentMessage) -> bool:
+            if "To" in query and message.to != query["To"]:
+                return False
+            if "From" in query and message.from_ != query["From"]:
+                return False
+            # A message still queued has no date_sent yet; it is matched on its
+            # creation time so that a reconciliation right after a lost answer
+            # finds it (Twilio does not document its handling of this case).
+            when = message.date_sent or message.date_created
+            return all(_matches_moment(when, bound, relation) for bound, relation in bounds)
+
+        # Newest first, as Twilio lists them.
+        selected = [m for m in reversed(self.messages) if keep(m)]
+        start = page * page_size
+        chunk = selected[start : start + page_size]
+        path = f"/{API_VERSION}/Accounts/{self.account_sid}/Messages.json"
+        filters = {k: v for k, v in query.items() if k not in ("Page", "PageSize", "PageToken")}
+
+        def page_uri(number: int) -> str:
+            params = {**filters, "PageSize": str(page_size), "Page": str(number)}
+            if number > 0:
+                params["PageToken"] = f"PA{number}"
+            return str(URL(path).with_query(params))
+
+        has_next = start + page_size < len(selected)
+        return web.json_response(
+            {
+                "messages": [self._message_json(m) for m in chunk],
+                "end": start + len(chunk) - 1 if chunk else start,
+                "first_page_uri": page_uri(0),
+                "next_page_uri": page_uri(page + 1) if has_next else None,
+                "page": page,
+                "page_size": page_size,
+                "previous_page_uri": page_uri(page - 1) if page > 0 else None,
+                "start": start,
+                "uri": page_uri(page),
+            }
+        )
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    double = TwilioDouble(
+        account_sid=args.account_sid,
+        auth_token=args.auth_token,
+        host=args.host,
+        port=args.port,
+    )
+    async with double:
+        print("Twilio TEST DOUBLE (local SMS sink; nothing leaves this machine)", flush=True)
+        print(f"  base_url:    {double.base_url}", flush=True)
+        print(f"  account_sid: {double.account_sid}", flush=True)
+        print(f"  auth_token:  {double.auth_token}", flush=True)
+        print("  from number: any E.164 number, e.g. +15005550006", flush=True)
+        print("Ctrl-C to stop.", flush=True)
+        await asyncio.Event().wait()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line entry: serve the double until interrupted."""
+    parser = argparse.ArgumentParser(
+        prog="python -m gateway.sandbox.twilio_double",
+        description="Local Twilio Messages API test double (never a production path).",
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8099)
+    parser.add_argument("--account-sid", default=DEFAULT_ACCOUNT_SID)
+    parser.add_argument(
+        "--auth-token", default=None, help="default: a random token printed at start"
+    )
+    args = parser.parse_args(argv)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_serve(args))
+
+
+if __name__ == "__main__":
+    main()

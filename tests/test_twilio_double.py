@@ -1,0 +1,670 @@
+"""The local Twilio double, exercised over real HTTP.
+
+Most checks go through the real twilio-python async client (that is the
+double's whole point); a few use raw aiohttp requests to see the exact status
+codes, headers and JSON bodies Twilio would answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import re
+import signal
+import sys
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from twilio.base.exceptions import TwilioException, TwilioRestException
+from twilio.request_validator import RequestValidator
+
+from gateway.sandbox.twilio_double import (
+    DEFAULT_ACCOUNT_SID,
+    Fault,
+    TwilioDouble,
+)
+from gateway.sms import TwilioSender, TwilioSettings
+
+pytestmark = pytest.mark.integration
+
+SENDER = "+15005550006"
+ELDER_SON = "+8613800000001"
+GRID_LEADER = "+8613900000002"
+REPO = Path(__file__).resolve().parents[1]
+
+
+class FakeClock:
+    """Wall clock for ``date_created``/``date_sent`` that only moves when told."""
+
+    def __init__(self, start: datetime) -> None:
+        self.now = start.timestamp()
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock(datetime(2025, 3, 1, 8, 0, 0, tzinfo=UTC))
+
+
+@pytest.fixture
+async def double(clock: FakeClock) -> AsyncIterator[TwilioDouble]:
+    # No automatic progression: tests move statuses with advance().
+    async with TwilioDouble(clock=clock, sent_delay=None, delivered_delay=None) as d:
+        yield d
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+def basic(user: str, password: str) -> dict[str, str]:
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    return {"Authorization": f"Basic {token}"}
+
+
+def messages_url(d: TwilioDouble, account: str | None = None) -> str:
+    return f"{d.base_url}/2010-04-01/Accounts/{account or d.account_sid}/Messages.json"
+
+
+async def post_message(
+    http: aiohttp.ClientSession, d: TwilioDouble, form: dict[str, str], **kw: Any
+) -> tuple[int, dict[str, Any], aiohttp.ClientResponse]:
+    headers = kw.pop("headers", basic(d.account_sid, d.auth_token))
+    url = kw.pop("url", messages_url(d))
+    async with http.post(url, data=form, headers=headers) as resp:
+        return resp.status, await resp.json(), resp
+
+
+@pytest.fixture
+async def sender(double: TwilioDouble) -> AsyncIterator[TwilioSender]:
+    settings = TwilioSettings(
+        account_sid=double.account_sid,
+        auth_token=double.auth_token,
+        from_number=SENDER,
+        messaging_service_sid=None,
+        base_url=double.base_url,
+        request_timeout_s=2.0,
+        max_attempts=1,
+    )
+    async with TwilioSender(settings) as s:
+        yield s
+
+
+def twilio_client(sender: TwilioSender) -> Any:
+    """The real twilio-python client inside the sender (for list/fetch calls)."""
+    return sender.client
+
+
+# ----------------------------------------------------------------------------- create
+
+
+async def test_create_answers_201_with_twilio_shaped_json(
+    double: TwilioDouble, http: aiohttp.ClientSession, clock: FakeClock
+) -> None:
+    body = "张大爷按下了求助按钮" * 8  # 80 Chinese characters: UCS-2, 2 segments
+    status, payload, _ = await post_message(
+        http,
+        double,
+        {"To": ELDER_SON, "From": SENDER, "Body": body, "StatusCallback": "http://cb/x"},
+    )
+
+    assert status == 201
+    assert re.fullmatch(r"SM[0-9a-f]{32}", payload["sid"])
+    assert payload["account_sid"] == double.account_sid
+    assert payload["to"] == ELDER_SON
+    assert payload["from"] == SENDER
+    assert payload["body"] == body
+    assert payload["status"] == "queued"
+    assert payload["num_segments"] == "2"
+    assert payload["error_code"] is None
+    assert payload["direction"] == "outbound-api"
+    assert payload["date_sent"] is None
+    assert parsedate_to_datetime(payload["date_created"]) == datetime.fromtimestamp(clock.now, UTC)
+    assert payload["uri"] == (
+        f"/2010-04-01/Accounts/{double.account_sid}/Messages/{payload['sid']}.json"
+    )
+    [message] = double.messages
+    assert message.sid == payload["sid"]
+    assert message.status_callback == "http://cb/x"
+    assert message.num_segments == 2
+
+
+async def test_real_twilio_client_creates_and_fetches(
+    double: TwilioDouble, sender: TwilioSender
+) -> None:
+    client = twilio_client(sender)
+    created = await client.messages.create_async(to=ELDER_SON, from_=SENDER, body="hello")
+    fetched = await client.messages(created.sid).fetch_async()
+
+    assert fetched.sid == created.sid
+    assert fetched.status == "queued"
+    assert fetched.num_segments == "1"
+    assert fetched.date_created == double.messages[0].date_created.replace(microsecond=0)
+
+
+async def test_messaging_service_instead_of_from(
+    double: TwilioDouble, http: aiohttp.ClientSession
+) -> None:
+    service = "MG" + "ab" * 16
+    status, payload, _ = await post_message(
+        http, double, {"To": ELDER_SON, "MessagingServiceSid": service, "Body": "hi"}
+    )
+
+    assert status == 201
+    assert payload["messaging_service_sid"] == service
+    assert payload["from"] is None
+    assert double.messages[0].messaging_service_sid == service
+
+
+@pytest.mark.parametrize(
+    ("form", "code"),
+    [
+        ({"From": SENDER, "Body": "x"}, 21604),
+        ({"To": "13800000001", "From": SENDER, "Body": "x"}, 21211),
+        ({"To": "+86 138 0000 0001", "From": SENDER, "Body": "x"}, 21211),
+        ({"To": ELDER_SON, "Body": "x"}, 21603),
+        ({"To": ELDER_SON, "From": "not a number!", "Body": "x"}, 21606),
+        ({"To": ELDER_SON, "MessagingServiceSid": "MG123", "Body": "x"}, 21701),
+        ({"To": ELDER_SON, "From": SENDER}, 21602),
+        ({"To": ELDER_SON, "From": SENDER, "Body": ""}, 21602),
+        ({"To": ELDER_SON, "From": SENDER, "Body": "x" * 1601}, 21617),
+        ({"To": ELDER_SON, "From": SENDER, "Body": "x", "ValidityPeriod": "0"}, 21624),
+        ({"To": ELDER_SON, "From": SENDER, "Body": "x", "ValidityPeriod": "36001"}, 21624),
+    ],
+)
+async def test_validation_errors_like_twilio(
+    double: TwilioDouble, http: aiohttp.ClientSession, form: dict[str, str], code: int
+) -> None:
+    status, payload, _ = await post_message(http, double, form)
+
+    assert status == 400
+    assert payload["code"] == code
+    assert payload["status"] == 400
+    assert payload["more_info"] == f"https://www.twilio.com/docs/errors/{code}"
+    assert payload["message"]
+    assert double.messages == []
+
+
+async def test_body_of_exactly_1600_chars_is_accepted(
+    double: TwilioDouble, http: aiohttp.ClientSession
+) -> None:
+    status, payload, _ = await post_message(
+        http, double, {"To": ELDER_SON, "From": SENDER, "Body": "中" * 1600}
+    )
+
+    assert status == 201
+    assert payload["num_segments"] == str(-(-1600 // 67))
+
+
+async def test_validity_period_is_recorded(
+    double: TwilioDouble, http: aiohttp.ClientSession
+) -> None:
+    form = {"To": ELDER_SON, "From": SENDER, "Body": "x", "ValidityPeriod": "600"}
+    status, _, _ = await post_message(http, double, form)
+
+    assert status == 201
+    assert double.messages[0].validity_period == 600
+
+
+# ----------------------------------------------------------------------------- auth
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        basic(DEFAULT_ACCOUNT_SID, "wrong-token"),
+        basic("AC" + "11" * 16, "whatever"),
+        {"Authorization": "Bearer abc"},
+        {"Authorization": "Basic !!!not-base64"},
+    ],
+)
+async def test_basic_auth_is_enforced(
+    double: TwilioDouble, http: aiohttp.ClientSession, headers: dict[str, str]
+) -> None:
+    status, payload, resp = await post_message(
+        http, double, {"To": ELDER_SON, "From": SENDER, "Body": "x"}, headers=headers
+    )
+
+    assert status == 401
+    assert payload["code"] == 20003
+    assert resp.headers["WWW-Authenticate"].startswith("Basic")
+    assert double.messages == []
+    assert len(double.requests) == 1
+
+
+async def test_wrong_account_in_path_is_404(
+    double: TwilioDouble, http: aiohttp.ClientSession
+) -> None:
+    other = "AC" + "22" * 16
+    status, payload, _ = await post_message(
+        http,
+        double,
+        {"To": ELDER_SON, "From": SENDER, "Body": "x"},
+        url=messages_url(double, other),
+    )
+
+    assert status == 404
+    assert payload["code"] == 20404
+    assert double.messages == []
+
+
+async def test_fetch_unknown_message_is_404_20404(sender: TwilioSender) -> None:
+    client = twilio_client(sender)
+    with pytest.raises(TwilioRestException) as caught:
+        await client.messages("SM" + "0" * 32).fetch_async()
+
+    assert caught.value.status == 404
+    assert caught.value.code == 20404
+
+
+# ----------------------------------------------------------------------------- list
+
+
+async def test_list_filters_by_to_from_and_date_sent(
+    double: TwilioDouble, sender: TwilioSender, clock: FakeClock, http: aiohttp.ClientSession
+) -> None:
+    client = twilio_client(sender)
+    start = datetime.fromtimestamp(clock.now, UTC)
+    early = await client.messages.create_async(to=ELDER_SON, from_=SENDER, body="early")
+    clock.advance(3600)
+    other = await client.messages.create_async(to=GRID_LEADER, from_=SENDER, body="leader")
+    clock.advance(3600)
+    late = await client.messages.create_async(to=ELDER_SON, from_=SENDER, body="late")
+    # Another sender, only visible without a From filter.
+    status, _, _ = await post_message(
+        http, double, {"To": ELDER_SON, "From": "+15005550007", "Body": "other sender"}
+    )
+    assert status == 201
+
+    to_son = await client.messages.list_async(to=ELDER_SON, from_=SENDER)
+    inclusive = await client.messages.list_async(to=ELDER_SON, date_sent_before=start)
+    after = await client.messages.list_async(
+        to=ELDER_SON, date_sent_after=start + timedelta(minutes=30)
+    )
+    before = await client.messages.list_async(date_sent_before=start + timedelta(minutes=90))
+    same_day = await client.messages.list_async(date_sent=start.date().isoformat())
+    next_day = await client.messages.list_async(date_sent=(start.date() + timedelta(days=1)))
+
+    assert [m.sid for m in to_son] == [late.sid, early.sid]  # newest first
+    assert [m.sid for m in inclusive] == [early.sid]  # bounds are inclusive
+    assert {m.body for m in after} == {"late", "other sender"}
+    assert [m.sid for m in before] == [other.sid, early.sid]
+    assert len(same_day) == 4
+    assert next_day == []
+
+
+async def test_date_sent_filter_uses_date_sent_once_sent(
+    double: TwilioDouble, sender: TwilioSender, clock: FakeClock
+) -> None:
+    client = twilio_client(sender)
+    created = await client.messages.create_async(to=ELDER_SON, from_=SENDER, body="x")
+    clock.advance(7200)
+    await double.advance()  # sent (and delivered) two hours after creation
+    sent_at = datetime.fromtimestamp(clock.now, UTC)
+
+    later = await client.messages.list_async(date_sent_after=sent_at - timedelta(minutes=1))
+    fetched = await client.messages(created.sid).fetch_async()
+
+    assert [m.sid for m in later] == [created.sid]
+    assert fetched.date_sent == sent_at
+
+
+async def test_list_pages_are_followed_by_the_client(sender: TwilioSender) -> None:
+    client = twilio_client(sender)
+    for n in range(5):
+        await client.messages.create_async(to=ELDER_SON, from_=SENDER, body=f"m{n}")
+
+    page = await client.messages.page_async(page_size=2)
+    everything = await client.messages.list_async(page_size=2)
+
+    assert page.next_page_url is not None
+    assert [m.body for m in everything] == ["m4", "m3", "m2", "m1", "m0"]
+
+
+async def test_list_rejects_a_bad_date_filter(
+    double: TwilioDouble, http: aiohttp.ClientSession
+) -> None:
+    async with http.get(
+        messages_url(double),
+        params={"DateSent>": "yesterday"},
+        headers=basic(double.account_sid, double.auth_token),
+    ) as resp:
+        payload = await resp.json()
+
+    assert resp.status == 400
+    assert payload["code"] == 20001
+
+
+# ----------------------------------------------------------------------------- status
+
+
+class CallbackReceiver:
+    """A small webhook server standing in for the gateway's status endpoint."""
+
+    def __init__(self) -> None:
+        self.received: list[tuple[str, dict[str, str], str]] = []
+        self.arrived = asyncio.Event()
+        self.url = ""
+
+    async def handle(self, request: web.Request) -> web.Response:
+        form = {k: str(v) for k, v in (await request.post()).items()}
+        self.received.append((str(request.url), form, request.headers["X-Twilio-Signature"]))
+        self.arrived.set()
+        return web.Response(status=204)
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[CallbackReceiver]:
+    rec = CallbackReceiver()
+    app = web.Application()
+    app.router.add_post("/sms/status", rec.handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    rec.url = f"http://127.0.0.1:{port}/sms/status"
+    try:
+        yield rec
+    finally:
+        await runner.cleanup()
+
+
+async def test_advance_walks_statuses_and_posts_signed_callbacks(
+    double: TwilioDouble, sender: TwilioSender, receiver: CallbackReceiver
+) -> None:
+    client = twilio_client(sender)
+    created = await client.messages.create_async(
+        to=ELDER_SON, from_=SENDER, body="x", status_callback=receiver.url
+    )
+    await double.advance(created.sid)
+
+    validator = RequestValidator(double.auth_token)
+    assert [form["MessageStatus"] for _, form, _ in receiver.received] == ["sent", "delivered"]
+    for url, form, signature in receiver.received:
+        assert url == receiver.url
+        assert validator.validate(url, form, signature)
+        assert form["MessageSid"] == created.sid
+        assert form["To"] == ELDER_SON
+        assert form["From"] == SENDER
+        assert form["AccountSid"] == double.account_sid
+        assert "ErrorCode" not in form
+    # A tampered form does not validate: the signature really covers the params.
+    url, form, signature = receiver.received[-1]
+    assert not validator.validate(url, {**form, "MessageStatus": "failed"}, signature)
+    assert double.message(created.sid).status == "delivered"
+    assert [c.http_status for c in double.callbacks] == [204, 204]
+
+
+@pytest.mark.parametrize(
+    ("final", "code", "seen"),
+    [
+        ("undelivered", 30003, ["sent", "undelivered"]),
+        ("failed", 30008, ["failed"]),
+        ("sent", None, ["sent"]),
+    ],
+)
+async def test_scripted_final_status_per_number(
+    double: TwilioDouble,
+    sender: TwilioSender,
+    receiver: CallbackReceiver,
+    final: str,
+    code: int | None,
+    seen: list[str],
+) -> None:
+    client = twilio_client(sender)
+    double.set_final_status(ELDER_SON, final, error_code=code)
+    scripted = await client.messages.create_async(
+        to=ELDER_SON, from_=SENDER, body="x", status_callback=receiver.url
+    )
+    normal = await client.messages.create_async(to=GRID_LEADER, from_=SENDER, body="y")
+    await double.advance()
+
+    assert [form["MessageStatus"] for _, form, _ in receiver.received] == seen
+    last_form = receiver.received[-1][1]
+    assert last_form.get("ErrorCode") == (str(code) if code is not None else None)
+    fetched = await client.messages(scripted.sid).fetch_async()
+    assert (fetched.status, fetched.error_code) == (final, code)
+    assert double.message(normal.sid).status == "delivered"
+
+
+async def test_set_final_status_rejects_unknown_status(double: TwilioDouble) -> None:
+    with pytest.raises(ValueError, match="final status"):
+        double.set_final_status(ELDER_SON, "teleported")
+
+
+async def test_automatic_progression_after_delays(
+    receiver: CallbackReceiver, clock: FakeClock
+) -> None:
+    async with TwilioDouble(clock=clock, sent_delay=0.01, delivered_delay=0.01) as d:
+        settings = TwilioSettings(
+            account_sid=d.account_sid,
+            auth_token=d.auth_token,
+            from_number=SENDER,
+            messaging_service_sid=None,
+            base_url=d.base_url,
+        )
+        async with TwilioSender(settings) as s:
+            result = await s.send(ELDER_SON, "x", status_callback=receiver.url)
+            async with asyncio.timeout(5):
+                while len(receiver.received) < 2:
+                    receiver.arrived.clear()
+                    await receiver.arrived.wait()
+
+    assert [form["MessageStatus"] for _, form, _ in receiver.received] == ["sent", "delivered"]
+    assert d.message(result.sid).status == "delivered"
+
+
+async def test_unreachable_callback_is_recorded_not_raised(
+    double: TwilioDouble, sender: TwilioSender
+) -> None:
+    client = twilio_client(sender)
+    # A port nobody listens on: bind one, then close it.
+    probe = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = probe.sockets[0].getsockname()[1]
+    probe.close()
+    await probe.wait_closed()
+    created = await client.messages.create_async(
+        to=ELDER_SON, from_=SENDER, body="x", status_callback=f"http://127.0.0.1:{port}/cb"
+    )
+    await double.advance(created.sid)
+
+    assert double.message(created.sid).status == "delivered"
+    assert len(double.callbacks) == 2
+    assert all(c.http_status is None and c.error for c in double.callbacks)
+
+
+# ----------------------------------------------------------------------------- faults
+
+
+async def test_faults_are_fifo_and_can_be_scoped_to_a_number(
+    double: TwilioDouble, http: aiohttp.ClientSession
+) -> None:
+    double.inject(Fault.status(500), to=GRID_LEADER)
+    double.inject(Fault.status(429, code=20429, retry_after=1), Fault.error(code=21610))
+
+    first, p1, r1 = await post_message(http, double, {"To": ELDER_SON, "From": SENDER, "Body": "a"})
+    second, p2, _ = await post_message(http, double, {"To": ELDER_SON, "From": SENDER, "Body": "b"})
+    third, p3, _ = await post_message(
+        http, double, {"To": GRID_LEADER, "From": SENDER, "Body": "c"}
+    )
+    fourth, _, _ = await post_message(
+        http, double, {"To": GRID_LEADER, "From": SENDER, "Body": "d"}
+    )
+
+    assert (first, p1["code"], r1.headers["Retry-After"]) == (429, 20429, "1")
+    assert (second, p2["code"]) == (400, 21610)
+    assert (third, p3["code"]) == (500, 20500)
+    assert fourth == 201
+    assert [m.body for m in double.messages] == ["d"]
+    assert double.pending_faults == 0
+    assert [r.status for r in double.requests] == [429, 400, 500, 201]
+
+
+async def test_delay_holds_the_answer_then_answers_normally(
+    double: TwilioDouble, http: aiohttp.ClientSession
+) -> None:
+    double.inject(Fault.delay(0.2))
+    status, _, _ = await post_message(http, double, {"To": ELDER_SON, "From": SENDER, "Body": "x"})
+
+    [request] = double.requests
+    assert status == 201
+    assert request.answered_at is not None
+    # The hold is a lower bound (timers may fire a hair early, hence the margin).
+    assert request.answered_at - request.arrived_at >= 0.19
+
+
+async def test_drop_after_receive_creates_the_message_but_never_answers(
+    double: TwilioDouble, http: aiohttp.ClientSession
+) -> None:
+    double.inject(Fault.drop_after_receive())
+    with pytest.raises(aiohttp.ServerDisconnectedError):
+        await post_message(http, double, {"To": ELDER_SON, "From": SENDER, "Body": "lost answer"})
+
+    [message] = await double.wait_for_messages(1, timeout=1.0)
+    [request] = double.requests
+    assert message.body == "lost answer"
+    assert request.status is None
+    assert request.answered_at is None
+
+
+async def test_outage_503_then_recovery(double: TwilioDouble, http: aiohttp.ClientSession) -> None:
+    await double.outage(True)
+    down, payload, _ = await post_message(
+        http, double, {"To": ELDER_SON, "From": SENDER, "Body": "x"}
+    )
+    await double.outage(False)
+    up, _, _ = await post_message(http, double, {"To": ELDER_SON, "From": SENDER, "Body": "y"})
+
+    assert (down, payload["code"]) == (503, 20503)
+    assert up == 201
+    assert [m.body for m in double.messages] == ["y"]
+
+
+async def test_outage_refusing_connections_then_recovery(double: TwilioDouble) -> None:
+    port = double.port
+    await double.outage(True, refuse=True)
+    async with aiohttp.ClientSession() as fresh:
+        with pytest.raises(aiohttp.ClientConnectorError):
+            await post_message(fresh, double, {"To": ELDER_SON, "From": SENDER, "Body": "x"})
+    await double.outage(False)
+    async with aiohttp.ClientSession() as fresh:
+        status, _, _ = await post_message(
+            fresh, double, {"To": ELDER_SON, "From": SENDER, "Body": "y"}
+        )
+
+    assert double.port == port
+    assert status == 201
+    assert [m.body for m in double.messages] == ["y"]
+
+
+async def test_switching_from_refusing_to_503_listens_again(
+    double: TwilioDouble, http: aiohttp.ClientSession
+) -> None:
+    await double.outage(True, refuse=True)
+    await double.outage(True)
+    status, payload, _ = await post_message(
+        http, double, {"To": ELDER_SON, "From": SENDER, "Body": "x"}
+    )
+
+    assert (status, payload["code"]) == (503, 20503)
+
+
+async def test_wait_for_messages_times_out(double: TwilioDouble) -> None:
+    with pytest.raises(TimeoutError):
+        await double.wait_for_messages(1, timeout=0.05)
+
+
+async def test_unknown_route_answers_twilio_json_404(
+    double: TwilioDouble, http: aiohttp.ClientSession
+) -> None:
+    async with http.get(
+        f"{double.base_url}/2010-04-01/Accounts/{double.account_sid}/Calls.json",
+        headers=basic(double.account_sid, double.auth_token),
+    ) as resp:
+        payload = await resp.json()
+
+    assert resp.status == 404
+    assert payload["code"] == 20404
+
+
+async def test_start_on_a_taken_port_fails_cleanly(double: TwilioDouble) -> None:
+    # filterwarnings=error would turn a leaked callback session into a failure.
+    with pytest.raises(OSError):
+        async with TwilioDouble(port=double.port):
+            pass
+
+
+async def test_rejects_malformed_account_sid() -> None:
+    with pytest.raises(ValueError, match="account_sid"):
+        TwilioDouble(account_sid="ACnothex")
+
+
+async def test_list_error_surfaces_as_twilio_exception(
+    double: TwilioDouble, sender: TwilioSender
+) -> None:
+    await double.outage(True)
+    with pytest.raises(TwilioException):
+        await twilio_client(sender).messages.list_async(to=ELDER_SON)
+    await double.outage(False)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+async def test_module_runs_as_a_program_and_prints_credentials() -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gateway.sandbox.twilio_double",
+        "--port",
+        "0",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        cwd=REPO,
+    )
+    assert proc.stdout is not None
+    text = ""
+    try:
+        async with asyncio.timeout(30):
+            while "Ctrl-C" not in text:
+                line = await proc.stdout.readline()
+                if not line:
+                    break
+                text += line.decode()
+        base_url = re.search(r"base_url:\s+(\S+)", text)
+        token = re.search(r"auth_token:\s+(\S+)", text)
+        assert "TEST DOUBLE" in text
+        assert base_url is not None
+        assert token is not None
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
+                f"{base_url[1]}/2010-04-01/Accounts/{DEFAULT_ACCOUNT_SID}/Messages.json",
+                data={"To": ELDER_SON, "From": SENDER, "Body": "hi"},
+                headers=basic(DEFAULT_ACCOUNT_SID, token[1]),
+            ) as resp,
+        ):
+            assert resp.status == 201
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGINT)
+        async with asyncio.timeout(10):
+            code = await proc.wait()
+    assert code == 0
