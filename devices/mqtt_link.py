@@ -1,0 +1,207 @@
+"""MQTT transport: IoT SOS buttons (Zigbee2MQTT and our own make) and live positions.
+
+Theory of operation
+-------------------
+* **Acknowledge after commit.** aiomqtt 2.x lets paho PUBACK a QoS 1 message
+  before our code sees it (aiomqtt #345). We switch the wrapped paho client to
+  manual acknowledgement and PUBACK each message only after the gateway's sink
+  returned, i.e. after the journal commit. A crash before that leaves the message
+  unacknowledged at the broker, which redelivers it to our persistent session.
+* **Persistent session.** Fixed client id and MQTT 3.1.1 ``clean_session=False``:
+  messages published while the gateway is down or restarting are queued by the
+  broker (measured in FIELD-NOTES: MQTT 5 with the default clean start loses them).
+* **Reconnect** with capped, jittered backoff around ``async with client``; aiomqtt
+  has no reconnect of its own and the client is created inside the running loop.
+* **Status**: a retained ``online`` on connect and a retained ``offline`` will, so
+  dashboards see a dead gateway.
+* Messages are handled concurrently (bounded by ``max_inflight``) so a storm of
+  presses shares journal group commits; PUBACKs may go out of order, which MQTT
+  allows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import ssl
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiomqtt
+import paho.mqtt.client as paho
+import structlog
+
+from devices.backoff import Backoff
+from devices.events import DeviceProtocolError
+from devices.links import EventSink
+from devices.mqtt_payloads import MqttDecoder
+
+log = structlog.get_logger(__name__)
+
+RawHandler = Callable[[str, bytes], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class MqttSettings:
+    host: str
+    port: int
+    client_id: str
+    status_topic: str
+    username: str | None = None
+    password: str | None = None
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    tls_insecure: bool = False
+    use_tls: bool = False
+    keepalive_s: int = 30
+    reconnect_initial_s: float = 0.5
+    reconnect_max_s: float = 30.0
+    max_inflight: int = 64
+
+
+class MqttLink:
+    """Owns the gateway's MQTT session for the life of the gateway."""
+
+    def __init__(
+        self,
+        settings: MqttSettings,
+        decoder: MqttDecoder,
+        sink: EventSink,
+        *,
+        extra: Sequence[tuple[str, RawHandler]] = (),
+        on_state: Callable[[bool], None] | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._s = settings
+        self._decoder = decoder
+        self._sink = sink
+        self._extra = list(extra)  # (topic filter, handler) e.g. responder positions
+        self._on_state = on_state
+        self._sleep = sleep
+        self._backoff = Backoff(settings.reconnect_initial_s, settings.reconnect_max_s, rng)
+        self._client: aiomqtt.Client | None = None
+        self.connected = asyncio.Event()
+        self.source = f"mqtt:{settings.host}:{settings.port}"
+        self.received = 0
+        self.acked = 0
+
+    def _tls(self) -> ssl.SSLContext | None:
+        s = self._s
+        if not (s.use_tls or s.ca_file):
+            return None
+        ctx = ssl.create_default_context(cafile=str(s.ca_file) if s.ca_file else None)
+        if s.cert_file:
+            ctx.load_cert_chain(str(s.cert_file), str(s.key_file) if s.key_file else None)
+        if s.tls_insecure:
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        return ctx
+
+    def _make_client(self) -> aiomqtt.Client:
+        s = self._s
+        client = aiomqtt.Client(
+            hostname=s.host,
+            port=s.port,
+            identifier=s.client_id,
+            username=s.username,
+            password=s.password,
+            protocol=aiomqtt.ProtocolVersion.V311,
+            clean_session=False,
+            keepalive=s.keepalive_s,
+            will=aiomqtt.Will(s.status_topic, b"offline", qos=1, retain=True),
+            tls_context=self._tls(),
+            tls_insecure=s.tls_insecure if self._tls() else None,
+        )
+        # The wrapped paho client: PUBACK only when we say so (after the journal commit).
+        client._client.manual_ack_set(True)  # noqa: SLF001 - see module docstring
+        return client
+
+    async def run(self) -> None:
+        """Keep a session up until cancelled."""
+        bound = log.bind(channel=self.source, client_id=self._s.client_id)
+        while True:
+            client = self._make_client()
+            try:
+                async with client:
+                    self._client = client
+                    self._backoff.reset()
+                    for topic in [*self._decoder.subscriptions(), *(t for t, _ in self._extra)]:
+                        await client.subscribe(topic, qos=1)
+                    await client.publish(self._s.status_topic, b"online", qos=1, retain=True)
+                    self._set_state(True)
+                    bound.info("mqtt.connected")
+                    await self._consume(client)
+            except aiomqtt.MqttError as exc:
+                bound.warning("mqtt.disconnected", error=str(exc))
+            finally:
+                self._client = None
+                self._set_state(False)
+            delay = self._backoff.next_delay()
+            bound.info("mqtt.reconnecting", retry_in_s=round(delay, 2))
+            await self._sleep(delay)
+
+    def _set_state(self, up: bool) -> None:
+        if up:
+            self.connected.set()
+        else:
+            self.connected.clear()
+        if self._on_state is not None:
+            self._on_state(up)
+
+    async def _consume(self, client: aiomqtt.Client) -> None:
+        limit = asyncio.Semaphore(self._s.max_inflight)
+        async with asyncio.TaskGroup() as tg:
+            async for message in client.messages:
+                self.received += 1
+                await limit.acquire()
+                tg.create_task(self._one(client, message, limit))
+
+    async def _one(self, client: aiomqtt.Client, message: aiomqtt.Message,
+                   limit: asyncio.Semaphore) -> None:
+        try:
+            topic = message.topic.value
+            payload = message.payload if isinstance(message.payload, bytes | bytearray) else (
+                str(message.payload).encode() if message.payload is not None else b"")
+            if await self._handled(topic, bytes(payload)):
+                client._client.ack(message.mid, message.qos)  # noqa: SLF001
+                self.acked += 1
+        finally:
+            limit.release()
+
+    async def _handled(self, topic: str, payload: bytes) -> bool:
+        """Process one message; True when it may be acknowledged."""
+        for pattern, handler in self._extra:
+            if paho.topic_matches_sub(pattern, topic):
+                try:
+                    await handler(topic, payload)
+                except Exception:
+                    log.exception("mqtt.handler_failed", topic=topic)
+                return True
+        try:
+            events = self._decoder.decode(topic, payload)
+        except DeviceProtocolError as exc:
+            await self._sink.reject(f"mqtt:{topic}", exc)
+            return True  # acknowledged: redelivering junk forever helps nobody
+        for event in events:
+            try:
+                await self._sink.handle(event, "mqtt")
+            except Exception as exc:  # noqa: BLE001 - not acked: redelivered
+                log.error("mqtt.not_acknowledged", topic=topic, error=str(exc))
+                return False
+        return True
+
+    async def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> bool:
+        """Publish if connected; False (and logged) otherwise. Never raises."""
+        client = self._client
+        if client is None:
+            log.warning("mqtt.publish_skipped", topic=topic, reason="not connected")
+            return False
+        try:
+            await client.publish(topic, payload, qos=1, retain=retain)
+        except aiomqtt.MqttError as exc:
+            log.warning("mqtt.publish_failed", topic=topic, error=str(exc))
+            return False
+        return True
