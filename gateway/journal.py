@@ -358,18 +358,19 @@ class Journal:
                 pending.append((fut, value, None))
                 continue
             except Exception as exc:  # noqa: BLE001 - delivered to the caller
-                err = _map_error(exc, "write") if isinstance(exc, sqlite3.Error) else exc
+                failure: Exception = (_map_error(exc, "write") if isinstance(exc, sqlite3.Error)
+                                      else exc)
             if conn.in_transaction:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK TO job")
                     conn.execute("RELEASE job")
-                pending.append((fut, None, err))
+                pending.append((fut, None, failure))
                 continue
             # SQLite rolled the whole transaction back (e.g. SQLITE_FULL): the jobs
             # before this one are lost as well and must not report success.
-            kind = JournalFull if isinstance(err, JournalFull) else JournalError
-            lost = kind(f"rolled back with a failing neighbour: {err}")
-            settle([(f, None, e or lost) for f, _, e in pending] + [(fut, None, err)])
+            kind = JournalFull if isinstance(failure, JournalFull) else JournalError
+            lost = kind(f"rolled back with a failing neighbour: {failure}")
+            settle([(f, None, e or lost) for f, _, e in pending] + [(fut, None, failure)])
             pending = []
             if (berr := begin()) is not None:
                 settle((f, None, berr) for _, f in batch[i + 1:])

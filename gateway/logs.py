@@ -44,7 +44,8 @@ def configure_logging(
             structlog.processors.format_exc_info,
             structlog.processors.JSONRenderer(serializer=_orjson_dumps),
         ]
-        factory = structlog.BytesLoggerFactory(getattr(out, "buffer", out))
+        binary: Any = getattr(out, "buffer", None) or out
+        factory = structlog.BytesLoggerFactory(binary)
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),

@@ -1,0 +1,290 @@
+"""The gateway's lifecycle: start in order, run until asked to stop, stop in phases.
+
+Start: registry and geo indexes (validated, in memory) -> journal -> SMS client ->
+alert player -> dispatcher -> resume open alarms from the journal -> control API
+-> device links (MQTT, serial) -> READY=1 to systemd.
+
+Stop (SIGTERM, or SIGINT once): phase 1 stops intake (device links close; devices
+and the broker keep what we did not acknowledge); phase 2 lets in-flight
+dispatch finish within ``shutdown_timeout_s``, then cancels what remains (the
+journal has it as unfinished and the next start resumes it); phase 3 closes the
+SMS client, the alert player and the journal. A second SIGINT forces exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from collections.abc import Callable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from devices.callerid import DEFAULT_INIT_COMMANDS, CallerIdDecoder
+from devices.contact_id import DEFAULT_EVENT_KINDS
+from devices.mqtt_link import MqttLink, MqttSettings
+from devices.mqtt_payloads import MqttDecoder
+from devices.serial_link import SerialLink
+from devices.surgard import SurGardDecoder
+from gateway import systemd
+from gateway.alert import AlertPlayer, AlertSettings
+from gateway.config import Config, Secrets
+from gateway.control import ControlServer
+from gateway.dispatch import Dispatcher, DispatchSettings
+from gateway.geo import GeoError, GeoService, Projector, parse_position
+from gateway.intake import Intake
+from gateway.journal import Journal
+from gateway.metrics import Metrics
+from gateway.model import Registry
+from gateway.registry import RegistryError, load_registry
+from gateway.sms import TwilioSender, TwilioSettings
+
+log = structlog.get_logger(__name__)
+
+
+class StartupError(Exception):
+    """The gateway cannot start (missing secrets, unreadable registry...)."""
+
+
+def load_world(cfg: Config) -> tuple[Registry, GeoService]:
+    """Registry and geo indexes, validated. Raises RegistryError / GeoError."""
+    m = cfg.model
+    registry = load_registry(cfg.registry_dir, default_region=m.registry.default_region,
+                             bbox=m.registry.bbox)
+    projector = Projector(m.geo.crs, m.geo.source_crs, m.registry.bbox)
+    return registry, GeoService(registry, projector, stale_after_s=m.geo.stale_after_s)
+
+
+@dataclass
+class Gateway:
+    """A running gateway's parts, for the CLI, the demo and tests."""
+
+    config: Config
+    secrets: Secrets
+    clock: Callable[[], float] = time.time
+    monotonic: Callable[[], float] = time.monotonic
+    registry: Registry | None = None
+    geo: GeoService | None = None
+    journal: Journal | None = None
+    dispatcher: Dispatcher | None = None
+    intake: Intake | None = None
+    player: AlertPlayer | None = None
+    control: ControlServer | None = None
+    mqtt: MqttLink | None = None
+    serial: list[SerialLink] = field(default_factory=list)
+    metrics: Metrics = field(default_factory=Metrics)
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    stop_requested: asyncio.Event = field(default_factory=asyncio.Event)
+    started_at: float = 0.0
+
+    def request_stop(self) -> None:
+        self.stop_requested.set()
+
+    def _registry(self) -> Registry:
+        if self.registry is None:
+            raise RuntimeError("registry not loaded")
+        return self.registry
+
+    def _geo(self) -> GeoService:
+        if self.geo is None:
+            raise RuntimeError("geo not loaded")
+        return self.geo
+
+    async def reload(self) -> bool:
+        """Reload the registry and rebuild indexes off the hot path, then swap."""
+        try:
+            registry, _ = await asyncio.to_thread(load_world, self.config)
+        except (RegistryError, GeoError, OSError) as exc:
+            log.error("registry.reload_failed", error=str(exc), action="kept the old registry")
+            return False
+        self.geo = self._geo().rebuilt(registry)
+        self.registry = registry
+        log.info("registry.reloaded", elders=len(registry.elders),
+                 devices=len(registry.devices), responders=len(registry.responders))
+        return True
+
+    def health(self) -> dict[str, Any]:
+        links = {}
+        if self.mqtt is not None:
+            links[self.mqtt.source] = self.mqtt.connected.is_set()
+        for s in self.serial:
+            links[s.source] = s.connected.is_set()
+        return {
+            "status": "ok" if self.ready.is_set() else "starting",
+            "uptime_s": round(self.monotonic() - self.started_at, 1),
+            "links": links,
+            "open_alarms": len(self.dispatcher.active) if self.dispatcher else 0,
+            "alerting": list(self.player.active()) if self.player else [],
+        }
+
+    def _twilio(self) -> TwilioSettings:
+        m = self.config.model.sms
+        if not (self.secrets.twilio_account_sid and self.secrets.twilio_auth_token):
+            raise StartupError(
+                f"Twilio credentials missing: set the {m.account_sid_secret.upper()} and "
+                f"{m.auth_token_secret.upper()} environment variables or systemd credentials "
+                f"'{m.account_sid_secret}' and '{m.auth_token_secret}'")
+        return TwilioSettings(
+            account_sid=self.secrets.twilio_account_sid,
+            auth_token=self.secrets.twilio_auth_token,
+            from_number=m.from_number,
+            messaging_service_sid=m.messaging_service_sid,
+            base_url=m.base_url,
+            request_timeout_s=m.request_timeout_s,
+            max_attempts=m.max_attempts,
+            concurrency=m.concurrency,
+        )
+
+    def _links(self, intake: Intake) -> None:
+        m = self.config.model
+        kinds = {**DEFAULT_EVENT_KINDS, **m.contact_id.codes}
+        for port in m.serial:
+            if port.protocol == "surgard":
+                def factory(k: dict[str, Any] = kinds) -> SurGardDecoder:
+                    return SurGardDecoder(kinds=k)
+                init: tuple[str, ...] = ()
+            else:
+                def factory(region: str = m.registry.default_region) -> CallerIdDecoder:  # type: ignore[misc]
+                    return CallerIdDecoder(default_region=region)
+                init = port.init_commands if port.init_commands is not None \
+                    else DEFAULT_INIT_COMMANDS
+            self.serial.append(SerialLink(
+                name=port.name, url=port.port, protocol=port.protocol, decoder_factory=factory,
+                sink=intake, baudrate=port.baudrate, init_commands=init,
+                reconnect_initial_s=port.reconnect_initial_s,
+                reconnect_max_s=port.reconnect_max_s,
+                on_state=self._link_state(f"serial:{port.name}"),
+            ))
+        q = m.mqtt
+        if q.enabled:
+            tls = q.tls
+            settings = MqttSettings(
+                host=q.host, port=q.port, client_id=q.client_id or f"gw-{m.gateway.name}",
+                status_topic=q.status_topic.format(name=m.gateway.name),
+                username=q.username, password=self.secrets.mqtt_password,
+                ca_file=tls.ca_file if tls else None, cert_file=tls.cert_file if tls else None,
+                key_file=tls.key_file if tls else None,
+                tls_insecure=tls.insecure if tls else False, use_tls=tls is not None,
+                keepalive_s=q.keepalive_s, reconnect_initial_s=q.reconnect_initial_s,
+                reconnect_max_s=q.reconnect_max_s, max_inflight=q.max_inflight,
+            )
+            decoder = MqttDecoder(z2m_base=q.z2m_base, own_base=q.own_base,
+                                  emergency_actions=frozenset(q.emergency_actions))
+            self.mqtt = MqttLink(
+                settings, decoder, intake,
+                extra=[("responders/+/location", self._position)],
+                on_state=self._link_state("mqtt"),
+            )
+
+    def _link_state(self, channel: str) -> Callable[[bool], None]:
+        gauge = self.metrics.transport_up.labels(channel)
+        return lambda up: gauge.set(int(up))
+
+    async def _position(self, topic: str, payload: bytes) -> None:
+        responder_id = topic.split("/")[1]
+        try:
+            position, accuracy, ts = parse_position(payload)
+            self._geo().update_position(responder_id, position, accuracy_m=accuracy,
+                                        timestamp=ts)
+        except GeoError as exc:
+            log.warning("responder.bad_position", responder_id=responder_id, error=str(exc))
+
+    async def run(self) -> None:
+        """Run until :meth:`request_stop`. Raises StartupError on a bad start."""
+        m = self.config.model
+        self.started_at = self.monotonic()
+        try:
+            registry, self.geo = await asyncio.to_thread(load_world, self.config)
+        except (RegistryError, GeoError) as exc:
+            raise StartupError(str(exc)) from exc
+        self.registry = registry
+        twilio = self._twilio()
+        log.info("gateway.starting", name=m.gateway.name, elders=len(registry.elders),
+                 devices=len(registry.devices), responders=len(registry.responders),
+                 journal=str(m.gateway.journal_path))
+        async with AsyncExitStack() as stack:
+            self.journal = await stack.enter_async_context(
+                Journal(m.gateway.journal_path, synchronous=m.gateway.journal_synchronous,
+                        clock=self.clock))
+            sender = await stack.enter_async_context(TwilioSender(twilio))
+            a = m.alert
+            self.player = await stack.enter_async_context(AlertPlayer(AlertSettings(
+                backend=a.backend, output_dir=a.output_dir, repeat_interval_s=a.repeat_interval_s,
+                voice=a.voice, device=a.device)))
+            self.dispatcher = await stack.enter_async_context(Dispatcher(
+                journal=self.journal, registry=self._registry, geo=self._geo,
+                player=self.player, sender=sender, metrics=self.metrics,
+                settings=DispatchSettings(staff_per_alarm=m.sms.staff_per_alarm,
+                                          responders_k=m.geo.responders_k,
+                                          notify_clinic=m.sms.notify_clinic,
+                                          budget_ms=m.sms.budget_ms),
+                clock=self.clock, monotonic=self.monotonic))
+            stack.push_async_callback(self._drain, m.gateway.shutdown_timeout_s)
+            self.intake = Intake(journal=self.journal, registry=self._registry,
+                                 dispatcher=self.dispatcher, metrics=self.metrics,
+                                 dedupe_window_s=m.gateway.dedupe_window_s, clock=self.clock,
+                                 monotonic=self.monotonic)
+            resumed = await self.dispatcher.resume_from_journal()
+            self.control = await stack.enter_async_context(ControlServer(
+                host=m.control.host, port=m.control.port, journal=self.journal,
+                dispatcher=self.dispatcher, metrics=self.metrics, health=self.health,
+                state_file=m.gateway.state_dir / "control.json", on_reload=self.reload))
+            self._links(self.intake)
+            async with asyncio.TaskGroup() as tg:
+                links = [tg.create_task(s.run(), name=f"serial-{s.name}") for s in self.serial]
+                if self.mqtt is not None:
+                    links.append(tg.create_task(self.mqtt.run(), name="mqtt"))
+                interval = systemd.watchdog_interval_s()
+                if interval:
+                    links.append(tg.create_task(systemd.watchdog_loop(interval),
+                                                name="watchdog"))
+                self.ready.set()
+                systemd.notify("READY=1")
+                log.info("gateway.ready", resumed=resumed, control=self.control.url,
+                         links=len(links))
+                await self.stop_requested.wait()
+                log.info("gateway.stopping", phase="intake")
+                systemd.notify("STOPPING=1")
+                for t in links:
+                    t.cancel()
+        log.info("gateway.stopped")
+
+    async def _drain(self, timeout_s: float) -> None:
+        """Phase 2: let in-flight dispatch finish, then cancel what is left."""
+        if self.dispatcher is None:
+            return
+        log.info("gateway.stopping", phase="dispatch", in_flight=len(self.dispatcher.active))
+        try:
+            await self.dispatcher.wait_idle(timeout=timeout_s)
+        except TimeoutError:
+            log.warning("gateway.drain_timeout", action="cancelling; resumed on next start")
+            self.dispatcher.cancel_all()
+
+
+def install_signal_handlers(gw: Gateway) -> None:
+    """SIGTERM/SIGINT ask to stop; a second SIGINT forces; SIGHUP reloads the registry."""
+    loop = asyncio.get_running_loop()
+    presses = {"int": 0}
+
+    def on_int() -> None:
+        presses["int"] += 1
+        if presses["int"] > 1:
+            log.warning("gateway.forced_exit")
+            raise SystemExit(130)
+        gw.request_stop()
+
+    loop.add_signal_handler(signal.SIGTERM, gw.request_stop)
+    loop.add_signal_handler(signal.SIGINT, on_int)
+    tasks: set[asyncio.Task[bool]] = set()
+
+    def on_hup() -> None:
+        task = loop.create_task(gw.reload(), name="reload")
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    with contextlib.suppress(NotImplementedError, AttributeError):
+        loop.add_signal_handler(signal.SIGHUP, on_hup)

@@ -1,0 +1,213 @@
+"""``gateway demo``: the whole pipeline on embedded defaults, no hardware, no accounts.
+
+What is real: the daemon itself, the Sur-Gard serial protocol over a pseudo-terminal
+(pyserial opens it like a USB receiver), the SQLite journal, the R-tree search, the
+twilio-python client making real HTTP requests, espeak-ng rendering the alert.
+What is simulated, and says so: the alarm receiver on the other end of the pty
+(it writes the frames a receiver writes and waits for the ACK) and Twilio (a local
+test double that speaks its REST API; no SMS leaves the machine).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import sys
+import tempfile
+import time
+import tty
+from pathlib import Path
+from typing import TextIO
+
+import aiohttp
+import structlog
+
+from devices.events import AddressScheme, Qualifier
+from devices.surgard import ACK, encode_mlr2
+from gateway.config import Secrets, parse_config
+from gateway.daemon import Gateway
+from gateway.district import generate_district
+from gateway.logs import configure_logging
+from gateway.model import Device
+from gateway.redact import mask_phone
+from gateway.sandbox.twilio_double import TwilioDouble
+
+DEMO_FROM = "+15005550006"  # Twilio's documented magic test sender
+
+
+class _Receiver:
+    """The simulated Sur-Gard receiver on the master side of a pty."""
+
+    def __init__(self) -> None:
+        self.master, self.slave = os.openpty()
+        tty.setraw(self.slave)
+        self.path = os.ttyname(self.slave)
+        os.set_blocking(self.master, False)
+
+    async def send(self, frame: bytes, timeout: float = 5.0) -> bytes:
+        loop = asyncio.get_running_loop()
+        os.write(self.master, frame)
+        fut: asyncio.Future[bytes] = loop.create_future()
+
+        def readable() -> None:
+            with contextlib.suppress(BlockingIOError):
+                data = os.read(self.master, 64)
+                if data and not fut.done():
+                    fut.set_result(data)
+
+        loop.add_reader(self.master, readable)
+        try:
+            async with asyncio.timeout(timeout):
+                return await fut
+        finally:
+            loop.remove_reader(self.master)
+
+    def close(self) -> None:
+        for fd in (self.master, self.slave):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def _p(out: TextIO, text: str = "") -> None:
+    out.write(text + "\n")
+    out.flush()
+
+
+async def run_demo(presses: int = 3, out: Path | None = None, sound: bool = False,
+                   verbose: bool = False, stdout: TextIO | None = None) -> int:
+    """Run the demo; returns the process exit code."""
+    screen = stdout or sys.stdout
+    keep = out is not None
+    root = out or Path(tempfile.mkdtemp(prefix="gateway-demo-"))
+    root.mkdir(parents=True, exist_ok=True)
+    registry_dir = root / "registry"
+    generate_district(registry_dir)
+    log_path = root / "gateway.log.jsonl"
+    log_file = log_path.open("w", encoding="utf-8")
+    configure_logging("info", "json", sys.stderr if verbose else log_file)
+    receiver = _Receiver()
+    try:
+        async with TwilioDouble() as double:
+            cfg = parse_config({
+                "gateway": {"name": "demo", "state_dir": str(root / "state"),
+                            "shutdown_timeout_s": 5},
+                "registry": {"directory": str(registry_dir)},
+                "mqtt": {"enabled": False},
+                "serial": [{"name": "demo-receiver", "port": receiver.path,
+                            "protocol": "surgard", "reconnect_initial_s": 0.2}],
+                "alert": {"backend": "auto" if sound else "file",
+                          "output_dir": str(root / "alerts"), "repeat_interval_s": 3},
+                "sms": {"from_number": DEMO_FROM, "base_url": double.base_url},
+                "control": {"port": 0},
+            }, root / "demo.toml")
+            gw = Gateway(cfg, Secrets(double.account_sid, double.auth_token, None))
+            runner = asyncio.create_task(gw.run(), name="gateway")
+            try:
+                await _wait_ready(gw, runner)
+                code = await _presses(gw, receiver, double, presses, screen)
+            finally:
+                gw.request_stop()
+                await runner
+    finally:
+        receiver.close()
+        structlog.reset_defaults()  # the log file is about to close
+        log_file.close()
+    if keep or code != 0:
+        _p(screen, f"\nJournal: {root / 'state' / 'journal.sqlite3'}")
+        _p(screen, f"Alert WAVs: {root / 'alerts'}   Logs (JSON lines): {log_path}")
+    else:
+        shutil.rmtree(root, ignore_errors=True)
+        _p(screen, "\n(use --out DIR to keep the journal, the alert WAVs and the JSON logs)")
+    return code
+
+
+async def _wait_ready(gw: Gateway, runner: asyncio.Task[None]) -> None:
+    ready = asyncio.ensure_future(gw.ready.wait())
+    done, _ = await asyncio.wait({ready, runner}, timeout=30,
+                                 return_when=asyncio.FIRST_COMPLETED)
+    if runner in done:
+        ready.cancel()
+        runner.result()  # raises the start-up error
+    if ready not in done:
+        raise RuntimeError("gateway did not become ready within 30 s")
+    async with asyncio.timeout(10):
+        await gw.serial[0].connected.wait()
+
+
+def _contact_id_devices(gw: Gateway) -> list[Device]:
+    if gw.registry is None:
+        raise RuntimeError("gateway not ready")
+    return sorted((d for d in gw.registry.devices.values()
+                   if d.scheme is AddressScheme.CONTACT_ID), key=lambda d: d.device_id)
+
+
+async def _presses(gw: Gateway, receiver: _Receiver, double: TwilioDouble, presses: int,
+                   screen: TextIO) -> int:
+    if not (gw.registry and gw.dispatcher and gw.journal and gw.player and gw.control):
+        raise RuntimeError("gateway not ready")
+    devices = _contact_id_devices(gw)[: max(1, presses)]
+    _p(screen, "一键通 alarm gateway demo — simulated Sur-Gard receiver on "
+               f"{receiver.path}, Twilio test double at {double.base_url} (no SMS leaves "
+               "this machine)")
+    _p(screen, f"District: {len(gw.registry.elders)} elders, {len(gw.registry.responders)} "
+               f"responders, {len(gw.registry.facilities)} medical facilities\n")
+    alarm_ids: list[str] = []
+    for i, device in enumerate(devices, 1):
+        elder = gw.registry.elders[device.elder_id]
+        frame = encode_mlr2("01", "1", device.address, Qualifier.NEW, "101", "01", "001")
+        t0 = time.monotonic()
+        answer = await receiver.send(frame)
+        ack_ms = (time.monotonic() - t0) * 1000
+        _p(screen, f"[{i}] {elder.name} pressed the button (device {device.device_id}, "
+                   f"Contact ID account {device.address}) -> receiver got "
+                   f"{'ACK' if answer == ACK else repr(answer)} in {ack_ms:.1f} ms")
+        if i == 1:
+            again = await receiver.send(frame)
+            _p(screen, f"    pressed again -> {'ACK' if again == ACK else repr(again)}; "
+                       "joins the open alarm (no second alarm)")
+        await gw.dispatcher.wait_idle(timeout=30)
+        rec = next(a for a in await gw.journal.recent_alarms(limit=presses + 5)
+                   if a.device_id == device.device_id)
+        alarm_ids.append(rec.alarm_id)
+        await _report(gw, rec.alarm_id, screen)
+    ok = True
+    async with aiohttp.ClientSession() as http:
+        for alarm_id in alarm_ids:
+            await gw.player.wait_played(alarm_id, 1, timeout=30)
+            plays = gw.player.plays(alarm_id)
+            async with http.post(f"{gw.control.url}/alarms/{alarm_id}/ack",
+                                 json={"by": "demo-operator"}) as resp:
+                ok = ok and resp.status == 200
+            _p(screen, f"Operator acknowledged {alarm_id} via the control API -> alert "
+                       f"stopped after {plays} play(s)")
+    total = len(double.messages)
+    _p(screen, f"\nAlarms: {len(alarm_ids)}; SMS accepted by the Twilio double: {total}.")
+    return 0 if ok and alarm_ids and total else 1
+
+
+async def _report(gw: Gateway, alarm_id: str, screen: TextIO) -> None:
+    if not (gw.dispatcher and gw.journal and gw.registry):
+        raise RuntimeError("gateway not ready")
+    alarm = gw.dispatcher.active.get(alarm_id)
+    rec = await gw.journal.get_alarm(alarm_id)
+    elder = gw.registry.elders[rec.elder_id]
+    _p(screen, f"    alarm {alarm_id}: {elder.name}, {elder.address} — state {rec.state}, "
+               f"presses {rec.presses}")
+    if alarm is not None and alarm.geo is not None:
+        for r in alarm.geo.responders:
+            stale = " (base location)" if r.stale else ""
+            _p(screen, f"    nearest on duty: {r.name} ({r.kind}) {r.distance_m:,.0f} m "
+                       f"bearing {r.bearing_deg:.0f}°{stale}")
+        for kind, f in alarm.geo.facilities.items():
+            _p(screen, f"    nearest {kind}: {f.name} {f.distance_m:,.0f} m")
+    notes = await gw.journal.notifications(alarm_id)
+    if notes:
+        _p(screen, f"    family SMS text: {notes[0].body}")
+    for n in notes:
+        lat = f"{n.latency_ms:.1f} ms after the press" if n.latency_ms is not None else "-"
+        _p(screen, f"    SMS {n.role:<9} {n.name} {mask_phone(n.phone)}: {n.state} "
+                   f"({n.sid or 'no sid'}), {lat}")
+    _p(screen)
+

@@ -1,0 +1,181 @@
+"""Intake: every decoded device event passes here on its way to the journal.
+
+:meth:`Intake.handle` returns only after the event is committed to the journal;
+transports acknowledge the device (Sur-Gard ACK, MQTT PUBACK) only after it
+returns. If the journal cannot commit, an emergency is still dispatched from
+memory (the operator hears it and SMS go out) and :class:`JournalError` is raised
+so that the device is *not* acknowledged and sends again later.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import structlog
+
+from devices.events import DeviceEvent, DeviceProtocolError, EventKind, Qualifier
+from gateway.dispatch import ActiveAlarm, Dispatcher
+from gateway.journal import Journal, JournalError, new_alarm_id
+from gateway.lifecycle import IllegalTransition
+from gateway.metrics import Metrics
+from gateway.model import Registry
+from gateway.redact import mask_phone
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class _Volatile:
+    alarm_id: str
+    last_press: float
+
+
+def _shown_address(event: DeviceEvent) -> str:
+    if event.address.scheme == "phone":
+        return f"phone:{mask_phone(event.address.value)}"
+    return str(event.address)
+
+
+class Intake:
+    def __init__(
+        self,
+        *,
+        journal: Journal,
+        registry: Callable[[], Registry],
+        dispatcher: Dispatcher,
+        metrics: Metrics,
+        dedupe_window_s: float,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+        on_supervision: Callable[[str, DeviceEvent, float], None] | None = None,
+    ) -> None:
+        self._journal = journal
+        self._registry = registry
+        self._dispatcher = dispatcher
+        self._metrics = metrics
+        self._window = dedupe_window_s
+        self._clock = clock
+        self._monotonic = monotonic
+        self._on_supervision = on_supervision
+        # Alarms that could not be journaled (disk full), by device: avoids a new
+        # in-memory alarm for every resend while the journal is down.
+        self._volatile: dict[str, _Volatile] = {}
+
+    async def handle(self, event: DeviceEvent, source: str) -> None:
+        """Journal one event and start what it calls for. Returns after the commit."""
+        t0 = self._monotonic()
+        now = self._clock()
+        self._metrics.device_messages.labels(source, event.kind.value).inc()
+        if self._on_supervision is not None:
+            self._on_supervision(source, event, now)
+        if event.kind is EventKind.HEARTBEAT:
+            return  # receiver liveness only; supervision above has seen it
+        reg = self._registry()
+        device = reg.device_by_address(event.address)
+        shown = _shown_address(event)
+        if device is None:
+            await self._unknown(event, source, shown, now, t0, reg)
+            return
+        bound = log.bind(device_id=device.device_id, source=source)
+        if event.kind is EventKind.EMERGENCY and event.qualifier is not Qualifier.RESTORE:
+            await self._press(event, source, device.device_id, device.elder_id, shown, now, t0,
+                              reg)
+            return
+        if event.kind is EventKind.CANCEL or (
+            event.kind is EventKind.EMERGENCY and event.qualifier is Qualifier.RESTORE
+        ):
+            await self._journal.record_device_message(
+                source=source, address=str(event.address), raw=event.raw, received_at=now,
+                device_id=device.device_id, kind="cancel", code=event.code)
+            open_alarm = await self._journal.open_alarm_for_device(device.device_id)
+            if open_alarm is None:
+                bound.info("device.cancel_without_alarm", code=event.code)
+                return
+            try:
+                await self._dispatcher.cancel(open_alarm.alarm_id, by=f"device:{device.device_id}")
+            except IllegalTransition as exc:
+                bound.info("device.cancel_ignored", alarm_id=open_alarm.alarm_id, reason=str(exc))
+            return
+        online = {EventKind.ONLINE: True, EventKind.OFFLINE: False}.get(event.kind)
+        await self._journal.record_device_message(
+            source=source, address=str(event.address), raw=event.raw, received_at=now,
+            device_id=device.device_id, kind=event.kind.value, code=event.code,
+            battery_pct=event.battery_pct, voltage_mv=event.voltage_mv,
+            link_quality=event.link_quality, online=online)
+        level = "warning" if event.kind in (EventKind.LOW_BATTERY, EventKind.TAMPER,
+                                            EventKind.POWER_LOSS, EventKind.TROUBLE,
+                                            EventKind.INACTIVITY) else "info"
+        getattr(bound, level)(f"device.{event.kind.value}", code=event.code,
+                              battery_pct=event.battery_pct)
+
+    async def _press(self, event: DeviceEvent, source: str, device_id: str, elder_id: str,
+                     shown: str, now: float, t0: float, reg: Registry) -> None:
+        bound = log.bind(device_id=device_id, source=source)
+        bound.info("alarm.received", code=event.code, address=shown)
+        try:
+            outcome = await self._journal.record_press(
+                device_id=device_id, elder_id=elder_id, code=event.code or "emergency",
+                source=source, address=str(event.address), raw=event.raw, received_at=now,
+                dedupe_window_s=self._window)
+        except JournalError as exc:
+            self._metrics.journal_errors.inc()
+            bound.critical("journal.write_failed", what="press", error=str(exc),
+                           action="alarming from memory; device not acknowledged")
+            self._volatile_alarm(device_id, reg, now, t0, shown)
+            raise
+        latency = round((self._monotonic() - t0) * 1000, 3)
+        self._metrics.journal_latency.observe(latency)
+        if not outcome.new:
+            self._metrics.presses_joined.inc()
+            bound.info("alarm.joined", alarm_id=outcome.alarm_id, presses=outcome.presses,
+                       state=outcome.state.value, latency_ms=latency)
+            return
+        self._metrics.alarms.labels(source).inc()
+        bound.info("alarm.journaled", alarm_id=outcome.alarm_id, latency_ms=latency)
+        elder = reg.elders.get(elder_id)
+        self._dispatcher.start(ActiveAlarm(
+            alarm_id=outcome.alarm_id, device_id=device_id, elder=elder, address_text=shown,
+            received_at=now, t0=t0))
+
+    def _volatile_alarm(self, device_id: str, reg: Registry, now: float, t0: float,
+                        shown: str) -> None:
+        prev = self._volatile.get(device_id)
+        if prev is not None and now - prev.last_press <= self._window:
+            self._volatile[device_id] = _Volatile(prev.alarm_id, now)
+            return
+        alarm_id = new_alarm_id()
+        self._volatile[device_id] = _Volatile(alarm_id, now)
+        device = reg.devices.get(device_id)
+        elder = reg.elders.get(device.elder_id) if device else None
+        self._dispatcher.start(ActiveAlarm(
+            alarm_id=alarm_id, device_id=device_id, elder=elder, address_text=shown,
+            received_at=now, t0=t0, durable=False))
+
+    async def _unknown(self, event: DeviceEvent, source: str, shown: str, now: float,
+                       t0: float, reg: Registry) -> None:
+        self._metrics.unknown_devices.inc()
+        log.error("device.unknown", source=source, address=shown, kind=event.kind.value,
+                  code=event.code)
+        if event.kind is EventKind.EMERGENCY and event.qualifier is not Qualifier.RESTORE:
+            # Someone pressed a button we do not know: the operator must still hear it,
+            # and the alarm is journaled like any other (under a pseudo device id).
+            await self._press(event, source, f"unregistered:{event.address}", "", shown, now,
+                              t0, reg)
+            return
+        await self._journal.record_device_message(
+            source=source, address=str(event.address), raw=event.raw, received_at=now,
+            kind=event.kind.value, code=event.code, error="unknown device")
+
+    async def reject(self, source: str, error: DeviceProtocolError) -> None:
+        """Journal malformed input (best effort) so ops can see what a device sent."""
+        self._metrics.protocol_errors.labels(source).inc()
+        log.warning("device.malformed", source=source, reason=error.reason,
+                    raw=error.raw[:64].hex(), size=len(error.raw))
+        try:
+            await self._journal.record_device_message(
+                source=source, address="?", raw=error.raw, received_at=self._clock(),
+                error=error.reason)
+        except JournalError as exc:
+            log.error("journal.write_failed", what="malformed input", error=str(exc))

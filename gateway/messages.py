@@ -1,0 +1,129 @@
+"""What people read and hear about an alarm: SMS bodies and the spoken announcement.
+
+Every SMS quotes the alarm reference (used to acknowledge by reply and to find a
+message again at Twilio after a crash) and fits in two UCS-2 segments (134
+characters of Chinese): the address is shortened before anything else is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+
+from gateway.sms import segments
+
+MAX_SEGMENTS = 2
+CHINA_TZ = timezone(timedelta(hours=8))
+
+DEFAULT_TEMPLATES: Mapping[str, Mapping[str, str]] = {
+    "zh": {
+        "family": "【一键通】您的家人{name}于{time}按下紧急呼叫（{address}）。"
+                  "{staff}请保持电话畅通。编号{ref}",
+        "staff": "【一键通紧急】{name}（{community}）按下呼叫，地址：{address}，"
+                 "距您约{distance}。请速前往，回复“{ref} 1”确认。",
+        "facility": "【一键通】{name}（{address}）紧急呼叫，可能需要医疗援助，"
+                    "社区人员已出发。编号{ref}",
+        "staff_line": "社区{responder}正在赶往。",
+        "no_staff": "指挥中心正在联系社区人员。",
+        "spoken": "紧急呼叫。{community}，{name}，{address}。",
+        "spoken_unknown": "紧急呼叫。未登记的设备，{address}。请立即处理。",
+    },
+    "en": {
+        "family": "[SOS] {name} pressed the alarm button at {time} ({address}). "
+                  "{staff}Please keep your phone free. Ref {ref}",
+        "staff": "[SOS] {name} ({community}) needs help at {address}, about {distance} "
+                 "from you. Please go now; reply \"{ref} 1\" to take it.",
+        "facility": "[SOS] {name} ({address}) raised an alarm and may need medical help; "
+                    "community staff are on the way. Ref {ref}",
+        "staff_line": "Community worker {responder} is on the way. ",
+        "no_staff": "The command center is calling community staff. ",
+        "spoken": "Emergency call. {community}, {name}, {address}.",
+        "spoken_unknown": "Emergency call from an unregistered device, {address}.",
+    },
+}
+
+
+@dataclass(frozen=True, slots=True)
+class AlarmFacts:
+    ref: str
+    name: str
+    community: str
+    address: str
+    received_at: float  # unix seconds
+    responder: str | None = None  # nearest responder's name, if any
+
+
+def format_distance(metres: float, language: str = "zh") -> str:
+    if metres < 1000:
+        value = f"{round(metres / 10) * 10:.0f}"
+        return f"{value}米" if language == "zh" else f"{value} m"
+    km = f"{metres / 1000:.1f}"
+    return f"{km}公里" if language == "zh" else f"{km} km"
+
+
+def _fit(template: str, fields: dict[str, str], shrink: str = "address") -> str:
+    """Render; shorten ``fields[shrink]`` from the middle until the text fits."""
+    text = template.format(**fields)
+    value = fields.get(shrink, "")
+    while segments(text) > MAX_SEGMENTS and len(value) > 4:
+        cut = max(1, len(value) // 8)
+        keep_head = (len(value) - cut) // 2
+        value = value[:keep_head] + "…" + value[keep_head + cut + 1:]
+        text = template.format(**{**fields, shrink: value})
+    return text
+
+
+class Composer:
+    """Renders the SMS texts and the spoken alert from templates."""
+
+    def __init__(self, templates: Mapping[str, Mapping[str, str]] = DEFAULT_TEMPLATES) -> None:
+        self._t = templates
+
+    def _lang(self, language: str) -> Mapping[str, str]:
+        return self._t.get(language) or self._t["zh"]
+
+    def _common(self, facts: AlarmFacts, language: str) -> dict[str, str]:
+        t = self._lang(language)
+        when = datetime.fromtimestamp(facts.received_at, CHINA_TZ).strftime("%H:%M")
+        staff = (t["staff_line"].format(responder=facts.responder) if facts.responder
+                 else t["no_staff"])
+        return {"ref": facts.ref, "name": facts.name, "community": facts.community,
+                "address": facts.address, "time": when, "staff": staff}
+
+    def family(self, facts: AlarmFacts, language: str = "zh") -> str:
+        return _fit(self._lang(language)["family"], self._common(facts, language))
+
+    def staff(self, facts: AlarmFacts, distance_m: float, language: str = "zh") -> str:
+        fields = self._common(facts, language)
+        fields["distance"] = format_distance(distance_m, language)
+        return _fit(self._lang(language)["staff"], fields)
+
+    def facility(self, facts: AlarmFacts, language: str = "zh") -> str:
+        return _fit(self._lang(language)["facility"], self._common(facts, language))
+
+    def spoken(self, facts: AlarmFacts | None, address: str = "", language: str = "zh") -> str:
+        t = self._lang(language)
+        if facts is None:
+            return t["spoken_unknown"].format(address=address)
+        return t["spoken"].format(**self._common(facts, language))
+
+
+def validate_templates(templates: Mapping[str, Mapping[str, str]]) -> Sequence[str]:
+    """Problems with configured templates (missing kinds, unknown placeholders)."""
+    problems: list[str] = []
+    sample = {"ref": "ABCD-EFGH", "name": "x", "community": "x", "address": "x",
+              "time": "00:00", "staff": "", "distance": "1", "responder": "x"}
+    for lang, kinds in templates.items():
+        for kind in DEFAULT_TEMPLATES["zh"]:
+            if kind not in kinds:
+                problems.append(f"{lang}.{kind}: missing")
+                continue
+            try:
+                kinds[kind].format(**sample)
+            except (KeyError, IndexError, ValueError) as exc:
+                problems.append(f"{lang}.{kind}: bad placeholder {exc}")
+        for kind in ("family", "staff", "facility"):
+            if kind in kinds and "{ref}" not in kinds[kind]:
+                problems.append(f"{lang}.{kind}: must contain {{ref}} (the alarm reference)")
+    return problems
