@@ -85,10 +85,14 @@ class SerialLink:
             try:
                 await self._serve(reader, writer)
                 bound.warning("serial.closed", reason="end of stream")
+                self._set_state(False)
             except (serial.SerialException, OSError) as exc:
                 bound.warning("serial.disconnected", error=str(exc))
-            finally:
                 self._set_state(False)
+            except asyncio.CancelledError:
+                self.connected.clear()  # our own shutdown: not a receiver failure
+                raise
+            finally:
                 writer.close()
                 with contextlib.suppress(Exception):
                     await writer.wait_closed()

@@ -166,6 +166,12 @@ class ControlSection(_Section):
     port: int = Field(8765, ge=0, le=65535)
 
 
+class SupervisionSection(_Section):
+    grace: float = Field(1.5, ge=1.0, le=10.0)  # a check-in may be this many intervals late
+    low_battery_pct: float = Field(20.0, ge=0, le=100)
+    check_every_s: PositiveFloat = 60.0
+
+
 class ContactIdSection(_Section):
     # Contact ID event code -> alarm kind overrides, e.g. {"150" = "emergency"}.
     codes: dict[str, EventKind] = Field(default_factory=dict)
@@ -190,6 +196,7 @@ class GatewayConfigModel(_Section):
     sms: SmsSection
     control: ControlSection = ControlSection()
     contact_id: ContactIdSection = ContactIdSection()
+    supervision: SupervisionSection = SupervisionSection()
 
     @model_validator(mode="after")
     def _unique_serial_names(self) -> GatewayConfigModel:

@@ -45,6 +45,8 @@ class ControlServer:
         state_file: Path | None = None,
         extra_routes: list[web.RouteDef] | None = None,
         on_reload: Callable[[], Awaitable[bool]] | None = None,
+        devices: Callable[[], list[dict[str, Any]]] | None = None,
+        ack_notice: Callable[[int, str], Awaitable[bool]] | None = None,
     ) -> None:
         self._host = host
         self._port = port
@@ -55,6 +57,8 @@ class ControlServer:
         self._state_file = state_file
         self._extra = extra_routes or []
         self._on_reload = on_reload
+        self._devices = devices
+        self._ack_notice = ack_notice
         self._runner: web.AppRunner | None = None
         self.url = ""
 
@@ -69,6 +73,8 @@ class ControlServer:
             web.post("/alarms/{alarm_id}/resolve", self._post_resolve),
             web.get("/devices", self._get_devices),
             web.post("/reload", self._post_reload),
+            web.get("/notices", self._get_notices),
+            web.post("/notices/{notice_id}/ack", self._post_notice_ack),
             *self._extra,
         ])
         self._runner = web.AppRunner(app, access_log=None)
@@ -157,8 +163,24 @@ class ControlServer:
         return _json({"alarm_id": alarm_id, "state": "resolved", "previous": previous})
 
     async def _get_devices(self, _request: web.Request) -> web.Response:
+        if self._devices is not None:
+            return _json({"devices": self._devices()})
         states = await self._journal.device_states()
         return _json({"devices": [asdict(s) for s in states]})
+
+    async def _get_notices(self, _request: web.Request) -> web.Response:
+        return _json({"notices": await self._journal.open_notices()})
+
+    async def _post_notice_ack(self, request: web.Request) -> web.Response:
+        try:
+            notice_id = int(request.match_info["notice_id"])
+        except ValueError:
+            return _json({"error": "notice id must be a number"}, 400)
+        body = await self._body(request)
+        by = str(body.get("by") or "operator")[:64]
+        if self._ack_notice is None or not await self._ack_notice(notice_id, by):
+            return _json({"error": f"no open notice {notice_id}"}, 404)
+        return _json({"notice_id": notice_id, "acknowledged_by": by})
 
     async def _post_reload(self, _request: web.Request) -> web.Response:
         if self._on_reload is None:

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import signal
 import time
 from collections.abc import Callable
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import structlog
@@ -42,6 +43,7 @@ from gateway.metrics import Metrics
 from gateway.model import Registry
 from gateway.registry import RegistryError, load_registry
 from gateway.sms import TwilioSender, TwilioSettings
+from gateway.supervision import Notice, Supervisor
 
 log = structlog.get_logger(__name__)
 
@@ -76,10 +78,13 @@ class Gateway:
     control: ControlServer | None = None
     mqtt: MqttLink | None = None
     serial: list[SerialLink] = field(default_factory=list)
+    supervisor: Supervisor | None = None
     metrics: Metrics = field(default_factory=Metrics)
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     stop_requested: asyncio.Event = field(default_factory=asyncio.Event)
     started_at: float = 0.0
+    _tasks: asyncio.TaskGroup | None = None
+    _sounding_notices: dict[str, str] = field(default_factory=dict)  # subject -> alert id
 
     def request_stop(self) -> None:
         self.stop_requested.set()
@@ -182,7 +187,71 @@ class Gateway:
 
     def _link_state(self, channel: str) -> Callable[[bool], None]:
         gauge = self.metrics.transport_up.labels(channel)
-        return lambda up: gauge.set(int(up))
+
+        def changed(up: bool) -> None:
+            gauge.set(int(up))
+            if self.supervisor is not None:
+                notices = self.supervisor.link_state(channel, up)
+                if notices:
+                    self._spawn(self.supervisor.publish(notices), f"notice-{channel}")
+
+        return changed
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        if self._tasks is None:
+            coro.close()
+            return
+        self._tasks.create_task(coro, name=name)
+
+    async def _notice(self, notice: Notice) -> None:
+        """An operator notice: logged, journaled, published, and heard when critical."""
+        level = {"critical": "critical", "info": "info"}.get(notice.severity, "warning")
+        getattr(log, level)(f"notice.{notice.kind}", subject=notice.subject, text=notice.text)
+        notice_id = None
+        if self.journal is not None:
+            notice_id = await self.journal.record_notice(
+                at=notice.at, kind=notice.kind, subject=notice.subject,
+                severity=notice.severity, text=notice.text)
+        if self.mqtt is not None:
+            await self.mqtt.publish("alarm/notices", json.dumps({
+                "id": notice_id, "kind": notice.kind, "subject": notice.subject,
+                "severity": notice.severity, "text": notice.text, "at": notice.at,
+            }, ensure_ascii=False).encode())
+        if self.player is None:
+            return
+        if notice.severity == "critical" and notice_id is not None:
+            alert_id = f"notice-{notice_id}"
+            self._sounding_notices[notice.subject] = alert_id
+            await self.player.start(alert_id, notice.text)
+        elif notice.kind.endswith((".up", ".online")):
+            sounding = self._sounding_notices.pop(notice.subject, None)
+            if sounding is not None:
+                await self.player.stop(sounding)
+
+    async def ack_notice(self, notice_id: int, by: str) -> bool:
+        if self.journal is None:
+            return False
+        done = await self.journal.ack_notice(notice_id, by)
+        if self.player is not None:
+            await self.player.stop(f"notice-{notice_id}")
+        for subject, alert_id in list(self._sounding_notices.items()):
+            if alert_id == f"notice-{notice_id}":
+                del self._sounding_notices[subject]
+        return done
+
+    def device_health(self) -> list[dict[str, Any]]:
+        if self.supervisor is None:
+            return []
+        return [asdict(h) for h in self.supervisor.health()]
+
+    def _announce_state(self, alarm_id: str, state: str, info: dict[str, Any]) -> None:
+        """Alarm state changes, retained, for dashboards and the staff's phones."""
+        if self.mqtt is None:
+            return
+        topic = self.config.model.mqtt.alarm_topic.format(alarm_id=alarm_id)
+        payload = json.dumps({"alarm_id": alarm_id, "state": state, **info},
+                             ensure_ascii=False).encode()
+        self._spawn(self.mqtt.publish(topic, payload, retain=True), f"announce-{alarm_id}")
 
     async def _position(self, topic: str, payload: bytes) -> None:
         responder_id = topic.split("/")[1]
@@ -222,20 +291,35 @@ class Gateway:
                                           responders_k=m.geo.responders_k,
                                           notify_clinic=m.sms.notify_clinic,
                                           budget_ms=m.sms.budget_ms),
-                clock=self.clock, monotonic=self.monotonic))
+                clock=self.clock, monotonic=self.monotonic, on_state=self._announce_state))
             stack.push_async_callback(self._drain, m.gateway.shutdown_timeout_s)
+            sv = m.supervision
+            self.supervisor = Supervisor(
+                registry=self._registry, on_notice=self._notice, clock=self.clock,
+                grace=sv.grace, low_battery_pct=sv.low_battery_pct,
+                check_every_s=sv.check_every_s)
+            self.supervisor.restore({s.device_id: (s.last_seen, s.battery_pct)
+                                     for s in await self.journal.device_states()})
+            for port in m.serial:
+                if port.protocol == "surgard":
+                    self.supervisor.watch_channel(f"serial:{port.name}",
+                                                  port.heartbeat_interval_s,
+                                                  port.heartbeat_missed)
             self.intake = Intake(journal=self.journal, registry=self._registry,
                                  dispatcher=self.dispatcher, metrics=self.metrics,
                                  dedupe_window_s=m.gateway.dedupe_window_s, clock=self.clock,
-                                 monotonic=self.monotonic)
+                                 monotonic=self.monotonic, supervisor=self.supervisor)
             resumed = await self.dispatcher.resume_from_journal()
             self.control = await stack.enter_async_context(ControlServer(
                 host=m.control.host, port=m.control.port, journal=self.journal,
                 dispatcher=self.dispatcher, metrics=self.metrics, health=self.health,
-                state_file=m.gateway.state_dir / "control.json", on_reload=self.reload))
+                state_file=m.gateway.state_dir / "control.json", on_reload=self.reload,
+                devices=self.device_health, ack_notice=self.ack_notice))
             self._links(self.intake)
             async with asyncio.TaskGroup() as tg:
+                self._tasks = tg
                 links = [tg.create_task(s.run(), name=f"serial-{s.name}") for s in self.serial]
+                links.append(tg.create_task(self.supervisor.run(), name="supervision"))
                 if self.mqtt is not None:
                     links.append(tg.create_task(self.mqtt.run(), name="mqtt"))
                 interval = systemd.watchdog_interval_s()
@@ -251,6 +335,7 @@ class Gateway:
                 systemd.notify("STOPPING=1")
                 for t in links:
                     t.cancel()
+            self._tasks = None
         log.info("gateway.stopped")
 
     async def _drain(self, timeout_s: float) -> None:

@@ -95,7 +95,9 @@ class Dispatcher:
         composer: Composer | None = None,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
+        on_state: Callable[[str, str, dict[str, Any]], None] | None = None,
     ) -> None:
+        self._on_state = on_state
         self._journal = journal
         self._registry = registry
         self._geo = geo
@@ -127,6 +129,8 @@ class Dispatcher:
             raise RuntimeError("dispatcher is not running")
         self.active[alarm.alarm_id] = alarm
         self._metrics.open_alarms.set(len(self.active))
+        if resume is None:
+            self._announce(alarm.alarm_id, AlarmState.JOURNALED)
         alarm.task = self._tg.create_task(self._guarded(alarm, resume),
                                           name=f"alarm-{alarm.alarm_id}")
 
@@ -363,6 +367,7 @@ class Dispatcher:
         await self._player.stop(alarm_id)
         self._metrics.alerting.set(len(self._player.active()))
         log.info("alarm.acknowledged", alarm_id=alarm_id, by=by, previous=previous.value)
+        self._announce(alarm_id, AlarmState.ACKNOWLEDGED, by=by)
         return previous
 
     async def cancel(self, alarm_id: str, by: str) -> AlarmState:
@@ -370,6 +375,7 @@ class Dispatcher:
         await self._player.stop(alarm_id)
         self._metrics.alerting.set(len(self._player.active()))
         log.info("alarm.cancelled", alarm_id=alarm_id, by=by, previous=previous.value)
+        self._announce(alarm_id, AlarmState.CANCELLED, by=by)
         return previous
 
     async def resolve(self, alarm_id: str, note: str | None, by: str = "operator") -> AlarmState:
@@ -381,15 +387,30 @@ class Dispatcher:
         self._metrics.alerting.set(len(self._player.active()))
         log.info("alarm.resolved", alarm_id=alarm_id, previous=previous.value,
                  was_active=alarm is not None)
+        self._announce(alarm_id, AlarmState.RESOLVED, by=by)
         return previous
 
     # -- helpers -------------------------------------------------------------------
+
+    def _announce(self, alarm_id: str, state: AlarmState, **extra: Any) -> None:
+        if self._on_state is None:
+            return
+        info: dict[str, Any] = {"at": self._clock(), **extra}
+        alarm = self.active.get(alarm_id)
+        if alarm is not None:
+            info["device_id"] = alarm.device_id
+            info["received_at"] = alarm.received_at
+            if alarm.elder is not None:
+                info["elder_id"] = alarm.elder.elder_id
+                info["community"] = alarm.elder.community
+        self._on_state(alarm_id, state.value, info)
 
     async def _transition(self, alarm: ActiveAlarm, state: AlarmState) -> None:
         if not alarm.durable:
             return
         try:
-            await self._journal.transition(alarm.alarm_id, state)
+            if await self._journal.transition(alarm.alarm_id, state) is not state:
+                self._announce(alarm.alarm_id, state)
         except IllegalTransition:
             pass  # acknowledged or cancelled meanwhile: keep sending what was planned
         except JournalError as exc:

@@ -20,8 +20,9 @@ from gateway.dispatch import ActiveAlarm, Dispatcher
 from gateway.journal import Journal, JournalError, new_alarm_id
 from gateway.lifecycle import IllegalTransition
 from gateway.metrics import Metrics
-from gateway.model import Registry
+from gateway.model import Device, Registry
 from gateway.redact import mask_phone
+from gateway.supervision import Supervisor
 
 log = structlog.get_logger(__name__)
 
@@ -49,7 +50,7 @@ class Intake:
         dedupe_window_s: float,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
-        on_supervision: Callable[[str, DeviceEvent, float], None] | None = None,
+        supervisor: Supervisor | None = None,
     ) -> None:
         self._journal = journal
         self._registry = registry
@@ -58,7 +59,7 @@ class Intake:
         self._window = dedupe_window_s
         self._clock = clock
         self._monotonic = monotonic
-        self._on_supervision = on_supervision
+        self._supervisor = supervisor
         # Alarms that could not be journaled (disk full), by device: avoids a new
         # in-memory alarm for every resend while the journal is down.
         self._volatile: dict[str, _Volatile] = {}
@@ -68,12 +69,20 @@ class Intake:
         t0 = self._monotonic()
         now = self._clock()
         self._metrics.device_messages.labels(source, event.kind.value).inc()
-        if self._on_supervision is not None:
-            self._on_supervision(source, event, now)
-        if event.kind is EventKind.HEARTBEAT:
-            return  # receiver liveness only; supervision above has seen it
         reg = self._registry()
         device = reg.device_by_address(event.address)
+        try:
+            await self._handle(event, source, device, reg, now, t0)
+        finally:
+            # After the journal: supervision never delays an alarm.
+            if self._supervisor is not None:
+                await self._supervisor.publish(self._supervisor.observe(
+                    source, event, device.device_id if device else None, now))
+
+    async def _handle(self, event: DeviceEvent, source: str, device: Device | None,
+                      reg: Registry, now: float, t0: float) -> None:
+        if event.kind is EventKind.HEARTBEAT:
+            return  # receiver liveness only: supervision sees it
         shown = _shown_address(event)
         if device is None:
             await self._unknown(event, source, shown, now, t0, reg)

@@ -106,6 +106,16 @@ CREATE TABLE IF NOT EXISTS device_messages(
     error TEXT,
     raw BLOB
 );
+CREATE TABLE IF NOT EXISTS notices(
+    id INTEGER PRIMARY KEY,
+    at REAL NOT NULL,
+    kind TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    severity TEXT NOT NULL,
+    text TEXT NOT NULL,
+    acknowledged_at REAL,
+    acknowledged_by TEXT
+);
 CREATE TABLE IF NOT EXISTS device_state(
     device_id TEXT PRIMARY KEY,
     last_seen REAL NOT NULL,
@@ -579,7 +589,40 @@ class Journal:
 
         await self._run(op)
 
+    async def record_notice(self, *, at: float, kind: str, subject: str, severity: str,
+                            text: str) -> int:
+        """Journal an operator notice (device offline, receiver down...); returns its id."""
+
+        def op(conn: sqlite3.Connection) -> int:
+            cur = conn.execute(
+                "INSERT INTO notices(at, kind, subject, severity, text) VALUES (?, ?, ?, ?, ?)",
+                (at, kind, subject, severity, text))
+            return int(cur.lastrowid or 0)
+
+        return await self._run(op)
+
+    async def ack_notice(self, notice_id: int, by: str) -> bool:
+        now = self._clock()
+
+        def op(conn: sqlite3.Connection) -> bool:
+            cur = conn.execute(
+                "UPDATE notices SET acknowledged_at = ?, acknowledged_by = ?"
+                " WHERE id = ? AND acknowledged_at IS NULL", (now, by, notice_id))
+            return cur.rowcount > 0
+
+        return await self._run(op)
+
     # -- reads -----------------------------------------------------------------------
+
+    async def open_notices(self) -> list[dict[str, Any]]:
+        def op(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+            rows = conn.execute(
+                "SELECT id, at, kind, subject, severity, text FROM notices"
+                " WHERE acknowledged_at IS NULL ORDER BY id").fetchall()
+            keys = ("id", "at", "kind", "subject", "severity", "text")
+            return [dict(zip(keys, r, strict=True)) for r in rows]
+
+        return await self._run(op)
 
     async def get_alarm(self, alarm_id: str) -> AlarmRecord:
         def op(conn: sqlite3.Connection) -> AlarmRecord:
