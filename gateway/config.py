@@ -8,6 +8,7 @@ reason, so an operator can fix a broken config without reading code.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import tomllib
@@ -26,6 +27,7 @@ from pydantic import (
 )
 
 from devices.events import EventKind
+from gateway.messages import DEFAULT_TEMPLATES, validate_templates
 
 
 class ConfigError(Exception):
@@ -151,14 +153,76 @@ class SmsSection(_Section):
     max_attempts: int = Field(5, ge=1, le=20)
     concurrency: int = Field(16, ge=1, le=1000)
     budget_ms: PositiveFloat = 2000.0
-    staff_per_alarm: int = Field(2, ge=0, le=20)
-    notify_clinic: bool = False
+    # Public HTTPS URL at which Twilio reaches this gateway (reverse proxy to the control
+    # port): enables StatusCallback delivery reports and acknowledgement by SMS reply.
+    public_url: str | None = Field(None, pattern=r"^https?://[^\s]+[^/]$")
+    # Behind NAT (no webhooks): poll Twilio for replies / delivery reports (0 = off).
+    poll_inbound_s: float = Field(0.0, ge=0)
+    poll_status_s: float = Field(0.0, ge=0)
+    # Map link in staff messages, e.g. "https://uri.amap.com/marker?position={lon},{lat}"
+    map_url_template: str | None = None
+    # Overrides of the message templates per language, e.g. [sms.templates.zh] family = "..."
+    templates: dict[str, dict[str, str]] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _one_sender(self) -> SmsSection:
         if bool(self.from_number) == bool(self.messaging_service_sid):
             raise ValueError("set exactly one of from_number or messaging_service_sid")
+        if self.map_url_template and ("{lon}" not in self.map_url_template
+                                      or "{lat}" not in self.map_url_template):
+            raise ValueError("map_url_template needs {lon} and {lat}")
+        problems = validate_templates(self.merged_templates())
+        if problems:
+            raise ValueError("templates: " + "; ".join(problems))
         return self
+
+    def merged_templates(self) -> dict[str, dict[str, str]]:
+        merged = {lang: dict(kinds) for lang, kinds in DEFAULT_TEMPLATES.items()}
+        for lang, kinds in self.templates.items():
+            merged.setdefault(lang, dict(DEFAULT_TEMPLATES["zh"])).update(kinds)
+        return merged
+
+
+class GsmSection(_Section):
+    """SMS fallback through a GSM modem when Twilio is unreachable or failing."""
+
+    port: str
+    baudrate: int = Field(115200, ge=300, le=921600)
+    command_timeout_s: PositiveFloat = 10.0
+    send_timeout_s: PositiveFloat = 60.0
+    max_attempts: int = Field(3, ge=1, le=10)
+
+
+class WaveSection(_Section):
+    after_s: float = Field(ge=0, allow_inf_nan=False)
+    family: bool = False
+    staff: int = Field(0, ge=0, le=50)
+    supervisor: bool = False
+    clinic: bool = False
+    hospital: bool = False
+
+
+def _default_waves() -> tuple[WaveSection, ...]:
+    return (
+        WaveSection(after_s=0, family=True, staff=2),
+        WaveSection(after_s=120, staff=3, supervisor=True),
+        WaveSection(after_s=300, hospital=True),
+    )
+
+
+class EscalationSection(_Section):
+    waves: tuple[WaveSection, ...] = Field(default_factory=_default_waves)
+
+    @field_validator("waves")
+    @classmethod
+    def _ordered(cls, v: tuple[WaveSection, ...]) -> tuple[WaveSection, ...]:
+        if not v:
+            raise ValueError("at least one wave is needed")
+        if v[0].after_s != 0:
+            raise ValueError("the first wave must start at after_s = 0")
+        if any(b.after_s <= a.after_s for a, b in itertools.pairwise(v)):
+            raise ValueError("waves must be in increasing after_s order")
+        return v
 
 
 class ControlSection(_Section):
@@ -197,6 +261,8 @@ class GatewayConfigModel(_Section):
     control: ControlSection = ControlSection()
     contact_id: ContactIdSection = ContactIdSection()
     supervision: SupervisionSection = SupervisionSection()
+    escalation: EscalationSection = EscalationSection()
+    gsm: GsmSection | None = None
 
     @model_validator(mode="after")
     def _unique_serial_names(self) -> GatewayConfigModel:

@@ -18,7 +18,7 @@ import contextlib
 import json
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -35,10 +35,12 @@ from gateway import systemd
 from gateway.alert import AlertPlayer, AlertSettings
 from gateway.config import Config, Secrets
 from gateway.control import ControlServer
-from gateway.dispatch import Dispatcher, DispatchSettings
+from gateway.dispatch import Dispatcher, DispatchSettings, Wave
 from gateway.geo import GeoError, GeoService, Projector, parse_position
 from gateway.intake import Intake
-from gateway.journal import Journal
+from gateway.journal import Journal, UnknownAlarm
+from gateway.lifecycle import IllegalTransition
+from gateway.messages import Composer
 from gateway.metrics import Metrics
 from gateway.model import Registry
 from gateway.registry import RegistryError, load_registry
@@ -69,6 +71,7 @@ class Gateway:
     secrets: Secrets
     clock: Callable[[], float] = time.time
     monotonic: Callable[[], float] = time.monotonic
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
     registry: Registry | None = None
     geo: GeoService | None = None
     journal: Journal | None = None
@@ -181,7 +184,8 @@ class Gateway:
                                   emergency_actions=frozenset(q.emergency_actions))
             self.mqtt = MqttLink(
                 settings, decoder, intake,
-                extra=[("responders/+/location", self._position)],
+                extra=[("responders/+/location", self._position),
+                       ("alarm/alarms/+/ack", self._mqtt_ack)],
                 on_state=self._link_state("mqtt"),
             )
 
@@ -253,6 +257,26 @@ class Gateway:
                              ensure_ascii=False).encode()
         self._spawn(self.mqtt.publish(topic, payload, retain=True), f"announce-{alarm_id}")
 
+    async def _mqtt_ack(self, topic: str, payload: bytes) -> None:
+        """A staff phone app acknowledges: alarm/alarms/<id>/ack {"by": "<responder id>"}."""
+        alarm_id = topic.split("/")[2]
+        try:
+            data = json.loads(payload)
+            responder_id = str(data["by"])
+        except (ValueError, KeyError, TypeError):
+            log.warning("mqtt.bad_ack", alarm_id=alarm_id, size=len(payload))
+            return
+        responder = self._registry().responders.get(responder_id)
+        if responder is None or self.dispatcher is None:
+            log.warning("mqtt.ack_unknown_responder", alarm_id=alarm_id,
+                        responder_id=responder_id[:64])
+            return
+        try:
+            await self.dispatcher.acknowledge(alarm_id, f"app:{responder.name}",
+                                              phone=responder.phone)
+        except (UnknownAlarm, IllegalTransition) as exc:
+            log.info("mqtt.ack_ignored", alarm_id=alarm_id, reason=str(exc))
+
     async def _position(self, topic: str, payload: bytes) -> None:
         responder_id = topic.split("/")[1]
         try:
@@ -287,11 +311,13 @@ class Gateway:
             self.dispatcher = await stack.enter_async_context(Dispatcher(
                 journal=self.journal, registry=self._registry, geo=self._geo,
                 player=self.player, sender=sender, metrics=self.metrics,
-                settings=DispatchSettings(staff_per_alarm=m.sms.staff_per_alarm,
-                                          responders_k=m.geo.responders_k,
-                                          notify_clinic=m.sms.notify_clinic,
-                                          budget_ms=m.sms.budget_ms),
-                clock=self.clock, monotonic=self.monotonic, on_state=self._announce_state))
+                settings=DispatchSettings(
+                    waves=tuple(Wave(**w.model_dump()) for w in m.escalation.waves),
+                    responders_k=m.geo.responders_k, budget_ms=m.sms.budget_ms,
+                    map_url_template=m.sms.map_url_template),
+                composer=Composer(m.sms.merged_templates()),
+                clock=self.clock, monotonic=self.monotonic, sleep=self.sleep,
+                on_state=self._announce_state))
             stack.push_async_callback(self._drain, m.gateway.shutdown_timeout_s)
             sv = m.supervision
             self.supervisor = Supervisor(
@@ -347,7 +373,8 @@ class Gateway:
             await self.dispatcher.wait_idle(timeout=timeout_s)
         except TimeoutError:
             log.warning("gateway.drain_timeout", action="cancelling; resumed on next start")
-            self.dispatcher.cancel_all()
+        # Escalation timers still waiting are rebuilt from the journal on the next start.
+        self.dispatcher.cancel_all()
 
 
 def install_signal_handlers(gw: Gateway) -> None:

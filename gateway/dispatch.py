@@ -1,25 +1,39 @@
-"""Dispatch: turn a journaled alarm into an alert, a responder search and SMS.
+"""Dispatch: turn a journaled alarm into an alert, a responder search and SMS waves.
 
+Theory of operation
+-------------------
 One task per open alarm, all owned by the dispatcher's TaskGroup. An alarm task
 never lets an exception escape (that would cancel every other alarm): failures
 are logged with the alarm id and journaled, and the operator keeps hearing the
 alert until someone acknowledges.
 
+An alarm is told in **waves** (config ``[[escalation.waves]]``): wave 1 at once
+(family, the nearest on-duty staff), later waves when nobody has acknowledged by
+``received_at + after_s`` (more staff, the supervisor, the hospital). Each wave is
+journaled (``notifications.wave``) *before* its SMS leave, so after a restart the
+waves already sent are known, rows left ``sending`` are reconciled with Twilio
+before anything is resent, and the remaining timers are rebuilt from the
+journal's ``received_at``.
+
 The first SMS is on the critical path, so nothing slow sits before it: the
-responder search is an in-memory R-tree query (microseconds), the alert renders
-in a worker thread in parallel, and the notification plan is one group-committed
-journal write, which must precede sending so that a crash can be reconciled.
+responder search is an in-memory index query (microseconds), the alert renders in
+a worker thread in parallel, and the wave plan is one group-committed journal write.
+
+Acknowledgement (operator, SMS reply, MQTT), a cancel from the device and
+resolution all close the alarm for escalation: the waiting task wakes and ends,
+the alert stops, and those already told get a short "taken by ..." or "cancelled"
+message. A message that Twilio cannot take (or the carrier reports undelivered)
+goes out through the fallback channel (a GSM modem) when one is configured.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import structlog
 
@@ -32,16 +46,20 @@ from gateway.journal import (
     NotificationPlan,
     NotificationRecord,
     NotificationState,
-    UnknownAlarm,
 )
 from gateway.lifecycle import ALERTING_STATES, AlarmState, IllegalTransition
 from gateway.messages import AlarmFacts, Composer
 from gateway.metrics import Metrics
-from gateway.model import Elder, Registry, ResponderRole
+from gateway.model import Elder, FacilityKind, Registry, ResponderRole
 from gateway.redact import mask_phone
 from gateway.sms import Attempt, SendResult, SmsSendError
 
 log = structlog.get_logger(__name__)
+
+#: Wave numbers of informational messages (not escalation waves).
+WAVE_TAKEN = 900
+WAVE_CANCELLED = 901
+WAVE_FALLBACK = 902
 
 
 class Sender(Protocol):
@@ -50,16 +68,45 @@ class Sender(Protocol):
         on_attempt: Callable[[Attempt], Awaitable[None]] | None = None,
     ) -> SendResult: ...
 
+
+class Reconciler(Protocol):
     async def find_sent(self, to: str, *, since: datetime,
                         marker: str) -> list[tuple[str, str]]: ...
 
 
+class TwilioLike(Sender, Reconciler, Protocol):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Wave:
+    """Who is told, and when (seconds after the press) if nobody has acknowledged."""
+
+    after_s: float = 0.0
+    family: bool = False
+    staff: int = 0  # the next N nearest on-duty staff not told yet
+    supervisor: bool = False
+    clinic: bool = False
+    hospital: bool = False
+
+
+DEFAULT_WAVES = (
+    Wave(0, family=True, staff=2),
+    Wave(120, staff=3, supervisor=True),
+    Wave(300, hospital=True),
+)
+
+
 @dataclass(frozen=True, slots=True)
 class DispatchSettings:
-    staff_per_alarm: int = 2
+    waves: tuple[Wave, ...] = DEFAULT_WAVES
     responders_k: int = 3
-    notify_clinic: bool = False
     budget_ms: float = 2000.0
+    map_url_template: str | None = None  # e.g. "https://uri.amap.com/marker?position={lon},{lat}"
+
+    @property
+    def staff_needed(self) -> int:
+        return max(self.responders_k, sum(w.staff for w in self.waves))
 
 
 @dataclass(slots=True)
@@ -77,6 +124,12 @@ class ActiveAlarm:
     geo: GeoResult | None = None
     sent: int = 0
     failed: int = 0
+    closed: asyncio.Event = field(default_factory=asyncio.Event)  # acked/cancelled/resolved
+    hurry: asyncio.Event = field(default_factory=asyncio.Event)  # a decline: next wave now
+    idle: asyncio.Event = field(default_factory=asyncio.Event)  # no wave being sent
+
+
+ReplyIntent = Literal["ack", "decline", "unknown"]
 
 
 class Dispatcher:
@@ -89,25 +142,29 @@ class Dispatcher:
         registry: Callable[[], Registry],
         geo: Callable[[], GeoService],
         player: AlertPlayer,
-        sender: Sender,
+        sender: TwilioLike,
         settings: DispatchSettings,
         metrics: Metrics,
         composer: Composer | None = None,
+        fallback: Sender | None = None,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         on_state: Callable[[str, str, dict[str, Any]], None] | None = None,
     ) -> None:
-        self._on_state = on_state
         self._journal = journal
         self._registry = registry
         self._geo = geo
         self._player = player
         self._sender = sender
+        self._fallback = fallback
         self._settings = settings
         self._metrics = metrics
         self._composer = composer or Composer()
         self._clock = clock
         self._monotonic = monotonic
+        self._sleep = sleep
+        self._on_state = on_state
         self._tg: asyncio.TaskGroup | None = None
         self.active: dict[str, ActiveAlarm] = {}
 
@@ -131,6 +188,8 @@ class Dispatcher:
         self._metrics.open_alarms.set(len(self.active))
         if resume is None:
             self._announce(alarm.alarm_id, AlarmState.JOURNALED)
+        elif resume.state not in ALERTING_STATES:
+            alarm.closed.set()
         alarm.task = self._tg.create_task(self._guarded(alarm, resume),
                                           name=f"alarm-{alarm.alarm_id}")
 
@@ -164,6 +223,8 @@ class Dispatcher:
             log.exception("alarm.dispatch_failed")
             await self._journal_quietly(self._journal.log_event(
                 alarm.alarm_id, "dispatch.failed", {"error": "see logs"}))
+        finally:
+            alarm.idle.set()
 
     # -- the pipeline for one alarm ----------------------------------------------
 
@@ -174,8 +235,6 @@ class Dispatcher:
         if alarm.elder is None:
             log.error("alarm.unregistered_device", address=alarm.address_text)
             return
-        if resume is not None and state not in (AlarmState.JOURNALED, AlarmState.NOTIFYING):
-            return  # nothing left to send; the alert (if any) runs until acknowledged
         elder = alarm.elder
         geo = self._locate(alarm, elder)
         facts = AlarmFacts(
@@ -183,28 +242,64 @@ class Dispatcher:
             address=elder.address, received_at=alarm.received_at,
             responder=geo.responders[0].name if geo.responders else None,
         )
-        existing: list[NotificationRecord] = []
-        if resume is not None:
-            existing = await self._journal.notifications(alarm.alarm_id)
-        if not existing:
-            plans = self._plan(elder, geo, facts)
+        existing = await self._journal.notifications(alarm.alarm_id) if resume else []
+        told = {r.phone for r in existing}
+        unfinished = [r for r in existing if r.state in NotificationState.UNFINISHED]
+        if unfinished:
+            # Rows left 'sending' by a crash may have reached Twilio: reconcile first.
+            log.info("sms.resuming", unfinished=len(unfinished), planned=len(existing))
+            await self._send_all(alarm, unfinished, reconcile=True)
+        if state not in ALERTING_STATES:
+            return  # acknowledged or cancelled before the restart: no more waves
+        done_waves = {r.wave for r in existing}
+        for number, wave in enumerate(self._settings.waves, 1):
+            if number in done_waves:
+                continue
+            delay = alarm.received_at + wave.after_s - self._clock()
+            if number > 1 and delay > 0 and await self._closed_within(alarm, delay):
+                break
+            if alarm.closed.is_set():
+                break
+            plans = self._plan_wave(number, wave, elder, geo, facts, told)
+            if number > 1:
+                log.warning("escalation.wave", wave=number, recipients=len(plans),
+                            unacknowledged_s=round(self._clock() - alarm.received_at, 1))
+            if not plans:
+                continue
+            told |= {p.phone for p in plans}
+            records = await self._record_plan(alarm, number, plans)
+            await self._send_all(alarm, records, reconcile=False)
+        log.info("alarm.escalation_done", sent=alarm.sent, failed=alarm.failed,
+                 acknowledged=alarm.closed.is_set())
+
+    async def _send_all(self, alarm: ActiveAlarm, records: Sequence[NotificationRecord], *,
+                        reconcile: bool) -> None:
+        alarm.idle.clear()
+        try:
             await self._transition(alarm, AlarmState.NOTIFYING)
-            records = await self._record_plan(alarm, plans)
-        else:
-            await self._transition(alarm, AlarmState.NOTIFYING)
-            records = [r for r in existing if r.state in NotificationState.UNFINISHED]
-            log.info("sms.resuming", unfinished=len(records), planned=len(existing))
-        # Rows found 'sending' after a restart may have reached Twilio before the crash.
-        reconcile = bool(existing)
-        await asyncio.gather(*(self._send_one(alarm, rec, reconcile=reconcile)
-                               for rec in records))
-        with contextlib.suppress(IllegalTransition, UnknownAlarm):
+            await asyncio.gather(*(self._send_one(alarm, r, reconcile=reconcile)
+                                   for r in records))
             await self._transition(alarm, AlarmState.NOTIFIED)
-        log.info("alarm.notified", sent=alarm.sent, failed=alarm.failed,
-                 latency_ms=self._since(alarm))
+            log.info("alarm.notified", sent=alarm.sent, failed=alarm.failed,
+                     latency_ms=self._since(alarm))
+        finally:
+            alarm.idle.set()
+
+    async def _closed_within(self, alarm: ActiveAlarm, delay: float) -> bool:
+        """Wait ``delay`` (or until a decline hurries it); True if the alarm closed."""
+        waiters = {asyncio.ensure_future(alarm.closed.wait()),
+                   asyncio.ensure_future(alarm.hurry.wait()),
+                   asyncio.ensure_future(self._sleep(delay))}
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waiters:
+                w.cancel()
+        alarm.hurry.clear()
+        return alarm.closed.is_set()
 
     def _locate(self, alarm: ActiveAlarm, elder: Elder) -> GeoResult:
-        geo = self._geo().lookup(elder.location, k=self._settings.responders_k,
+        geo = self._geo().lookup(elder.location, k=self._settings.staff_needed,
                                  exclude=self._busy_responders(alarm.alarm_id))
         alarm.geo = geo
         log.info(
@@ -212,7 +307,7 @@ class Dispatcher:
             latency_ms=self._since(alarm),
             responders=[{"id": r.id, "name": r.name, "distance_m": round(r.distance_m),
                          "bearing_deg": round(r.bearing_deg), "stale": r.stale}
-                        for r in geo.responders],
+                        for r in geo.responders[: self._settings.responders_k]],
             facilities={k.value: {"id": f.id, "name": f.name, "distance_m": round(f.distance_m)}
                         for k, f in geo.facilities.items()},
         )
@@ -221,55 +316,82 @@ class Dispatcher:
         return geo
 
     def _busy_responders(self, alarm_id: str) -> set[str]:
+        first = self._settings.waves[0].staff if self._settings.waves else 0
         busy: set[str] = set()
         for other in self.active.values():
-            if other.alarm_id != alarm_id and other.geo is not None:
-                busy.update(r.id for r in other.geo.responders[: self._settings.staff_per_alarm])
+            if other.alarm_id != alarm_id and other.geo is not None \
+                    and not other.closed.is_set():
+                busy.update(r.id for r in other.geo.responders[:first])
         return busy
 
-    def _plan(self, elder: Elder, geo: GeoResult, facts: AlarmFacts) -> list[NotificationPlan]:
+    def _plan_wave(self, number: int, wave: Wave, elder: Elder, geo: GeoResult,
+                   facts: AlarmFacts, told: set[str]) -> list[NotificationPlan]:
         c = self._composer
-        plans = [NotificationPlan("family", ct.name, ct.phone, c.family(facts, ct.language))
-                 for ct in elder.contacts]
-        staff = geo.responders[: self._settings.staff_per_alarm]
-        plans += [NotificationPlan("responder", r.name, r.phone, c.staff(facts, r.distance_m))
-                  for r in staff]
-        if not staff:
-            reg = self._registry()
-            for sup in reg.responders.values():
-                if sup.role is ResponderRole.SUPERVISOR:
-                    dist = self._geo().projector.geodesic(elder.location, sup.base)[0]
-                    plans.append(NotificationPlan("supervisor", sup.name, sup.phone,
-                                                  c.staff(facts, dist)))
-        if self._settings.notify_clinic:
-            for fac in geo.facilities.values():
+        plans: list[NotificationPlan] = []
+        if wave.family:
+            plans += [NotificationPlan("family", ct.name, ct.phone, c.family(facts, ct.language))
+                      for ct in elder.contacts]
+        if wave.staff:
+            offset = sum(w.staff for w in self._settings.waves[: number - 1])
+            staff = geo.responders[offset: offset + wave.staff]
+            plans += [NotificationPlan("responder", r.name, r.phone,
+                                       c.staff(facts, r.distance_m, map_url=self._map(elder)))
+                      for r in staff]
+            if not geo.responders and not wave.supervisor:
+                plans += self._supervisors(elder, facts)  # nobody on duty: escalate at once
+        if wave.supervisor:
+            plans += self._supervisors(elder, facts)
+        for wanted, kind in ((wave.clinic, FacilityKind.CLINIC),
+                             (wave.hospital, FacilityKind.HOSPITAL)):
+            fac = geo.facilities.get(kind)
+            if wanted and fac is not None:
                 plans.append(NotificationPlan("facility", fac.name, fac.phone, c.facility(facts)))
-        seen: set[str] = set()
-        unique = []
-        for p in plans:  # one SMS per phone number, first role wins
+        seen = set(told)
+        unique: list[NotificationPlan] = []
+        for p in plans:  # one SMS per phone number per alarm, first role wins
             if p.phone not in seen:
                 seen.add(p.phone)
                 unique.append(p)
         return unique
 
+    def _supervisors(self, elder: Elder, facts: AlarmFacts) -> list[NotificationPlan]:
+        geo = self._geo()
+        return [
+            NotificationPlan("supervisor", sup.name, sup.phone,
+                             self._composer.staff(facts,
+                                                  geo.projector.geodesic(elder.location,
+                                                                         sup.base)[0],
+                                                  map_url=self._map(elder)))
+            for sup in self._registry().responders.values()
+            if sup.role is ResponderRole.SUPERVISOR
+        ]
+
+    def _map(self, elder: Elder) -> str | None:
+        t = self._settings.map_url_template
+        if not t:
+            return None
+        return t.format(lon=f"{elder.location.lon:.6f}", lat=f"{elder.location.lat:.6f}")
+
     async def _record_plan(
-        self, alarm: ActiveAlarm, plans: Sequence[NotificationPlan]
+        self, alarm: ActiveAlarm, wave: int, plans: Sequence[NotificationPlan]
     ) -> list[NotificationRecord]:
         try:
-            return await self._journal.plan_notifications(alarm.alarm_id, 1, plans)
+            return await self._journal.plan_notifications(alarm.alarm_id, wave, plans)
         except JournalError as exc:
             # Sending matters more than the record of it: go on from memory.
             log.critical("journal.write_failed", what="notification plan", error=str(exc))
             self._metrics.journal_errors.inc()
             now = self._clock()
-            return [NotificationRecord(-(i + 1), alarm.alarm_id, 1, p.role, p.name, p.phone,
+            return [NotificationRecord(-(i + 1), alarm.alarm_id, wave, p.role, p.name, p.phone,
                                        p.body, NotificationState.SENDING, None, 0, None, None,
                                        None, now) for i, p in enumerate(plans)]
 
+    # -- one SMS ----------------------------------------------------------------
+
     async def _send_one(self, alarm: ActiveAlarm, rec: NotificationRecord, *,
                         reconcile: bool) -> None:
-        masked = mask_phone(rec.phone)
-        bound = log.bind(to=masked, role=rec.role, notification_id=rec.id)
+        bound = log.bind(to=mask_phone(rec.phone), role=rec.role, notification_id=rec.id,
+                         wave=rec.wave)
         if reconcile and rec.state == NotificationState.SENDING:
             found = await self._reconcile(alarm, rec, bound)
             if found:
@@ -289,29 +411,57 @@ class Dispatcher:
         try:
             result = await self._sender.send(rec.phone, rec.body, on_attempt=on_attempt)
         except SmsSendError as exc:
+            if not exc.permanent and await self._via_fallback(alarm, rec, bound, str(exc)):
+                return
             alarm.failed += 1
             reason = "permanent" if exc.permanent else "gave_up"
             self._metrics.sms_failed.labels(rec.role, reason).inc()
             bound.error("sms.failed", status=exc.status, code=exc.code, permanent=exc.permanent,
-                        error=str(exc), latency_ms=self._since(alarm))
+                        error=str(exc), recipient=rec.name, latency_ms=self._since(alarm))
             if rec.id > 0:
                 await self._journal_quietly(self._journal.update_notification(
                     rec.id, NotificationState.FAILED, error_code=exc.code, error=str(exc)))
+                await self._journal_quietly(self._journal.log_event(
+                    alarm.alarm_id, "sms.failed",
+                    {"notification_id": rec.id, "recipient": rec.name, "role": rec.role,
+                     "code": exc.code, "permanent": exc.permanent}))
             return
-        latency = self._since(alarm)
-        alarm.sent += 1
-        self._metrics.sms_sent.labels(rec.role).inc()
-        self._metrics.sms_latency.observe(latency)
-        budget = self._settings.budget_ms
-        bound.info("sms.sent", sid=result.sid, attempts=result.attempts,
-                   segments=result.num_segments, latency_ms=latency, budget_ms=budget)
-        if latency > budget:
-            self._metrics.sms_budget_breaches.inc()
-            bound.warning("sms.budget_exceeded", latency_ms=latency, budget_ms=budget)
+        self._accepted(alarm, rec, result, bound)
         if rec.id > 0:
             await self._journal_quietly(self._journal.update_notification(
                 rec.id, NotificationState.ACCEPTED, sid=result.sid, attempts=result.attempts,
-                latency_ms=latency))
+                latency_ms=self._since(alarm)))
+
+    def _accepted(self, alarm: ActiveAlarm, rec: NotificationRecord, result: SendResult,
+                  bound: Any, channel: str = "twilio") -> None:
+        latency = self._since(alarm)
+        alarm.sent += 1
+        self._metrics.sms_sent.labels(rec.role).inc()
+        budget = self._settings.budget_ms
+        if rec.wave == 1:  # the budget is for the first wave; later waves wait on purpose
+            self._metrics.sms_latency.observe(latency)
+        bound.info("sms.sent", sid=result.sid, attempts=result.attempts, channel=channel,
+                   segments=result.num_segments, latency_ms=latency, budget_ms=budget)
+        if rec.wave == 1 and latency > budget:
+            self._metrics.sms_budget_breaches.inc()
+            bound.warning("sms.budget_exceeded", latency_ms=latency, budget_ms=budget)
+
+    async def _via_fallback(self, alarm: ActiveAlarm, rec: NotificationRecord, bound: Any,
+                            why: str) -> bool:
+        if self._fallback is None:
+            return False
+        bound.warning("sms.fallback_used", reason=why)
+        try:
+            result = await self._fallback.send(rec.phone, rec.body)
+        except SmsSendError as exc:
+            bound.error("sms.fallback_failed", error=str(exc))
+            return False
+        self._accepted(alarm, rec, result, bound, channel="fallback")
+        if rec.id > 0:
+            await self._journal_quietly(self._journal.update_notification(
+                rec.id, NotificationState.ACCEPTED, sid=result.sid, attempts=result.attempts,
+                latency_ms=self._since(alarm)))
+        return True
 
     async def _reconcile(self, alarm: ActiveAlarm, rec: NotificationRecord,
                          bound: Any) -> bool:
@@ -360,35 +510,124 @@ class Dispatcher:
             raise RuntimeError("dispatcher is not running")
         self._tg.create_task(coro, name=name)  # type: ignore[arg-type]
 
-    # -- operator actions --------------------------------------------------------
+    # -- acknowledgement, cancel, resolve ---------------------------------------------
 
-    async def acknowledge(self, alarm_id: str, by: str) -> AlarmState:
+    async def acknowledge(self, alarm_id: str, by: str, *,
+                          phone: str | None = None) -> AlarmState:
+        """Someone takes the alarm: stop the alert and the escalation, tell the others.
+
+        Raises IllegalTransition when it was already acknowledged (the first one wins)."""
         previous = await self._journal.transition(alarm_id, AlarmState.ACKNOWLEDGED, by=by)
-        await self._player.stop(alarm_id)
-        self._metrics.alerting.set(len(self._player.active()))
+        if previous is AlarmState.ACKNOWLEDGED:
+            raise IllegalTransition(alarm_id, previous, AlarmState.ACKNOWLEDGED)
+        await self._closed(alarm_id)
         log.info("alarm.acknowledged", alarm_id=alarm_id, by=by, previous=previous.value)
         self._announce(alarm_id, AlarmState.ACKNOWLEDGED, by=by)
+        self._spawn(self._inform(alarm_id, WAVE_TAKEN, by, skip=phone), f"taken-{alarm_id}")
         return previous
 
     async def cancel(self, alarm_id: str, by: str) -> AlarmState:
+        """The elder (the device) cancelled: stop, and tell everyone already told."""
         previous = await self._journal.transition(alarm_id, AlarmState.CANCELLED, by=by)
-        await self._player.stop(alarm_id)
-        self._metrics.alerting.set(len(self._player.active()))
+        await self._closed(alarm_id)
         log.info("alarm.cancelled", alarm_id=alarm_id, by=by, previous=previous.value)
         self._announce(alarm_id, AlarmState.CANCELLED, by=by)
+        if previous is not AlarmState.CANCELLED:
+            self._spawn(self._inform(alarm_id, WAVE_CANCELLED, by), f"cancelled-{alarm_id}")
         return previous
 
     async def resolve(self, alarm_id: str, note: str | None, by: str = "operator") -> AlarmState:
         previous = await self._journal.transition(alarm_id, AlarmState.RESOLVED, note=note,
                                                   by=by)
-        await self._player.stop(alarm_id)
+        await self._closed(alarm_id)
         alarm = self.active.pop(alarm_id, None)
         self._metrics.open_alarms.set(len(self.active))
-        self._metrics.alerting.set(len(self._player.active()))
         log.info("alarm.resolved", alarm_id=alarm_id, previous=previous.value,
                  was_active=alarm is not None)
         self._announce(alarm_id, AlarmState.RESOLVED, by=by)
         return previous
+
+    async def _closed(self, alarm_id: str) -> None:
+        await self._player.stop(alarm_id)
+        self._metrics.alerting.set(len(self._player.active()))
+        alarm = self.active.get(alarm_id)
+        if alarm is not None:
+            alarm.closed.set()
+
+    async def _inform(self, alarm_id: str, wave: int, by: str, skip: str | None = None) -> None:
+        """A short follow-up to everyone already told (taken by ..., cancelled)."""
+        structlog.contextvars.bind_contextvars(alarm_id=alarm_id)
+        told = [r for r in await self._journal.notifications(alarm_id)
+                if r.wave < WAVE_TAKEN and r.phone != skip]
+        if not told:
+            return
+        record = await self._journal.get_alarm(alarm_id)
+        elder = self._registry().elders.get(record.elder_id)
+        facts = AlarmFacts(alarm_id, elder.name if elder else record.device_id,
+                           elder.community if elder else "", elder.address if elder else "",
+                           record.received_at)
+        who = by.split(":", 1)[-1]
+        c = self._composer
+        plans = [NotificationPlan(
+            r.role, r.name, r.phone,
+            c.taken(facts, who) if wave == WAVE_TAKEN else c.cancelled(facts))
+            for r in {r.phone: r for r in told}.values()]
+        alarm = self.active.get(alarm_id) or ActiveAlarm(
+            alarm_id, record.device_id, elder, record.device_id, record.received_at,
+            self._monotonic())
+        records = await self._record_plan(alarm, wave, plans)
+        await asyncio.gather(*(self._send_one(alarm, r, reconcile=False) for r in records))
+
+    async def on_reply(self, from_phone: str, alarm_ref: str | None,
+                       intent: ReplyIntent) -> str:
+        """An SMS reply from someone we texted. Returns the answer to text back."""
+        ref = alarm_ref
+        if ref is None:
+            latest = await self._journal.latest_open_alarm_for_phone(from_phone)
+            ref = latest.alarm_id if latest else None
+        if ref is None:
+            log.info("reply.no_alarm", from_=mask_phone(from_phone))
+            return self._composer.reply("no_alarm")
+        recipients = {r.phone: r for r in await self._journal.notifications(ref)}
+        who = recipients.get(from_phone)
+        if who is None:
+            # Only people we told may take an alarm: a reply from anyone else is refused.
+            log.warning("reply.not_a_recipient", alarm_id=ref, from_=mask_phone(from_phone))
+            return self._composer.reply("not_recipient", ref=ref)
+        if intent == "decline":
+            log.info("reply.declined", alarm_id=ref, by=who.name)
+            await self._journal_quietly(self._journal.log_event(
+                ref, "reply.declined", {"by": who.name}))
+            alarm = self.active.get(ref)
+            if alarm is not None:
+                alarm.hurry.set()  # do not wait for the next wave's timer
+            return self._composer.reply("declined", ref=ref)
+        if intent != "ack":
+            return self._composer.reply("help", ref=ref)
+        try:
+            await self.acknowledge(ref, f"sms:{who.name}", phone=from_phone)
+        except IllegalTransition:
+            record = await self._journal.get_alarm(ref)
+            taker = (record.acknowledged_by or "").split(":", 1)[-1]
+            return self._composer.reply("already", ref=ref, who=taker or "他人")
+        return self._composer.reply("thanks", ref=ref)
+
+    async def on_delivery(self, sid: str, status: str, error_code: int | None) -> None:
+        """A carrier status for one of our messages (webhook or polling)."""
+        rec = await self._journal.set_delivery_status(sid, status, error_code)
+        if rec is None:
+            log.info("sms.status_unknown_sid", sid=sid, status=status)
+            return
+        bound = log.bind(alarm_id=rec.alarm_id, to=mask_phone(rec.phone), role=rec.role,
+                         notification_id=rec.id, sid=sid)
+        if status == "delivered":
+            bound.info("sms.delivered")
+        elif status in ("undelivered", "failed"):
+            bound.error("sms.undelivered", status=status, error_code=error_code,
+                        recipient=rec.name)
+            alarm = self.active.get(rec.alarm_id)
+            if alarm is not None and rec.wave < WAVE_TAKEN:
+                await self._via_fallback(alarm, rec, bound, f"carrier reported {status}")
 
     # -- helpers -------------------------------------------------------------------
 
@@ -428,16 +667,13 @@ class Dispatcher:
         return round((self._monotonic() - alarm.t0) * 1000, 2)
 
     def cancel_all(self) -> None:
-        """Cancel unfinished alarm tasks (shutdown deadline); the journal resumes them."""
+        """Cancel unfinished alarm tasks (shutdown); the journal resumes them."""
         for alarm in self.active.values():
             if alarm.task is not None and not alarm.task.done():
                 alarm.task.cancel()
 
     async def wait_idle(self, timeout: float = 10.0) -> None:
-        """Wait until every alarm task has finished its sending (shutdown, tests, demo)."""
-        tasks = {a.task for a in self.active.values() if a.task is not None and not a.task.done()}
-        if not tasks:
-            return
-        _, still = await asyncio.wait(tasks, timeout=timeout)
-        if still:
-            raise TimeoutError(f"{len(still)} alarm task(s) still running after {timeout} s")
+        """Wait until no alarm is sending a wave (escalation timers may still be pending)."""
+        async with asyncio.timeout(timeout):
+            while busy := [a for a in self.active.values() if not a.idle.is_set()]:
+                await asyncio.gather(*(a.idle.wait() for a in busy))

@@ -612,7 +612,60 @@ class Journal:
 
         return await self._run(op)
 
+    async def set_delivery_status(self, sid: str, status: str,
+                                  error_code: int | None) -> NotificationRecord | None:
+        """A carrier status for message ``sid`` (StatusCallback or polling).
+
+        Never moves a message backwards (a late 'sent' after 'delivered' is ignored)."""
+        rank = {"accepted": 0, "queued": 0, "sending": 0, "sent": 1, "delivered": 2,
+                "undelivered": 2, "failed": 2}
+        now = self._clock()
+
+        def op(conn: sqlite3.Connection) -> NotificationRecord | None:
+            row = conn.execute(f"SELECT {_NOTE_COLS} FROM notifications WHERE sid = ?",
+                               (sid,)).fetchone()
+            if row is None:
+                return None
+            rec = _notification(row)
+            if rank.get(status, -1) > rank.get(rec.state, 0):
+                conn.execute(
+                    "UPDATE notifications SET state = ?, error_code = ?, updated_at = ?"
+                    " WHERE id = ?", (status, error_code, now, rec.id))
+                _log(conn, rec.alarm_id, now, "sms.status",
+                     {"notification_id": rec.id, "status": status, "error_code": error_code})
+                row = conn.execute(f"SELECT {_NOTE_COLS} FROM notifications WHERE id = ?",
+                                   (rec.id,)).fetchone()
+                return _notification(row)
+            return rec
+
+        return await self._run(op)
+
     # -- reads -----------------------------------------------------------------------
+
+    async def latest_open_alarm_for_phone(self, phone: str) -> AlarmRecord | None:
+        """The newest open alarm whose SMS went to ``phone`` (for replies without a ref)."""
+
+        def op(conn: sqlite3.Connection) -> AlarmRecord | None:
+            row = conn.execute(
+                f"SELECT {', '.join('a.' + c.strip() for c in _ALARM_COLS.split(','))}"
+                " FROM alarms a JOIN notifications n ON n.alarm_id = a.alarm_id"
+                " WHERE n.phone = ? AND a.state != 'resolved'"
+                " ORDER BY a.received_at DESC LIMIT 1", (phone,)).fetchone()
+            return None if row is None else _alarm(row)
+
+        return await self._run(op)
+
+    async def unfinished_deliveries(self, older_than: float) -> list[NotificationRecord]:
+        """Accepted/sent messages without a final carrier status (for status polling)."""
+
+        def op(conn: sqlite3.Connection) -> list[NotificationRecord]:
+            rows = conn.execute(
+                f"SELECT {_NOTE_COLS} FROM notifications WHERE state IN ('accepted', 'sent')"
+                " AND sid IS NOT NULL AND sid NOT LIKE 'gsm:%' AND updated_at < ?"
+                " ORDER BY id LIMIT 500", (older_than,)).fetchall()
+            return [_notification(r) for r in rows]
+
+        return await self._run(op)
 
     async def open_notices(self) -> list[dict[str, Any]]:
         def op(conn: sqlite3.Connection) -> list[dict[str, Any]]:

@@ -21,25 +21,42 @@ DEFAULT_TEMPLATES: Mapping[str, Mapping[str, str]] = {
         "family": "【一键通】您的家人{name}于{time}按下紧急呼叫（{address}）。"
                   "{staff}请保持电话畅通。编号{ref}",
         "staff": "【一键通紧急】{name}（{community}）按下呼叫，地址：{address}，"
-                 "距您约{distance}。请速前往，回复“{ref} 1”确认。",
+                 "距您约{distance}。请速前往，回复“{ref} 1”确认。{map}",
         "facility": "【一键通】{name}（{address}）紧急呼叫，可能需要医疗援助，"
                     "社区人员已出发。编号{ref}",
         "staff_line": "社区{responder}正在赶往。",
         "no_staff": "指挥中心正在联系社区人员。",
+        "taken": "【一键通】编号{ref}：{name}的紧急呼叫已由{who}接单处理，谢谢。",
+        "cancelled": "【一键通】编号{ref}：{name}已取消紧急呼叫（老人自行取消），"
+                     "社区将回访确认。",
         "spoken": "紧急呼叫。{community}，{name}，{address}。",
         "spoken_unknown": "紧急呼叫。未登记的设备，{address}。请立即处理。",
+        "reply_thanks": "已确认由您接单，谢谢！编号{ref}",
+        "reply_already": "编号{ref}已由{who}接单，无需前往。",
+        "reply_declined": "已收到，正在通知其他人员。编号{ref}",
+        "reply_help": "请回复“{ref} 1”接单，或“{ref} 2”表示无法前往。",
+        "reply_not_recipient": "您不是编号{ref}的通知对象，无法确认。",
+        "reply_no_alarm": "当前没有需要您确认的紧急呼叫。",
     },
     "en": {
         "family": "[SOS] {name} pressed the alarm button at {time} ({address}). "
                   "{staff}Please keep your phone free. Ref {ref}",
         "staff": "[SOS] {name} ({community}) needs help at {address}, about {distance} "
-                 "from you. Please go now; reply \"{ref} 1\" to take it.",
+                 "from you. Please go now; reply \"{ref} 1\" to take it. {map}",
         "facility": "[SOS] {name} ({address}) raised an alarm and may need medical help; "
                     "community staff are on the way. Ref {ref}",
         "staff_line": "Community worker {responder} is on the way. ",
         "no_staff": "The command center is calling community staff. ",
+        "taken": "[SOS] Ref {ref}: {name}'s call has been taken by {who}. Thank you.",
+        "cancelled": "[SOS] Ref {ref}: {name} cancelled the call; the community will check in.",
         "spoken": "Emergency call. {community}, {name}, {address}.",
         "spoken_unknown": "Emergency call from an unregistered device, {address}.",
+        "reply_thanks": "Confirmed: the alarm is yours. Thank you! Ref {ref}",
+        "reply_already": "Ref {ref} has already been taken by {who}.",
+        "reply_declined": "Noted; we are telling others. Ref {ref}",
+        "reply_help": "Reply \"{ref} 1\" to take the alarm or \"{ref} 2\" if you cannot go.",
+        "reply_not_recipient": "You were not notified of {ref} and cannot confirm it.",
+        "reply_no_alarm": "There is no alarm waiting for your confirmation.",
     },
 }
 
@@ -62,11 +79,12 @@ def format_distance(metres: float, language: str = "zh") -> str:
     return f"{km}公里" if language == "zh" else f"{km} km"
 
 
-def _fit(template: str, fields: dict[str, str], shrink: str = "address") -> str:
+def _fit(template: str, fields: dict[str, str], shrink: str = "address",
+         limit: int = MAX_SEGMENTS) -> str:
     """Render; shorten ``fields[shrink]`` from the middle until the text fits."""
     text = template.format(**fields)
     value = fields.get(shrink, "")
-    while segments(text) > MAX_SEGMENTS and len(value) > 4:
+    while segments(text) > limit and len(value) > 4:
         cut = max(1, len(value) // 8)
         keep_head = (len(value) - cut) // 2
         value = value[:keep_head] + "…" + value[keep_head + cut + 1:]
@@ -94,10 +112,26 @@ class Composer:
     def family(self, facts: AlarmFacts, language: str = "zh") -> str:
         return _fit(self._lang(language)["family"], self._common(facts, language))
 
-    def staff(self, facts: AlarmFacts, distance_m: float, language: str = "zh") -> str:
+    def staff(self, facts: AlarmFacts, distance_m: float, language: str = "zh",
+              map_url: str | None = None) -> str:
         fields = self._common(facts, language)
         fields["distance"] = format_distance(distance_m, language)
-        return _fit(self._lang(language)["staff"], fields)
+        # A map link costs a segment or two; it is off unless configured.
+        fields["map"] = map_url or ""
+        return _fit(self._lang(language)["staff"], fields,
+                    limit=MAX_SEGMENTS + (2 if map_url else 0))
+
+    def taken(self, facts: AlarmFacts, who: str, language: str = "zh") -> str:
+        fields = self._common(facts, language)
+        fields["who"] = who
+        return _fit(self._lang(language)["taken"], fields)
+
+    def cancelled(self, facts: AlarmFacts, language: str = "zh") -> str:
+        return _fit(self._lang(language)["cancelled"], self._common(facts, language))
+
+    def reply(self, kind: str, language: str = "zh", **fields: str) -> str:
+        """Text sent back to someone who replied to an alarm SMS."""
+        return self._lang(language)[f"reply_{kind}"].format(**fields)
 
     def facility(self, facts: AlarmFacts, language: str = "zh") -> str:
         return _fit(self._lang(language)["facility"], self._common(facts, language))
@@ -113,7 +147,8 @@ def validate_templates(templates: Mapping[str, Mapping[str, str]]) -> Sequence[s
     """Problems with configured templates (missing kinds, unknown placeholders)."""
     problems: list[str] = []
     sample = {"ref": "ABCD-EFGH", "name": "x", "community": "x", "address": "x",
-              "time": "00:00", "staff": "", "distance": "1", "responder": "x"}
+              "time": "00:00", "staff": "", "distance": "1", "responder": "x", "map": "",
+              "who": "x"}
     for lang, kinds in templates.items():
         for kind in DEFAULT_TEMPLATES["zh"]:
             if kind not in kinds:
@@ -123,7 +158,7 @@ def validate_templates(templates: Mapping[str, Mapping[str, str]]) -> Sequence[s
                 kinds[kind].format(**sample)
             except (KeyError, IndexError, ValueError) as exc:
                 problems.append(f"{lang}.{kind}: bad placeholder {exc}")
-        for kind in ("family", "staff", "facility"):
+        for kind in ("family", "staff", "facility", "taken", "cancelled"):
             if kind in kinds and "{ref}" not in kinds[kind]:
                 problems.append(f"{lang}.{kind}: must contain {{ref}} (the alarm reference)")
     return problems

@@ -1,0 +1,188 @@
+"""Escalation waves with an injected clock, acknowledgement by SMS reply, cancel from the
+device, and wave timers rebuilt from the journal after a restart."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+
+from devices.events import Qualifier
+from devices.surgard import ACK, encode_mlr2
+from gateway.daemon import Gateway
+from gateway.dispatch import WAVE_CANCELLED, WAVE_TAKEN
+from gateway.lifecycle import AlarmState
+from gateway.model import Device, FacilityKind, ResponderRole
+from gateway.sandbox.twilio_double import TwilioDouble
+from tests.conftest import Pty, eventually, gateway_config, running, secrets_for
+
+pytestmark = pytest.mark.integration
+
+
+class FakeTime:
+    """Wall clock that only moves when the dispatcher 'sleeps' (escalation timers)."""
+
+    def __init__(self) -> None:
+        self.t = time.time()
+        self.slept: list[float] = []
+
+    def clock(self) -> float:
+        return self.t
+
+    async def sleep(self, seconds: float) -> None:
+        self.slept.append(round(seconds, 3))
+        self.t += seconds
+        await asyncio.sleep(0)
+
+
+def serial_cfg(tmp_path: Path, pty: Pty, twilio: TwilioDouble) -> object:
+    return gateway_config(tmp_path, twilio, serial=[{
+        "name": "rx", "port": pty.path, "protocol": "surgard", "reconnect_initial_s": 0.05}])
+
+
+def first_contact_id_device(gw: Gateway) -> Device:
+    assert gw.registry is not None
+    return sorted((d for d in gw.registry.devices.values() if d.scheme == "contact_id"),
+                  key=lambda d: d.device_id)[0]
+
+
+async def press(pty: Pty, device: Device, code: str = "101") -> None:
+    pty.write(encode_mlr2("01", "1", device.address, Qualifier.NEW, code, "01", "001"))
+    assert await pty.read() == ACK
+
+
+async def test_waves_fire_at_their_times_until_the_hospital(
+    tmp_path: Path, pty: Pty, twilio: TwilioDouble
+) -> None:
+    fake = FakeTime()
+    gw = Gateway(serial_cfg(tmp_path, pty, twilio), secrets_for(twilio),  # type: ignore[arg-type]
+                 clock=fake.clock, sleep=fake.sleep)
+    async with running(gw):
+        assert gw.journal is not None and gw.dispatcher is not None and gw.registry is not None
+        await eventually(gw.serial[0].connected.is_set)
+        device = first_contact_id_device(gw)
+        await press(pty, device)
+        alarm = (await eventually(gw.journal.open_alarms))[0]
+        task = gw.dispatcher.active[alarm.alarm_id].task
+        assert task is not None
+        await asyncio.wait_for(task, 20)  # all three waves, no acknowledgement
+        notes = await gw.journal.notifications(alarm.alarm_id)
+        by_wave: dict[int, list[str]] = {}
+        for n in notes:
+            by_wave.setdefault(n.wave, []).append(n.role)
+            assert n.state == "accepted"
+        elder = gw.registry.elders[device.elder_id]
+        supervisors = [r for r in gw.registry.responders.values()
+                       if r.role is ResponderRole.SUPERVISOR]
+        assert sorted(by_wave[1]) == sorted(["family"] * len(elder.contacts) + ["responder"] * 2)
+        assert by_wave[2].count("responder") == 3
+        assert by_wave[2].count("supervisor") == len(supervisors)
+        assert by_wave[3] == ["facility"]
+        created = {n.wave: n.created_at - alarm.received_at for n in notes}
+        assert created[1] == pytest.approx(0, abs=1)
+        assert created[2] == pytest.approx(120, abs=1)
+        assert created[3] == pytest.approx(300, abs=1)
+        hospital = gw.dispatcher.active[alarm.alarm_id].geo
+        assert hospital is not None
+        assert notes[-1].phone == hospital.facilities[FacilityKind.HOSPITAL].phone
+        # Nobody is told twice, and every message quotes the alarm reference.
+        assert len({m.to for m in twilio.messages}) == len(twilio.messages) == len(notes)
+        assert all(alarm.alarm_id in m.body for m in twilio.messages)
+        log = [ev for _, ev, _ in await gw.journal.alarm_log(alarm.alarm_id)]
+        assert log.count("alarm.notifying") == 3
+
+
+async def test_sms_reply_acknowledges_stops_escalation_and_tells_the_others(
+    tmp_path: Path, pty: Pty, twilio: TwilioDouble
+) -> None:
+    gw = Gateway(serial_cfg(tmp_path, pty, twilio), secrets_for(twilio))  # type: ignore[arg-type]
+    async with running(gw):
+        assert gw.journal is not None and gw.dispatcher is not None and gw.player is not None
+        await eventually(gw.serial[0].connected.is_set)
+        await press(pty, first_contact_id_device(gw))
+        alarm = (await eventually(gw.journal.open_alarms))[0]
+        await gw.dispatcher.wait_idle(timeout=15)
+        wave1 = await gw.journal.notifications(alarm.alarm_id)
+        staff = next(n for n in wave1 if n.role == "responder")
+        # A stranger cannot take the alarm.
+        answer = await gw.dispatcher.on_reply("+8613900000000", alarm.alarm_id, "ack")
+        assert "不是" in answer
+        assert (await gw.journal.get_alarm(alarm.alarm_id)).state is AlarmState.NOTIFIED
+        # The staff member replies "1" without the reference: the latest alarm is found.
+        answer = await gw.dispatcher.on_reply(staff.phone, None, "ack")
+        assert alarm.alarm_id in answer and "确认" in answer
+        rec = await gw.journal.get_alarm(alarm.alarm_id)
+        assert rec.state is AlarmState.ACKNOWLEDGED
+        assert rec.acknowledged_by == f"sms:{staff.name}"
+        assert alarm.alarm_id not in gw.player.active()
+        task = gw.dispatcher.active[alarm.alarm_id].task
+        assert task is not None
+        await asyncio.wait_for(task, 10)  # the wave-2 timer ended with the acknowledgement
+        others = {n.phone for n in wave1} - {staff.phone}
+        taken = await eventually(lambda: _wave(gw, alarm.alarm_id, WAVE_TAKEN, len(others)))
+        assert {n.phone for n in taken} == others
+        assert all(staff.name in n.body for n in taken)
+        assert {n.wave for n in await gw.journal.notifications(alarm.alarm_id)} == {1, WAVE_TAKEN}
+        second = await gw.dispatcher.on_reply(next(iter(others)), alarm.alarm_id, "ack")
+        assert staff.name in second and "已由" in second
+
+
+async def _wave(gw: Gateway, alarm_id: str, wave: int, n: int) -> list[object] | None:
+    assert gw.journal is not None
+    rows = [r for r in await gw.journal.notifications(alarm_id)
+            if r.wave == wave and r.state == "accepted"]
+    return rows if len(rows) == n else None  # type: ignore[return-value]
+
+
+async def test_cancel_from_the_device_stops_the_alert_and_tells_those_told(
+    tmp_path: Path, pty: Pty, twilio: TwilioDouble
+) -> None:
+    gw = Gateway(serial_cfg(tmp_path, pty, twilio), secrets_for(twilio))  # type: ignore[arg-type]
+    async with running(gw):
+        assert gw.journal is not None and gw.dispatcher is not None and gw.player is not None
+        await eventually(gw.serial[0].connected.is_set)
+        device = first_contact_id_device(gw)
+        await press(pty, device)
+        alarm = (await eventually(gw.journal.open_alarms))[0]
+        await gw.dispatcher.wait_idle(timeout=15)
+        told = {n.phone for n in await gw.journal.notifications(alarm.alarm_id)}
+        await press(pty, device, code="406")  # the elder presses cancel
+        await eventually(lambda: _state(gw, alarm.alarm_id, AlarmState.CANCELLED))
+        assert alarm.alarm_id not in gw.player.active()
+        cancelled = await eventually(lambda: _wave(gw, alarm.alarm_id, WAVE_CANCELLED,
+                                                   len(told)))
+        assert all("取消" in n.body for n in cancelled)  # type: ignore[attr-defined]
+
+
+async def _state(gw: Gateway, alarm_id: str, state: AlarmState) -> bool:
+    assert gw.journal is not None
+    return (await gw.journal.get_alarm(alarm_id)).state is state
+
+
+async def test_restart_rebuilds_the_escalation_timer_from_the_journal(
+    tmp_path: Path, pty: Pty, twilio: TwilioDouble
+) -> None:
+    cfg = serial_cfg(tmp_path, pty, twilio)
+    gw = Gateway(cfg, secrets_for(twilio))  # type: ignore[arg-type]
+    async with running(gw):
+        assert gw.journal is not None and gw.dispatcher is not None
+        await eventually(gw.serial[0].connected.is_set)
+        await press(pty, first_contact_id_device(gw))
+        alarm = (await eventually(gw.journal.open_alarms))[0]
+        await gw.dispatcher.wait_idle(timeout=15)
+    first_wave = len(twilio.messages)
+    # The gateway comes back 130 s after the press: wave 2 is overdue and goes out at once;
+    # wave 1 is not sent again.
+    fake = FakeTime()
+    fake.t = alarm.received_at + 130
+    gw2 = Gateway(cfg, secrets_for(twilio), clock=fake.clock,  # type: ignore[arg-type]
+                  sleep=fake.sleep)
+    async with running(gw2):
+        assert gw2.journal is not None
+        rows = await eventually(lambda: _wave(gw2, alarm.alarm_id, 2, 3 + 3))
+        assert rows
+        notes = await gw2.journal.notifications(alarm.alarm_id)
+        assert [n.wave for n in notes].count(1) == first_wave
+        assert fake.slept and fake.slept[0] == pytest.approx(300 - 130, abs=1)
