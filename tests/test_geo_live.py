@@ -1,0 +1,117 @@
+"""Geo inside the running gateway: live responder positions over MQTT change who is sent,
+and a registry reload (SIGHUP) swaps indexes without touching alarms in flight."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import aiomqtt
+import pytest
+from structlog.testing import capture_logs
+
+from gateway.daemon import Gateway, install_signal_handlers
+from gateway.model import ResponderRole
+from gateway.sandbox.twilio_double import TwilioDouble
+from tests.conftest import (
+    SAMPLE,
+    Mosquitto,
+    eventually,
+    gateway_config,
+    running,
+    secrets_for,
+    z2m_devices,
+)
+
+pytestmark = pytest.mark.integration
+
+
+async def test_a_responder_reporting_a_position_next_door_is_sent_first(
+    tmp_path: Path, mosquitto: Mosquitto, twilio: TwilioDouble
+) -> None:
+    cfg = gateway_config(tmp_path, twilio, mqtt={"enabled": True, "port": mosquitto.port})
+    gw = Gateway(cfg, secrets_for(twilio))
+    device = z2m_devices(1)[0]
+    with capture_logs() as logs:
+        async with running(gw), aiomqtt.Client(mosquitto.host, mosquitto.port) as phone:
+            assert gw.mqtt is not None and gw.geo is not None and gw.registry is not None
+            assert gw.journal is not None and gw.dispatcher is not None
+            await eventually(gw.mqtt.connected.is_set)
+            home = gw.registry.elders[device.elder_id].location
+            before = gw.geo.lookup(home, k=5)
+            near = {r.id for r in before.responders}
+            far = next(r for r in sorted(gw.registry.responders.values(),
+                                         key=lambda r: r.responder_id)
+                       if r.on_duty and r.role is not ResponderRole.SUPERVISOR
+                       and r.responder_id not in near)
+            fix = {"lon": home.lon + 0.0001, "lat": home.lat, "accuracy": 8,
+                   "timestamp": time.time()}
+            await phone.publish(f"responders/{far.responder_id}/location",
+                                json.dumps(fix).encode(), qos=1)
+            await phone.publish("responders/NOBODY/location", json.dumps(fix).encode(), qos=1)
+            await phone.publish(f"responders/{far.responder_id}/location", b"{not json", qos=1)
+            await eventually(lambda: gw.geo is not None
+                             and gw.geo.lookup(home, k=1).responders[0].id == far.responder_id)
+            await phone.publish(device.address, b'{"action":"emergency"}', qos=1)
+            alarm = (await eventually(gw.journal.open_alarms))[0]
+            await gw.dispatcher.wait_idle(timeout=15)
+            geo = gw.dispatcher.active[alarm.alarm_id].geo
+            assert geo is not None
+            first = geo.responders[0]
+            assert first.id == far.responder_id and not first.stale
+            assert first.distance_m < 20
+            assert far.phone in {m.to for m in twilio.messages}
+    events = [e["event"] for e in logs]
+    assert "responder.bad_position" in events  # the malformed fix, logged and ignored
+    assert any(e["event"].startswith("geo.") and "unknown" in e["event"] for e in logs)
+
+
+async def test_sighup_reloads_the_registry_without_touching_alarms_in_flight(
+    tmp_path: Path, mosquitto: Mosquitto, twilio: TwilioDouble
+) -> None:
+    reg = tmp_path / "registry"
+    shutil.copytree(SAMPLE, reg)
+    cfg = gateway_config(tmp_path, twilio, registry={"directory": str(reg)},
+                         mqtt={"enabled": True, "port": mosquitto.port})
+    gw = Gateway(cfg, secrets_for(twilio))
+    device = z2m_devices(1)[0]
+    async with running(gw):
+        assert gw.mqtt is not None and gw.journal is not None and gw.dispatcher is not None
+        install_signal_handlers(gw)
+        await eventually(gw.mqtt.connected.is_set)
+        async with aiomqtt.Client(mosquitto.host, mosquitto.port) as client:
+            await client.publish(device.address, b'{"action":"emergency"}', qos=1)
+        alarm = (await eventually(gw.journal.open_alarms))[0]
+        old = gw.registry
+        assert old is not None
+        # Ops take every grid leader of the elder's community off duty and send SIGHUP.
+        community = old.elders[device.elder_id].community
+        lines = (reg / "responders.csv").read_text(encoding="utf-8").splitlines()
+        out = [lines[0]]
+        for line in lines[1:]:
+            cells = line.split(",")
+            if cells[3] == community:
+                cells[5] = "false"
+            out.append(",".join(cells))
+        (reg / "responders.csv").write_text("\n".join(out) + "\n", encoding="utf-8")
+        os.kill(os.getpid(), signal.SIGHUP)
+        await eventually(lambda: gw.registry is not old)
+        assert gw.registry is not None and gw.geo is not None
+        home = gw.registry.elders[device.elder_id].location
+        assert all(gw.registry.responders[r.id].community != community
+                   for r in gw.geo.lookup(home, k=5).responders)
+        assert alarm.alarm_id in gw.dispatcher.active  # the alarm in flight is untouched
+        await gw.dispatcher.wait_idle(timeout=15)
+        assert {n.state for n in await gw.journal.notifications(alarm.alarm_id)} == {
+            "accepted"}
+        # A broken registry is refused and the running one kept.
+        (reg / "elders.csv").write_text("elder_id,name\nE1,x\n", encoding="utf-8")
+        current = gw.registry
+        assert await gw.reload() is False
+        assert gw.registry is current
+    await asyncio.sleep(0)
