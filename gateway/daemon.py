@@ -88,6 +88,7 @@ class Gateway:
     started_at: float = 0.0
     _tasks: asyncio.TaskGroup | None = None
     _sounding_notices: dict[str, str] = field(default_factory=dict)  # subject -> alert id
+    _side_tasks: set[asyncio.Task[Any]] = field(default_factory=set)
 
     def request_stop(self) -> None:
         self.stop_requested.set()
@@ -202,10 +203,13 @@ class Gateway:
         return changed
 
     def _spawn(self, coro: Any, name: str) -> None:
+        """Best-effort side work (MQTT announcements, notices): cancelled at shutdown."""
         if self._tasks is None:
             coro.close()
             return
-        self._tasks.create_task(coro, name=name)
+        task = self._tasks.create_task(coro, name=name)
+        self._side_tasks.add(task)
+        task.add_done_callback(self._side_tasks.discard)
 
     async def _notice(self, notice: Notice) -> None:
         """An operator notice: logged, journaled, published, and heard when critical."""
@@ -359,7 +363,7 @@ class Gateway:
                 await self.stop_requested.wait()
                 log.info("gateway.stopping", phase="intake")
                 systemd.notify("STOPPING=1")
-                for t in links:
+                for t in [*links, *self._side_tasks]:
                     t.cancel()
             self._tasks = None
         log.info("gateway.stopped")
