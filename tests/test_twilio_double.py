@@ -668,3 +668,223 @@ async def test_module_runs_as_a_program_and_prints_credentials() -> None:
         async with asyncio.timeout(10):
             code = await proc.wait()
     assert code == 0
+
+
+# ----------------------------------------------------------------------------- inbound
+
+OUR_NUMBER = SENDER
+
+
+class InboundReceiver:
+    """A stand-in for the gateway's inbound webhook: records forms, answers TwiML."""
+
+    def __init__(self, answer: str, status: int = 200) -> None:
+        self.answer = answer
+        self.status = status
+        self.received: list[tuple[str, dict[str, str], str]] = []
+        self.url = ""
+
+    async def handle(self, request: web.Request) -> web.Response:
+        form = {k: str(v) for k, v in (await request.post()).items()}
+        self.received.append((str(request.url), form, request.headers["X-Twilio-Signature"]))
+        return web.Response(text=self.answer, status=self.status, content_type="text/xml")
+
+
+@pytest.fixture
+async def inbound_server() -> AsyncIterator[InboundReceiver]:
+    rec = InboundReceiver("")
+    app = web.Application()
+    app.router.add_post("/twilio/inbound", rec.handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    rec.url = f"http://127.0.0.1:{runner.addresses[0][1]}/twilio/inbound"
+    try:
+        yield rec
+    finally:
+        await runner.cleanup()
+
+
+async def test_inbound_message_is_listed_and_fetched_with_direction_inbound(
+    double: TwilioDouble, sender: TwilioSender, clock: FakeClock
+) -> None:
+    client = twilio_client(sender)
+    outgoing = await client.messages.create_async(to=GRID_LEADER, from_=OUR_NUMBER, body="alarm")
+    clock.advance(30)
+    inbound = await double.inject_inbound(GRID_LEADER, "K7QM-3XRD 1")
+
+    to_us = await client.messages.list_async(to=OUR_NUMBER)
+    everything = await client.messages.list_async()
+    fetched = await client.messages(inbound.sid).fetch_async()
+
+    assert re.fullmatch(r"SM[0-9a-f]{32}", inbound.sid)
+    assert inbound.to == OUR_NUMBER  # the number that texted the grid leader
+    assert [m.sid for m in to_us] == [inbound.sid]
+    assert to_us[0].direction == "inbound"
+    assert to_us[0].status == "received"
+    assert to_us[0].from_ == GRID_LEADER
+    assert to_us[0].body == "K7QM-3XRD 1"
+    assert to_us[0].date_sent == datetime.fromtimestamp(clock.now, UTC)
+    assert [m.sid for m in everything] == [inbound.sid, outgoing.sid]  # newest first
+    assert everything[1].direction == "outbound-api"
+    assert fetched.direction == "inbound"
+    assert double.message(inbound.sid) == inbound
+    # Outgoing bookkeeping is untouched: inbound messages live apart.
+    assert [m.sid for m in double.messages] == [outgoing.sid]
+    assert double.inbound == [inbound]
+
+
+async def test_inbound_date_filter_and_explicit_to(
+    double: TwilioDouble, sender: TwilioSender, clock: FakeClock
+) -> None:
+    client = twilio_client(sender)
+    early = await double.inject_inbound(GRID_LEADER, "早", to=OUR_NUMBER)
+    clock.advance(600)
+    cut = datetime.fromtimestamp(clock.now, UTC)
+    late = await double.inject_inbound(ELDER_SON, "晚", to=OUR_NUMBER)
+
+    after = await client.messages.list_async(to=OUR_NUMBER, date_sent_after=cut)
+    from_leader = await client.messages.list_async(to=OUR_NUMBER, from_=GRID_LEADER)
+
+    assert [m.sid for m in after] == [late.sid]
+    assert [m.sid for m in from_leader] == [early.sid]
+
+
+async def test_inbound_needs_a_known_or_explicit_number(double: TwilioDouble) -> None:
+    with pytest.raises(ValueError, match="pass to="):
+        await double.inject_inbound(GRID_LEADER, "1")
+    assert double.inbound == []
+
+
+async def test_inbound_webhook_is_signed_and_twiml_reply_is_sent(
+    double: TwilioDouble, inbound_server: InboundReceiver
+) -> None:
+    inbound_server.answer = (
+        '<?xml version="1.0" encoding="UTF-8"?><Response>'
+        "<Message>已确认，谢谢 &lt;王强&gt;</Message></Response>"
+    )
+    double.inbound_webhook_url = inbound_server.url
+    message = await double.inject_inbound(GRID_LEADER, "收到", to=OUR_NUMBER)
+
+    [(url, form, signature)] = inbound_server.received
+    assert RequestValidator(double.auth_token).validate(url, form, signature)
+    assert form["MessageSid"] == message.sid
+    assert form["From"] == GRID_LEADER
+    assert form["To"] == OUR_NUMBER
+    assert form["Body"] == "收到"
+    assert form["AccountSid"] == double.account_sid
+    assert form["NumMedia"] == "0"
+    [delivery] = double.inbound_deliveries
+    assert (delivery.http_status, delivery.error) == (200, None)
+    assert delivery.answer == inbound_server.answer
+    assert double.callbacks == []
+    # Twilio texts the <Message> back, from the number that was written to.
+    [reply] = double.messages
+    assert (reply.to, reply.from_, reply.body) == (GRID_LEADER, OUR_NUMBER, "已确认，谢谢 <王强>")
+    assert reply.direction == "outbound-reply"
+    assert reply.status == "queued"
+
+
+@pytest.mark.parametrize(
+    ("answer", "status"),
+    [
+        ('<?xml version="1.0" encoding="UTF-8"?><Response></Response>', 200),
+        ("<Response><Message>not sent</Message>", 200),  # not well-formed
+        ("<Other><Message>not TwiML</Message></Other>", 200),
+        ("<Response><Message>error page</Message></Response>", 500),
+    ],
+)
+async def test_inbound_webhook_without_a_usable_reply_sends_nothing(
+    double: TwilioDouble, inbound_server: InboundReceiver, answer: str, status: int
+) -> None:
+    inbound_server.answer = answer
+    inbound_server.status = status
+    double.inbound_webhook_url = inbound_server.url
+    await double.inject_inbound(GRID_LEADER, "1", to=OUR_NUMBER)
+
+    assert len(inbound_server.received) == 1
+    assert double.inbound_deliveries[0].http_status == status
+    assert double.messages == []
+
+
+async def test_unreachable_inbound_webhook_is_recorded_and_the_message_kept(
+    double: TwilioDouble, sender: TwilioSender
+) -> None:
+    probe = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = probe.sockets[0].getsockname()[1]
+    probe.close()
+    await probe.wait_closed()
+    double.inbound_webhook_url = f"http://127.0.0.1:{port}/twilio/inbound"
+    message = await double.inject_inbound(GRID_LEADER, "1", to=OUR_NUMBER)
+
+    [delivery] = double.inbound_deliveries
+    assert delivery.http_status is None
+    assert delivery.error
+    listed = await twilio_client(sender).messages.list_async(to=OUR_NUMBER)
+    assert [m.sid for m in listed] == [message.sid]
+
+
+# ----------------------------------------------------------------------------- read faults
+
+
+async def test_list_fault_applies_once_and_leaves_creates_alone(
+    double: TwilioDouble, sender: TwilioSender
+) -> None:
+    client = twilio_client(sender)
+    double.inject(Fault.status(500), target="list")
+    created = await client.messages.create_async(to=ELDER_SON, from_=SENDER, body="x")
+
+    with pytest.raises(TwilioException):
+        await client.messages.list_async(to=ELDER_SON)
+    listed = await client.messages.list_async(to=ELDER_SON)
+
+    assert [m.sid for m in listed] == [created.sid]
+    assert [(r.method, r.status) for r in double.requests] == [
+        ("POST", 201),
+        ("GET", 500),
+        ("GET", 200),
+    ]
+    assert double.pending_faults == 0
+
+
+async def test_list_fault_scoped_to_a_number(
+    double: TwilioDouble, http: aiohttp.ClientSession
+) -> None:
+    double.inject(Fault.error(code=20001, status=400), to=GRID_LEADER, target="list")
+    auth = basic(double.account_sid, double.auth_token)
+    async with http.get(messages_url(double), params={"To": ELDER_SON}, headers=auth) as other:
+        assert other.status == 200
+    async with http.get(messages_url(double), params={"To": GRID_LEADER}, headers=auth) as hit:
+        payload = await hit.json()
+
+    assert (hit.status, payload["code"]) == (400, 20001)
+
+
+async def test_fetch_fault_and_dropped_list(
+    double: TwilioDouble, sender: TwilioSender, http: aiohttp.ClientSession
+) -> None:
+    client = twilio_client(sender)
+    created = await client.messages.create_async(to=ELDER_SON, from_=SENDER, body="x")
+    double.inject(Fault.status(503), target="fetch")
+    # aiohttp repeats an idempotent request once when the connection drops
+    # before an answer, so only a second drop reaches the caller.
+    double.inject(Fault.drop_after_receive(), Fault.drop_after_receive(), target="list")
+
+    with pytest.raises(TwilioRestException) as caught:
+        await client.messages(created.sid).fetch_async()
+    fetched = await client.messages(created.sid).fetch_async()
+    with pytest.raises(aiohttp.ServerDisconnectedError):
+        async with http.get(
+            messages_url(double), headers=basic(double.account_sid, double.auth_token)
+        ):
+            pass
+
+    assert caught.value.status == 503
+    assert fetched.sid == created.sid
+    assert [(r.method, r.status) for r in double.requests if r.path.endswith("Messages.json")] == [
+        ("POST", 201),
+        ("GET", None),
+        ("GET", None),
+    ]
+    assert len(double.messages) == 1

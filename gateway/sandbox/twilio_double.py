@@ -16,8 +16,14 @@ on it:
 * the status progression ``queued -> sent -> delivered`` (or a scripted
   ``undelivered``/``failed`` per number), with signed ``StatusCallback``
   webhooks;
-* faults injected one create request at a time (HTTP 429/5xx, slow answers,
-  a message created but its answer lost) and whole outages.
+* faults injected one request at a time (HTTP 429/5xx, slow answers, a
+  message created but its answer lost), on message creation by default or on
+  list/fetch requests, and whole outages;
+* inbound messages (a person replying to our number): injected with
+  :meth:`TwilioDouble.inject_inbound`, listed and fetched with ``direction``
+  ``inbound``, and POSTed, signed, to ``inbound_webhook_url`` when it is set;
+  a TwiML ``<Message>`` in the webhook's answer becomes an ``outbound-reply``
+  message, as Twilio sends it.
 
 Every request is recorded with its arrival time, so tests can count attempts
 and check that requests overlapped.
@@ -36,6 +42,7 @@ import hmac
 import re
 import secrets
 import time
+import xml.etree.ElementTree as ET
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime
@@ -55,7 +62,9 @@ from gateway.smstext import segments
 __all__ = [
     "DEFAULT_ACCOUNT_SID",
     "CallbackDelivery",
+    "Direction",
     "Fault",
+    "FaultTarget",
     "RecordedRequest",
     "SentMessage",
     "TwilioDouble",
@@ -73,6 +82,9 @@ API_VERSION: Final = "2010-04-01"
 MAX_BODY_CHARS: Final = 1600
 FINAL_STATUSES: Final = frozenset({"delivered", "undelivered", "failed"})
 _SCRIPTABLE_FINALS: Final = frozenset({"sent", "delivered", "undelivered", "failed"})
+# How much of a webhook's answer the double reads: a bound, so that a runaway
+# test server cannot exhaust memory; real TwiML answers are a few hundred bytes.
+_MAX_WEBHOOK_ANSWER: Final = 64 * 1024
 
 _E164 = re.compile(r"^\+[1-9]\d{1,14}$")
 _ALPHANUMERIC_SENDER = re.compile(r"^(?=.*[A-Za-z])[A-Za-z0-9 ]{1,11}$")
@@ -113,10 +125,19 @@ _DEFAULT_CODE_FOR_STATUS: Final[Mapping[int, int]] = {
 
 # ----------------------------------------------------------------------------- records
 
+#: ``outbound-api``: created through the REST API; ``outbound-reply``: sent by
+#: Twilio from a TwiML ``<Message>`` answering an inbound webhook; ``inbound``:
+#: a message a person sent to one of our numbers.
+Direction = Literal["outbound-api", "outbound-reply", "inbound"]
+
 
 @dataclass(frozen=True, slots=True)
 class SentMessage:
-    """One message the double accepted. Replaced (not mutated) as its status moves on."""
+    """One message the double accepted (or, with ``direction`` ``inbound``, received).
+
+    Replaced (not mutated) as its status moves on. An inbound message has
+    status ``received``, ``from_`` the person's number and ``to`` ours.
+    """
 
     sid: str
     to: str
@@ -132,6 +153,7 @@ class SentMessage:
     date_sent: datetime | None = None
     date_updated: datetime | None = None
     validity_period: int | None = None
+    direction: Direction = "outbound-api"
 
 
 @dataclass(slots=True)
@@ -153,21 +175,27 @@ class RecordedRequest:
 
 @dataclass(frozen=True, slots=True)
 class CallbackDelivery:
-    """One status callback the double POSTed (or failed to)."""
+    """One webhook the double POSTed (or failed to): a status callback, or an
+    inbound message (then ``answer`` holds the body of the answer, the TwiML)."""
 
     url: str
     params: dict[str, str]
     signature: str
     http_status: int | None
     error: str | None
+    answer: str | None = None
 
 
 FaultKind = Literal["status", "delay", "drop", "error"]
+#: Which requests a queued fault applies to: message creation (the default),
+#: the Messages list, or fetching one message.
+FaultTarget = Literal["create", "list", "fetch"]
 
 
 @dataclass(frozen=True, slots=True)
 class Fault:
-    """A misbehaviour applied to exactly one message-create request.
+    """A misbehaviour applied to exactly one request (a message create unless
+    queued for ``list`` or ``fetch``, see :meth:`TwilioDouble.inject`).
 
     Build them with the class methods; queue them with :meth:`TwilioDouble.inject`.
     """
@@ -201,7 +229,8 @@ class Fault:
 
     @classmethod
     def drop_after_receive(cls) -> Fault:
-        """Create the message, then close the connection without answering."""
+        """Create the message, then close the connection without answering
+        (on a list or fetch: close it without answering)."""
         return cls("drop")
 
     @classmethod
@@ -224,6 +253,7 @@ class _DropConnection(Exception):
 class _QueuedFault:
     fault: Fault
     to: str | None
+    target: FaultTarget = "create"
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -310,6 +340,7 @@ class TwilioDouble:
     ``sent_delay`` and ``delivered_delay`` (seconds) drive the automatic status
     progression; ``None`` stops it at that step until :meth:`advance` is called.
     ``clock`` is the wall clock used for ``date_created``/``date_sent``.
+    ``inbound_webhook_url`` is where :meth:`inject_inbound` POSTs (settable later).
     """
 
     def __init__(
@@ -323,6 +354,7 @@ class TwilioDouble:
         sent_delay: float | None = 0.05,
         delivered_delay: float | None = 0.05,
         callback_timeout: float = 5.0,
+        inbound_webhook_url: str | None = None,
     ) -> None:
         if not _ACCOUNT_SID.fullmatch(account_sid):
             raise ValueError(f"account_sid must be 'AC' + 32 lowercase hex, got {account_sid!r}")
@@ -338,11 +370,20 @@ class TwilioDouble:
         self.delivered_delay = delivered_delay
         self._callback_timeout = callback_timeout
 
-        self.messages: list[SentMessage] = []
+        #: Where inbound messages are POSTed (Twilio's "A message comes in"
+        #: webhook of the number); ``None``: they are only listed.
+        self.inbound_webhook_url = inbound_webhook_url
+
+        self.messages: list[SentMessage] = []  # outgoing, oldest first
+        self.inbound: list[SentMessage] = []  # received from people, oldest first
         self.requests: list[RecordedRequest] = []
-        self.callbacks: list[CallbackDelivery] = []
+        self.callbacks: list[CallbackDelivery] = []  # status callbacks
+        self.inbound_deliveries: list[CallbackDelivery] = []  # inbound webhooks
 
         self._index: dict[str, int] = {}
+        self._inbound_index: dict[str, int] = {}
+        # Creation order across both directions, for Twilio's newest-first listing.
+        self._sequence: dict[str, int] = {}
         self._faults: list[_QueuedFault] = []
         self._final_by_number: dict[str, _Outcome] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -448,10 +489,12 @@ class TwilioDouble:
 
     # -- scripting -----------------------------------------------------------------
 
-    def inject(self, *faults: Fault, to: str | None = None) -> None:
-        """Queue faults (FIFO). Each is consumed by one message-create request,
-        only by one addressed to ``to`` when given."""
-        self._faults.extend(_QueuedFault(f, to) for f in faults)
+    def inject(self, *faults: Fault, to: str | None = None, target: FaultTarget = "create") -> None:
+        """Queue faults (FIFO per target). Each is consumed by one request of
+        ``target`` (message create by default; ``list`` or ``fetch``), only by one
+        concerning ``to`` when given (the ``To`` field or filter, or the fetched
+        message's recipient)."""
+        self._faults.extend(_QueuedFault(f, to, target) for f in faults)
 
     @property
     def pending_faults(self) -> int:
@@ -512,8 +555,62 @@ class TwilioDouble:
         return list(self.messages)
 
     def message(self, sid: str) -> SentMessage:
-        """The current state of message ``sid`` (``KeyError`` if unknown)."""
+        """The current state of message ``sid``, outgoing or inbound (``KeyError``
+        if unknown)."""
+        if sid in self._inbound_index:
+            return self.inbound[self._inbound_index[sid]]
         return self.messages[self._index[sid]]
+
+    async def inject_inbound(self, from_: str, body: str, to: str | None = None) -> SentMessage:
+        """A person at ``from_`` texts ``body`` to our number ``to``.
+
+        ``to`` defaults to the sender number of the latest outgoing message to
+        ``from_`` (a reply goes to the number that texted you); ``ValueError``
+        when there is none. The message is listed and fetched with direction
+        ``inbound`` and status ``received``. When :attr:`inbound_webhook_url` is
+        set it is POSTed there, signed like Twilio, before this returns (the
+        delivery is recorded in :attr:`inbound_deliveries`); a TwiML
+        ``<Message>`` in the answer is sent back to ``from_`` as an
+        ``outbound-reply`` message.
+        """
+        if not from_:
+            raise ValueError("from_ is required")
+        if to is None:
+            to = self._our_number_for(from_)
+        now = datetime.fromtimestamp(self._clock(), UTC)
+        message = SentMessage(
+            sid=_new_sid("SM"),
+            to=to,
+            from_=from_,
+            messaging_service_sid=None,
+            body=body,
+            status_callback=None,
+            received_at=asyncio.get_running_loop().time(),
+            date_created=now,
+            num_segments=segments(body),
+            status="received",
+            date_sent=now,
+            date_updated=now,
+            direction="inbound",
+        )
+        self._inbound_index[message.sid] = len(self.inbound)
+        self.inbound.append(message)
+        self._sequence[message.sid] = len(self._sequence)
+        log.info(
+            "twilio_double.inbound_received",
+            sid=message.sid,
+            from_=mask_phone(from_),
+            to=mask_phone(to),
+        )
+        if self.inbound_webhook_url is not None:
+            await self._post_inbound(self.inbound_webhook_url, message)
+        return message
+
+    def _our_number_for(self, person: str) -> str:
+        for sent in reversed(self.messages):
+            if sent.to == person and sent.from_ is not None:
+                return sent.from_
+        raise ValueError(f"no outgoing message to {mask_phone(person)} names our number: pass to=")
 
     async def advance(self, sid: str | None = None) -> None:
         """Move one message (or every message) to its final status now,
@@ -586,9 +683,14 @@ class TwilioDouble:
         # Twilio includes ErrorCode only when the message failed.
         if message.error_code is not None:
             params["ErrorCode"] = str(message.error_code)
+        self.callbacks.append(await self._post_signed(url, params, message.sid))
+
+    async def _post_signed(self, url: str, params: dict[str, str], sid: str) -> CallbackDelivery:
+        """POST ``params`` to ``url`` with Twilio's signature; never raises."""
         signature = self._validator.compute_signature(url, params)
         http_status: int | None = None
         error: str | None = None
+        answer: str | None = None
         session = self._started(self._session)
         try:
             async with (
@@ -598,12 +700,66 @@ class TwilioDouble:
                 ) as response,
             ):
                 http_status = response.status
-                await response.read()
+                raw = bytearray()
+                # read(n) returns what has arrived so far, not n bytes: loop to EOF.
+                while len(raw) < _MAX_WEBHOOK_ANSWER and (
+                    chunk := await response.content.read(_MAX_WEBHOOK_ANSWER - len(raw))
+                ):
+                    raw += chunk
+                answer = raw.decode("utf-8", errors="replace")
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            # Twilio does not retry a failed status callback either; record it.
+            # Twilio does not retry a failed webhook either; record it.
             error = f"{type(exc).__name__}: {exc}"
-            log.warning("twilio_double.callback_failed", sid=message.sid, error=error)
-        self.callbacks.append(CallbackDelivery(url, params, signature, http_status, error))
+            log.warning("twilio_double.callback_failed", sid=sid, error=error)
+        return CallbackDelivery(url, params, signature, http_status, error, answer)
+
+    async def _post_inbound(self, url: str, message: SentMessage) -> None:
+        params = {
+            "AccountSid": self.account_sid,
+            "ApiVersion": API_VERSION,
+            "MessageSid": message.sid,
+            "SmsSid": message.sid,
+            "SmsMessageSid": message.sid,
+            "SmsStatus": "received",
+            "From": message.from_ or "",
+            "To": message.to,
+            "Body": message.body,
+            "NumMedia": "0",
+            "NumSegments": str(message.num_segments),
+        }
+        delivery = await self._post_signed(url, params, message.sid)
+        self.inbound_deliveries.append(delivery)
+        if delivery.http_status != 200 or not delivery.answer:
+            return
+        for reply in self._twiml_messages(delivery.answer, message.sid):
+            # Twilio sends the reply from the number that received the message.
+            self._record_message(
+                {"To": message.from_ or "", "From": message.to, "Body": reply},
+                direction="outbound-reply",
+            )
+
+    @staticmethod
+    def _twiml_messages(answer: str, sid: str) -> list[str]:
+        """The texts of the ``<Message>`` verbs of a TwiML answer (Twilio logs
+        error 12100 for a document it cannot parse and sends nothing)."""
+        try:
+            # The answer comes from the webhook a test pointed the double at, on
+            # this machine, and is size-bounded; it is not untrusted input.
+            root = ET.fromstring(answer)  # noqa: S314
+        except ET.ParseError as exc:
+            log.warning("twilio_double.twiml_invalid", sid=sid, error=str(exc))
+            return []
+        if root.tag != "Response":
+            log.warning("twilio_double.twiml_invalid", sid=sid, error=f"root <{root.tag}>")
+            return []
+        texts: list[str] = []
+        for verb in root.iter("Message"):
+            # <Message>text</Message> or <Message><Body>text</Body></Message>.
+            body = verb.find("Body")
+            text = "".join((body if body is not None else verb).itertext()).strip()
+            if text:
+                texts.append(text)
+        return texts
 
     # -- HTTP ------------------------------------------------------------------------
 
@@ -672,12 +828,44 @@ class TwilioDouble:
             return _error_response(20404, 404, path=request.path)
         return None
 
-    def _take_fault(self, to: str | None) -> Fault | None:
+    def _take_fault(self, to: str | None, target: FaultTarget = "create") -> Fault | None:
         for position, queued in enumerate(self._faults):
-            if queued.to is None or queued.to == to:
+            if queued.target == target and (queued.to is None or queued.to == to):
                 del self._faults[position]
                 return queued.fault
         return None
+
+    async def _apply_fault(self, fault: Fault, to: str | None) -> web.Response | None:
+        """The answer a fault imposes, or ``None`` to go on handling the request
+        (after a delay; a drop is up to the caller)."""
+        log.info("twilio_double.fault", kind=fault.kind, status=fault.http_status)
+        if fault.kind == "status":
+            headers: dict[str, str] | None = None
+            if isinstance(fault.retry_after, str):
+                headers = {"Retry-After": fault.retry_after}
+            elif fault.retry_after is not None:
+                headers = {"Retry-After": f"{fault.retry_after:g}"}
+            code = fault.code if fault.code is not None else fault.http_status
+            return _error_response(code, fault.http_status, headers=headers)
+        if fault.kind == "error":
+            code = fault.code if fault.code is not None else fault.http_status
+            return _error_response(code, fault.http_status, to=to or "")
+        if fault.kind == "delay":
+            closing = self._started(self._closing)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(closing.wait(), fault.seconds)
+            if closing.is_set():
+                raise _DropConnection
+        return None
+
+    async def _read_fault(self, target: FaultTarget, to: str | None) -> web.Response | None:
+        """Apply the next queued fault of a list or fetch request, if any."""
+        fault = self._take_fault(to, target)
+        if fault is None:
+            return None
+        if fault.kind == "drop":
+            raise _DropConnection
+        return await self._apply_fault(fault, to)
 
     async def _create(self, request: web.Request) -> web.StreamResponse:
         if (wrong := self._wrong_account(request)) is not None:
@@ -685,25 +873,8 @@ class TwilioDouble:
         form = await _form(request)
         to = form.get("To")
         fault = self._take_fault(to)
-        if fault is not None:
-            log.info("twilio_double.fault", kind=fault.kind, status=fault.http_status)
-            if fault.kind == "status":
-                headers: dict[str, str] | None = None
-                if isinstance(fault.retry_after, str):
-                    headers = {"Retry-After": fault.retry_after}
-                elif fault.retry_after is not None:
-                    headers = {"Retry-After": f"{fault.retry_after:g}"}
-                code = fault.code if fault.code is not None else fault.http_status
-                return _error_response(code, fault.http_status, headers=headers)
-            if fault.kind == "error":
-                code = fault.code if fault.code is not None else fault.http_status
-                return _error_response(code, fault.http_status, to=to or "")
-            if fault.kind == "delay":
-                closing = self._started(self._closing)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(closing.wait(), fault.seconds)
-                if closing.is_set():
-                    raise _DropConnection
+        if fault is not None and (answer := await self._apply_fault(fault, to)) is not None:
+            return answer
 
         invalid = self._validate(form)
         if invalid is not None:
@@ -737,7 +908,9 @@ class TwilioDouble:
             return _error_response(21624, 400)
         return None
 
-    def _record_message(self, form: Mapping[str, str]) -> SentMessage:
+    def _record_message(
+        self, form: Mapping[str, str], *, direction: Direction = "outbound-api"
+    ) -> SentMessage:
         loop = asyncio.get_running_loop()
         body = form["Body"]
         validity = form.get("ValidityPeriod")
@@ -755,9 +928,11 @@ class TwilioDouble:
             status="queued",
             date_updated=now,
             validity_period=int(validity) if validity is not None else None,
+            direction=direction,
         )
         self._index[message.sid] = len(self.messages)
         self.messages.append(message)
+        self._sequence[message.sid] = len(self._sequence)
         log.info(
             "twilio_double.message_created",
             sid=message.sid,
@@ -785,7 +960,7 @@ class TwilioDouble:
             "date_created": _rfc2822(message.date_created),
             "date_sent": _rfc2822(message.date_sent),
             "date_updated": _rfc2822(message.date_updated),
-            "direction": "outbound-api",
+            "direction": message.direction,
             "error_code": message.error_code,
             "error_message": None,
             "from": message.from_,
@@ -807,10 +982,17 @@ class TwilioDouble:
     async def _fetch(self, request: web.Request) -> web.StreamResponse:
         if (wrong := self._wrong_account(request)) is not None:
             return wrong
-        index = self._index.get(request.match_info["message_sid"])
-        if index is None:
+        try:
+            message: SentMessage | None = self.message(request.match_info["message_sid"])
+        except KeyError:
+            message = None
+        faulted = await self._read_fault("fetch", message.to if message is not None else None)
+        if faulted is not None:
+            return faulted
+        if message is None:
             return _error_response(20404, 404, path=request.path)
-        return web.json_response(self._message_json(self.messages[index]))
+        # Read again: a delay fault may have let the status move on meanwhile.
+        return web.json_response(self._message_json(self.message(message.sid)))
 
     async def _list(self, request: web.Request) -> web.StreamResponse:
         if (wrong := self._wrong_account(request)) is not None:
@@ -834,6 +1016,9 @@ class TwilioDouble:
                 },
                 status=400,
             )
+        faulted = await self._read_fault("list", query.get("To"))
+        if faulted is not None:
+            return faulted
         # Twilio clamps rather than rejects out-of-range paging.
         page_size = min(max(page_size, 1), 1000)
         page = max(page, 0)
@@ -849,8 +1034,11 @@ class TwilioDouble:
             when = message.date_sent or message.date_created
             return all(_matches_moment(when, bound, relation) for bound, relation in bounds)
 
-        # Newest first, as Twilio lists them.
-        selected = [m for m in reversed(self.messages) if keep(m)]
+        # Newest first, as Twilio lists them; both directions, like Twilio.
+        everything = sorted(
+            [*self.messages, *self.inbound], key=lambda m: self._sequence[m.sid], reverse=True
+        )
+        selected = [m for m in everything if keep(m)]
         start = page * page_size
         chunk = selected[start : start + page_size]
         path = f"/{API_VERSION}/Accounts/{self.account_sid}/Messages.json"
