@@ -46,6 +46,14 @@ from gateway.model import Registry
 from gateway.registry import RegistryError, load_registry
 from gateway.sms import TwilioSender, TwilioSettings
 from gateway.supervision import Notice, Supervisor
+from gateway.webhooks import (
+    STATUS_PATH,
+    InboundPoller,
+    InboundReply,
+    StatusPoller,
+    StatusUpdate,
+    TwilioWebhooks,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -82,6 +90,7 @@ class Gateway:
     mqtt: MqttLink | None = None
     serial: list[SerialLink] = field(default_factory=list)
     supervisor: Supervisor | None = None
+    sender: TwilioSender | None = None
     metrics: Metrics = field(default_factory=Metrics)
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     stop_requested: asyncio.Event = field(default_factory=asyncio.Event)
@@ -146,6 +155,7 @@ class Gateway:
             request_timeout_s=m.request_timeout_s,
             max_attempts=m.max_attempts,
             concurrency=m.concurrency,
+            status_callback_url=(m.public_url + STATUS_PATH) if m.public_url else None,
         )
 
     def _links(self, intake: Intake) -> None:
@@ -247,6 +257,42 @@ class Gateway:
                 del self._sounding_notices[subject]
         return done
 
+    async def _on_reply(self, reply: InboundReply) -> str | None:
+        if self.dispatcher is None:
+            return None
+        return await self.dispatcher.on_reply(reply.from_phone, reply.alarm_ref, reply.intent)
+
+    async def _on_status(self, update: StatusUpdate) -> None:
+        if self.dispatcher is not None:
+            await self.dispatcher.on_delivery(update.message_sid, update.status,
+                                              update.error_code)
+
+    def _pollers(self, tg: asyncio.TaskGroup, sender: TwilioSender) -> list[asyncio.Task[Any]]:
+        """Behind NAT no webhook reaches us: ask Twilio for replies and delivery reports."""
+        m = self.config.model.sms
+        tasks: list[asyncio.Task[Any]] = []
+        if m.poll_inbound_s > 0:
+            if m.from_number:
+                poller = InboundPoller(sender.client, our_numbers=[m.from_number],
+                                       on_reply=self._on_reply, interval_s=m.poll_inbound_s)
+                tasks.append(tg.create_task(poller.run(), name="poll-inbound"))
+            else:
+                log.warning("poll_inbound.unavailable",
+                            reason="needs sms.from_number (a Messaging Service has many)")
+        if m.poll_status_s > 0:
+            tasks.append(tg.create_task(self._poll_status(StatusPoller(sender.client),
+                                                          m.poll_status_s), name="poll-status"))
+        return tasks
+
+    async def _poll_status(self, poller: StatusPoller, every_s: float) -> None:
+        while True:
+            await asyncio.sleep(every_s)
+            if self.journal is None:
+                continue
+            pending = await self.journal.unfinished_deliveries(self.clock() - every_s)
+            for update in await poller.poll_once(r.sid for r in pending if r.sid):
+                await self._on_status(update)
+
     def device_health(self) -> list[dict[str, Any]]:
         if self.supervisor is None:
             return []
@@ -308,6 +354,7 @@ class Gateway:
                 Journal(m.gateway.journal_path, synchronous=m.gateway.journal_synchronous,
                         clock=self.clock))
             sender = await stack.enter_async_context(TwilioSender(twilio))
+            self.sender = sender
             a = m.alert
             self.player = await stack.enter_async_context(AlertPlayer(AlertSettings(
                 backend=a.backend, output_dir=a.output_dir, repeat_interval_s=a.repeat_interval_s,
@@ -340,16 +387,23 @@ class Gateway:
                                  dedupe_window_s=m.gateway.dedupe_window_s, clock=self.clock,
                                  monotonic=self.monotonic, supervisor=self.supervisor)
             resumed = await self.dispatcher.resume_from_journal()
+            routes = []
+            if m.sms.public_url:
+                hooks = TwilioWebhooks(auth_token=twilio.auth_token, public_url=m.sms.public_url,
+                                       on_reply=self._on_reply, on_status=self._on_status)
+                routes = hooks.routes()
+                log.info("webhooks.enabled", inbound=hooks.inbound_url, status=hooks.status_url)
             self.control = await stack.enter_async_context(ControlServer(
                 host=m.control.host, port=m.control.port, journal=self.journal,
                 dispatcher=self.dispatcher, metrics=self.metrics, health=self.health,
                 state_file=m.gateway.state_dir / "control.json", on_reload=self.reload,
-                devices=self.device_health, ack_notice=self.ack_notice))
+                devices=self.device_health, ack_notice=self.ack_notice, extra_routes=routes))
             self._links(self.intake)
             async with asyncio.TaskGroup() as tg:
                 self._tasks = tg
                 links = [tg.create_task(s.run(), name=f"serial-{s.name}") for s in self.serial]
                 links.append(tg.create_task(self.supervisor.run(), name="supervision"))
+                links += self._pollers(tg, sender)
                 if self.mqtt is not None:
                     links.append(tg.create_task(self.mqtt.run(), name="mqtt"))
                 interval = systemd.watchdog_interval_s()
