@@ -368,7 +368,7 @@ class Gateway:
                     map_url_template=m.sms.map_url_template),
                 composer=Composer(m.sms.merged_templates()),
                 clock=self.clock, monotonic=self.monotonic, sleep=self.sleep,
-                on_state=self._announce_state))
+                on_state=self._announce_state, on_notice=self._notice))
             stack.push_async_callback(self._drain, m.gateway.shutdown_timeout_s)
             sv = m.supervision
             self.supervisor = Supervisor(

@@ -53,6 +53,7 @@ from gateway.metrics import Metrics
 from gateway.model import Elder, FacilityKind, Registry, ResponderRole
 from gateway.redact import mask_phone
 from gateway.sms import Attempt, SendResult, SmsSendError
+from gateway.supervision import Notice
 
 log = structlog.get_logger(__name__)
 
@@ -151,7 +152,9 @@ class Dispatcher:
         monotonic: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         on_state: Callable[[str, str, dict[str, Any]], None] | None = None,
+        on_notice: Callable[[Notice], Awaitable[None]] | None = None,
     ) -> None:
+        self._on_notice = on_notice
         self._journal = journal
         self._registry = registry
         self._geo = geo
@@ -418,6 +421,11 @@ class Dispatcher:
             self._metrics.sms_failed.labels(rec.role, reason).inc()
             bound.error("sms.failed", status=exc.status, code=exc.code, permanent=exc.permanent,
                         error=str(exc), recipient=rec.name, latency_ms=self._since(alarm))
+            await self._tell_operator(
+                "sms.failed", alarm.alarm_id,
+                f"编号{alarm.alarm_id}：短信无法发送给{rec.name}（{mask_phone(rec.phone)}，"
+                f"{'号码无效或已退订' if exc.permanent else '多次重试失败'}，代码 {exc.code}），"
+                "请电话联系")
             if rec.id > 0:
                 await self._journal_quietly(self._journal.update_notification(
                     rec.id, NotificationState.FAILED, error_code=exc.code, error=str(exc)))
@@ -625,11 +633,23 @@ class Dispatcher:
         elif status in ("undelivered", "failed"):
             bound.error("sms.undelivered", status=status, error_code=error_code,
                         recipient=rec.name)
+            await self._tell_operator(
+                "sms.undelivered", rec.alarm_id,
+                f"编号{rec.alarm_id}：发给{rec.name}（{mask_phone(rec.phone)}）的短信未送达"
+                f"（{status}，代码 {error_code}），请电话联系")
             alarm = self.active.get(rec.alarm_id)
             if alarm is not None and rec.wave < WAVE_TAKEN:
                 await self._via_fallback(alarm, rec, bound, f"carrier reported {status}")
 
     # -- helpers -------------------------------------------------------------------
+
+    async def _tell_operator(self, kind: str, alarm_id: str, text: str) -> None:
+        if self._on_notice is None:
+            return
+        try:
+            await self._on_notice(Notice(kind, alarm_id, text, self._clock()))
+        except Exception:  # a notice must never break sending
+            log.exception("notice.failed", kind=kind)
 
     def _announce(self, alarm_id: str, state: AlarmState, **extra: Any) -> None:
         if self._on_state is None:

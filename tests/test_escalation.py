@@ -186,3 +186,29 @@ async def test_restart_rebuilds_the_escalation_timer_from_the_journal(
         notes = await gw2.journal.notifications(alarm.alarm_id)
         assert [n.wave for n in notes].count(1) == first_wave
         assert fake.slept and fake.slept[0] == pytest.approx(300 - 130, abs=1)
+
+
+async def test_a_permanent_twilio_error_is_not_retried_and_the_operator_is_told(
+    tmp_path: Path, pty: Pty, twilio: TwilioDouble
+) -> None:
+    from gateway.sandbox.twilio_double import Fault
+
+    gw = Gateway(serial_cfg(tmp_path, pty, twilio), secrets_for(twilio))  # type: ignore[arg-type]
+    async with running(gw):
+        assert gw.journal is not None and gw.dispatcher is not None and gw.registry is not None
+        await eventually(gw.serial[0].connected.is_set)
+        device = first_contact_id_device(gw)
+        bad = gw.registry.elders[device.elder_id].contacts[0]
+        twilio.inject(Fault.error(code=21211), to=bad.phone)
+        await press(pty, device)
+        alarm = (await eventually(gw.journal.open_alarms))[0]
+        await gw.dispatcher.wait_idle(timeout=15)
+        notes = {n.phone: n for n in await gw.journal.notifications(alarm.alarm_id)}
+        assert notes[bad.phone].state == "failed" and notes[bad.phone].error_code == 21211
+        assert all(n.state == "accepted" for p, n in notes.items() if p != bad.phone)
+        attempts = [r for r in twilio.requests
+                    if r.method == "POST" and r.form.get("To") == bad.phone]
+        assert len(attempts) == 1  # permanent: never retried
+        notice = (await eventually(gw.journal.open_notices))[0]
+        assert notice["kind"] == "sms.failed" and bad.name in notice["text"]
+        assert bad.phone not in notice["text"]  # masked
