@@ -37,6 +37,7 @@ from gateway.config import Config, Secrets
 from gateway.control import ControlServer
 from gateway.dispatch import Dispatcher, DispatchSettings, Wave
 from gateway.geo import GeoError, GeoService, Projector, parse_position
+from gateway.gsm import GsmModemSender, GsmSettings
 from gateway.intake import Intake
 from gateway.journal import Journal, UnknownAlarm
 from gateway.lifecycle import IllegalTransition
@@ -355,6 +356,12 @@ class Gateway:
                         clock=self.clock))
             sender = await stack.enter_async_context(TwilioSender(twilio))
             self.sender = sender
+            fallback = None
+            if m.gsm is not None:
+                fallback = await stack.enter_async_context(GsmModemSender(GsmSettings(
+                    port=m.gsm.port, baudrate=m.gsm.baudrate,
+                    command_timeout_s=m.gsm.command_timeout_s,
+                    send_timeout_s=m.gsm.send_timeout_s, max_attempts=m.gsm.max_attempts)))
             a = m.alert
             self.player = await stack.enter_async_context(AlertPlayer(AlertSettings(
                 backend=a.backend, output_dir=a.output_dir, repeat_interval_s=a.repeat_interval_s,
@@ -366,7 +373,7 @@ class Gateway:
                     waves=tuple(Wave(**w.model_dump()) for w in m.escalation.waves),
                     responders_k=m.geo.responders_k, budget_ms=m.sms.budget_ms,
                     map_url_template=m.sms.map_url_template),
-                composer=Composer(m.sms.merged_templates()),
+                composer=Composer(m.sms.merged_templates()), fallback=fallback,
                 clock=self.clock, monotonic=self.monotonic, sleep=self.sleep,
                 on_state=self._announce_state, on_notice=self._notice))
             stack.push_async_callback(self._drain, m.gateway.shutdown_timeout_s)
