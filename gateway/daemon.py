@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import signal
 import time
@@ -114,14 +115,18 @@ class Gateway:
         return self.geo
 
     async def reload(self) -> bool:
-        """Reload the registry and rebuild indexes off the hot path, then swap."""
+        """Reload the registry and rebuild indexes in a worker thread, then swap them in.
+
+        Alarms in flight keep the objects they hold; live responder positions and duty
+        overrides carry over; a broken registry is refused and the running one kept."""
         try:
-            registry, _ = await asyncio.to_thread(load_world, self.config)
+            registry, fresh = await asyncio.to_thread(load_world, self.config)
         except (RegistryError, GeoError, OSError) as exc:
             log.error("registry.reload_failed", error=str(exc), action="kept the old registry")
             return False
-        self.geo = self._geo().rebuilt(registry)
-        self.registry = registry
+        fresh.adopt_live_state(self._geo())  # on the loop thread: the old index is live
+        self.geo, self.registry = fresh, registry
+        gc.freeze()
         log.info("registry.reloaded", elders=len(registry.elders),
                  devices=len(registry.devices), responders=len(registry.responders))
         return True
@@ -346,6 +351,7 @@ class Gateway:
         except (RegistryError, GeoError) as exc:
             raise StartupError(str(exc)) from exc
         self.registry = registry
+        gc.freeze()  # the registry and indexes live forever: keep them out of GC passes
         twilio = self._twilio()
         log.info("gateway.starting", name=m.gateway.name, elders=len(registry.elders),
                  devices=len(registry.devices), responders=len(registry.responders),

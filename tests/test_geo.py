@@ -478,6 +478,30 @@ def test_nearest_responders_at_scale_equal_brute_force() -> None:
         assert_same_distances([planar(query, n.location) for n in got], [w[0] for w in want])
 
 
+def test_a_crowd_of_unavailable_responders_does_not_hide_the_available_ones() -> None:
+    # Around the home: an office of 300 off-duty workers, 300 on-duty workers whose live
+    # fixes put them 20 km away, and 100 assigned to other alarms. The answer lies
+    # beyond all of them in tier 1, so tier 1 must be asked again with larger batches.
+    clock = FakeClock()
+    rng = random.Random(7)
+    people, moves, exclude = [], {}, set()
+    for i in range(700):
+        lon, lat = KENLI.lon + rng.uniform(-0.002, 0.002), KENLI.lat + rng.uniform(-0.002, 0.002)
+        people.append(responder(f"crowd{i:03d}", lon, lat, on_duty=i >= 300))
+        if 300 <= i < 600:
+            moves[f"crowd{i:03d}"] = (LonLat(118.75, 37.75), 0.0)
+        elif i >= 600:
+            exclude.add(f"crowd{i:03d}")
+    people += [responder(f"ok{i}", 118.55 + 0.01 * (i + 1), 37.59) for i in range(4)]
+    scenario = Scenario(people, moves, exclude=exclude)
+    svc = service(registry(people), clock)
+    apply(scenario, svc, clock)
+    got = svc.nearest_responders(KENLI, 3, exclude=exclude)
+    assert [n.id for n in got] == ["ok0", "ok1", "ok2"]
+    want = brute_force(scenario, KENLI, 3, svc.stale_after_s)
+    assert_same_distances([planar(KENLI, n.location) for n in got], [w[0] for w in want])
+
+
 @HYPOTHESIS
 @given(
     places=st.lists(
