@@ -120,28 +120,38 @@ class MqttLink:
         return client
 
     async def run(self) -> None:
-        """Keep a session up until cancelled."""
+        """Keep a session up until cancelled.
+
+        Message handlers belong to the link, not to one connection: a disconnect while
+        a press is being journaled must not cancel it half-way (the commit would land
+        but nobody would be alerted). The handler finishes; its PUBACK goes nowhere,
+        so the broker redelivers and the redelivery joins the now-dispatched alarm.
+        """
         bound = log.bind(channel=self.source, client_id=self._s.client_id)
-        while True:
-            client = self._make_client()
-            try:
-                async with client:
-                    self._client = client
-                    self._backoff.reset()
-                    for topic in [*self._decoder.subscriptions(), *(t for t, _ in self._extra)]:
-                        await client.subscribe(topic, qos=1)
-                    await client.publish(self._s.status_topic, b"online", qos=1, retain=True)
-                    self._set_state(True)
-                    bound.info("mqtt.connected")
-                    await self._consume(client)
-            except aiomqtt.MqttError as exc:
-                bound.warning("mqtt.disconnected", error=str(exc))
-            finally:
-                self._client = None
-                self._set_state(False)
-            delay = self._backoff.next_delay()
-            bound.info("mqtt.reconnecting", retry_in_s=round(delay, 2))
-            await self._sleep(delay)
+        limit = asyncio.Semaphore(self._s.max_inflight)
+        async with asyncio.TaskGroup() as handlers:
+            while True:
+                client = self._make_client()
+                try:
+                    async with client:
+                        self._client = client
+                        self._backoff.reset()
+                        topics = [*self._decoder.subscriptions(), *(t for t, _ in self._extra)]
+                        for topic in topics:
+                            await client.subscribe(topic, qos=1)
+                        await client.publish(self._s.status_topic, b"online", qos=1,
+                                             retain=True)
+                        self._set_state(True)
+                        bound.info("mqtt.connected")
+                        await self._consume(client, handlers, limit)
+                except aiomqtt.MqttError as exc:
+                    bound.warning("mqtt.disconnected", error=str(exc))
+                finally:
+                    self._client = None
+                    self._set_state(False)
+                delay = self._backoff.next_delay()
+                bound.info("mqtt.reconnecting", retry_in_s=round(delay, 2))
+                await self._sleep(delay)
 
     def _set_state(self, up: bool) -> None:
         if up:
@@ -151,23 +161,26 @@ class MqttLink:
         if self._on_state is not None:
             self._on_state(up)
 
-    async def _consume(self, client: aiomqtt.Client) -> None:
-        limit = asyncio.Semaphore(self._s.max_inflight)
-        async with asyncio.TaskGroup() as tg:
-            async for message in client.messages:
-                self.received += 1
-                await limit.acquire()
-                tg.create_task(self._one(client, message, limit))
+    async def _consume(self, client: aiomqtt.Client, handlers: asyncio.TaskGroup,
+                       limit: asyncio.Semaphore) -> None:
+        async for message in client.messages:
+            self.received += 1
+            await limit.acquire()
+            handlers.create_task(self._one(client, message, limit))
 
     async def _one(self, client: aiomqtt.Client, message: aiomqtt.Message,
                    limit: asyncio.Semaphore) -> None:
+        topic = message.topic.value
         try:
-            topic = message.topic.value
             payload = message.payload if isinstance(message.payload, bytes | bytearray) else (
                 str(message.payload).encode() if message.payload is not None else b"")
             if await self._handled(topic, bytes(payload)):
+                # On the connection that delivered it; after a reconnect this is a no-op
+                # and the broker redelivers (the journal dedupes the press).
                 client._client.ack(message.mid, message.qos)  # noqa: SLF001
                 self.acked += 1
+        except Exception:  # a handler bug must not take the link (and the gateway) down
+            log.exception("mqtt.handler_crashed", topic=topic)
         finally:
             limit.release()
 
