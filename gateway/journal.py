@@ -221,9 +221,14 @@ _ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"  # Crockford base32: no I, L, O, 
 
 
 def new_alarm_id() -> str:
-    """Short, unambiguous, random alarm reference, e.g. ``A7K3-9QXM``; quoted in SMS."""
-    chars = "".join(secrets.choice(_ALPHABET) for _ in range(8))
-    return f"{chars[:4]}-{chars[4:]}"
+    """Short, unambiguous, random alarm reference, e.g. ``A7K3-9QXM``; quoted in SMS.
+
+    Never all digits: a reply parser must not confuse a reference with a phone number
+    or a time, so it only accepts references with at least one letter."""
+    while True:
+        chars = "".join(secrets.choice(_ALPHABET) for _ in range(8))
+        if not chars.isdigit():
+            return f"{chars[:4]}-{chars[4:]}"
 
 
 _ALARM_COLS = (

@@ -166,3 +166,12 @@ def test_alarm_ids_are_short_unambiguous_and_distinct() -> None:
     for i in ids:
         assert len(i) == 9 and i[4] == "-"
         assert not set(i) & set("ILOU")
+
+
+def test_alarm_ids_always_contain_a_letter_so_replies_can_quote_them() -> None:
+    from gateway.webhooks import parse_reply
+
+    for _ in range(20_000):
+        alarm_id = new_alarm_id()
+        assert not alarm_id.replace("-", "").isdigit()
+        assert parse_reply(f"{alarm_id} 1") == (alarm_id, "ack")
