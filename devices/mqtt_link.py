@@ -34,7 +34,7 @@ import structlog
 
 from devices.backoff import Backoff
 from devices.events import DeviceProtocolError
-from devices.links import EventSink
+from devices.links import EventSink, LinkState
 from devices.mqtt_payloads import MqttDecoder
 
 log = structlog.get_logger(__name__)
@@ -79,11 +79,11 @@ class MqttLink:
         self._decoder = decoder
         self._sink = sink
         self._extra = list(extra)  # (topic filter, handler) e.g. responder positions
-        self._on_state = on_state
+        self._state = LinkState(on_state)
         self._sleep = sleep
         self._backoff = Backoff(settings.reconnect_initial_s, settings.reconnect_max_s, rng)
         self._client: aiomqtt.Client | None = None
-        self.connected = asyncio.Event()
+        self.connected = self._state.connected
         self.source = f"mqtt:{settings.host}:{settings.port}"
         self.received = 0
         self.acked = 0
@@ -141,25 +141,17 @@ class MqttLink:
                             await client.subscribe(topic, qos=1)
                         await client.publish(self._s.status_topic, b"online", qos=1,
                                              retain=True)
-                        self._set_state(True)
+                        self._state.set(True)
                         bound.info("mqtt.connected")
                         await self._consume(client, handlers, limit)
                 except aiomqtt.MqttError as exc:
                     bound.warning("mqtt.disconnected", error=str(exc))
                 finally:
                     self._client = None
-                    self._set_state(False)
+                    self._state.set(False)
                 delay = self._backoff.next_delay()
                 bound.info("mqtt.reconnecting", retry_in_s=round(delay, 2))
                 await self._sleep(delay)
-
-    def _set_state(self, up: bool) -> None:
-        if up:
-            self.connected.set()
-        else:
-            self.connected.clear()
-        if self._on_state is not None:
-            self._on_state(up)
 
     async def _consume(self, client: aiomqtt.Client, handlers: asyncio.TaskGroup,
                        limit: asyncio.Semaphore) -> None:

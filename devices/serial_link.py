@@ -21,7 +21,7 @@ from serial_asyncio_fast import open_serial_connection
 
 from devices.backoff import Backoff
 from devices.events import Frame
-from devices.links import EventSink
+from devices.links import EventSink, LinkState
 from devices.surgard import ACK, NAK
 
 log = structlog.get_logger(__name__)
@@ -61,9 +61,9 @@ class SerialLink:
         self._baudrate = baudrate
         self._init = tuple(init_commands)
         self._backoff = Backoff(reconnect_initial_s, reconnect_max_s, rng)
-        self._on_state = on_state
+        self._state = LinkState(on_state)
         self._sleep = sleep
-        self.connected = asyncio.Event()
+        self.connected = self._state.connected
         self.frames = 0
         self.reconnects = 0
 
@@ -81,16 +81,16 @@ class SerialLink:
                 continue
             bound.info("serial.connected", reconnects=self.reconnects)
             self._backoff.reset()
-            self._set_state(True)
+            self._state.set(True)
             try:
                 await self._serve(reader, writer)
                 bound.warning("serial.closed", reason="end of stream")
-                self._set_state(False)
+                self._state.set(False)
             except (serial.SerialException, OSError) as exc:
                 bound.warning("serial.disconnected", error=str(exc))
-                self._set_state(False)
+                self._state.set(False)
             except asyncio.CancelledError:
-                self.connected.clear()  # our own shutdown: not a receiver failure
+                self._state.set(False, notify=False)  # our own shutdown: not a failure
                 raise
             finally:
                 writer.close()
@@ -100,14 +100,6 @@ class SerialLink:
             delay = self._backoff.next_delay()
             bound.info("serial.reconnecting", retry_in_s=round(delay, 2))
             await self._sleep(delay)
-
-    def _set_state(self, up: bool) -> None:
-        if up:
-            self.connected.set()
-        else:
-            self.connected.clear()
-        if self._on_state is not None:
-            self._on_state(up)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         decoder = self._decoder_factory()  # fresh state: never glue bytes across a replug

@@ -11,13 +11,10 @@ test double that speaks its REST API; no SMS leaves the machine).
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import shutil
 import sys
 import tempfile
 import time
-import tty
 from pathlib import Path
 from typing import TextIO
 
@@ -32,42 +29,10 @@ from gateway.district import generate_district
 from gateway.logs import configure_logging
 from gateway.model import Device
 from gateway.redact import mask_phone
+from gateway.sandbox.pty_device import PtyDevice
 from gateway.sandbox.twilio_double import TwilioDouble
 
 DEMO_FROM = "+15005550006"  # Twilio's documented magic test sender
-
-
-class _Receiver:
-    """The simulated Sur-Gard receiver on the master side of a pty."""
-
-    def __init__(self) -> None:
-        self.master, self.slave = os.openpty()
-        tty.setraw(self.slave)
-        self.path = os.ttyname(self.slave)
-        os.set_blocking(self.master, False)
-
-    async def send(self, frame: bytes, timeout: float = 5.0) -> bytes:
-        loop = asyncio.get_running_loop()
-        os.write(self.master, frame)
-        fut: asyncio.Future[bytes] = loop.create_future()
-
-        def readable() -> None:
-            with contextlib.suppress(BlockingIOError):
-                data = os.read(self.master, 64)
-                if data and not fut.done():
-                    fut.set_result(data)
-
-        loop.add_reader(self.master, readable)
-        try:
-            async with asyncio.timeout(timeout):
-                return await fut
-        finally:
-            loop.remove_reader(self.master)
-
-    def close(self) -> None:
-        for fd in (self.master, self.slave):
-            with contextlib.suppress(OSError):
-                os.close(fd)
 
 
 def _p(out: TextIO, text: str = "") -> None:
@@ -87,7 +52,7 @@ async def run_demo(presses: int = 3, out: Path | None = None, sound: bool = Fals
     log_path = root / "gateway.log.jsonl"
     log_file = log_path.open("w", encoding="utf-8")
     configure_logging("info", "json", sys.stderr if verbose else log_file)
-    receiver = _Receiver()
+    receiver = PtyDevice()  # the simulated Sur-Gard receiver
     try:
         async with TwilioDouble() as double:
             cfg = parse_config({
@@ -143,7 +108,7 @@ def _contact_id_devices(gw: Gateway) -> list[Device]:
                    if d.scheme is AddressScheme.CONTACT_ID), key=lambda d: d.device_id)
 
 
-async def _presses(gw: Gateway, receiver: _Receiver, double: TwilioDouble, presses: int,
+async def _presses(gw: Gateway, receiver: PtyDevice, double: TwilioDouble, presses: int,
                    screen: TextIO) -> int:
     if not (gw.registry and gw.dispatcher and gw.journal and gw.player and gw.control):
         raise RuntimeError("gateway not ready")

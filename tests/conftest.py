@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import shutil
 import socket
 import subprocess
 import time
-import tty
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +19,7 @@ from gateway.config import Config, Secrets, parse_config
 from gateway.daemon import Gateway
 from gateway.model import Device
 from gateway.registry import load_registry
+from gateway.sandbox.pty_device import PtyDevice
 from gateway.sandbox.twilio_double import TwilioDouble
 
 REPO = Path(__file__).resolve().parent.parent
@@ -105,45 +104,11 @@ def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
         broker.stop()
 
 
-@dataclass
-class Pty:
-    """A pseudo-terminal pair: the gateway opens ``path``; the test plays the device."""
-
-    master: int
-    slave: int
-    path: str
-
-    def write(self, data: bytes) -> None:
-        os.write(self.master, data)
-
-    async def read(self, n: int = 1, timeout: float = 5.0) -> bytes:
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[bytes] = loop.create_future()
-
-        def readable() -> None:
-            with contextlib.suppress(BlockingIOError):
-                data = os.read(self.master, n)
-                if not fut.done():
-                    fut.set_result(data)
-
-        loop.add_reader(self.master, readable)
-        try:
-            async with asyncio.timeout(timeout):
-                return await fut
-        finally:
-            loop.remove_reader(self.master)
-
-    def close(self) -> None:
-        for fd in (self.master, self.slave):
-            with contextlib.suppress(OSError):
-                os.close(fd)
+Pty = PtyDevice
 
 
 def open_pty() -> Pty:
-    master, slave = os.openpty()
-    tty.setraw(slave)
-    os.set_blocking(master, False)
-    return Pty(master, slave, os.ttyname(slave))
+    return PtyDevice()
 
 
 @pytest.fixture
