@@ -496,15 +496,20 @@ class AlertPlayer:
         self._pending[alarm_id] = done
         try:
             path = self._dir() / f"{_file_stem(alarm_id)}.wav"
-            async with self._render_slots:
-                info = await asyncio.to_thread(
-                    render_alert_wav,
-                    path,
-                    text,
-                    voice=self._settings.voice,
-                    espeak=self._settings.espeak,
-                    timeout_s=self._settings.max_render_s,
-                )
+            if self._backend == "none":
+                # Nothing will play it: no espeak-ng run, no WAV (about 30 ms of CPU per
+                # alarm, which an alarm storm on a small machine cannot spare).
+                info = RenderInfo(path=path, duration_s=0.0, sample_rate=0, has_speech=False)
+            else:
+                async with self._render_slots:
+                    info = await asyncio.to_thread(
+                        render_alert_wav,
+                        path,
+                        text,
+                        voice=self._settings.voice,
+                        espeak=self._settings.espeak,
+                        timeout_s=self._settings.max_render_s,
+                    )
             if self._closed:
                 raise AlertError("alert player closed while rendering", alarm_id=alarm_id)
             alert = _Alert(alarm_id=alarm_id, info=info, seq=next(self._seq))

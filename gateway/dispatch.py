@@ -279,8 +279,10 @@ class Dispatcher:
                         reconcile: bool) -> None:
         alarm.idle.clear()
         try:
-            await self._transition(alarm, AlarmState.NOTIFYING)
-            await asyncio.gather(*(self._send_one(alarm, r, reconcile=reconcile)
+            # The state commit need not precede the requests: the rows are already
+            # journaled 'sending', which is what a restart reconciles.
+            await asyncio.gather(self._transition(alarm, AlarmState.NOTIFYING),
+                                 *(self._send_one(alarm, r, reconcile=reconcile)
                                    for r in records))
             await self._transition(alarm, AlarmState.NOTIFIED)
             log.info("alarm.notified", sent=alarm.sent, failed=alarm.failed,
@@ -401,9 +403,9 @@ class Dispatcher:
                 return
 
         async def on_attempt(a: Attempt) -> None:
-            bound.info("sms.attempt", attempt=a.number, outcome=a.outcome, status=a.status,
-                       code=a.code, delay_s=a.delay_s)
-            if rec.id > 0:
+            # (The sender logs each attempt.) An accepted attempt is journaled once, with
+            # the ACCEPTED update after send(): two commits less in front of the next SMS.
+            if rec.id > 0 and a.outcome != "accepted":
                 await self._journal_quietly(self._journal.log_event(
                     alarm.alarm_id, "sms.attempt",
                     {"notification_id": rec.id, "attempt": a.number, "outcome": a.outcome,
@@ -438,7 +440,9 @@ class Dispatcher:
         if rec.id > 0:
             await self._journal_quietly(self._journal.update_notification(
                 rec.id, NotificationState.ACCEPTED, sid=result.sid, attempts=result.attempts,
-                latency_ms=self._since(alarm)))
+                latency_ms=self._since(alarm),
+                event=("sms.accepted", {"notification_id": rec.id, "sid": result.sid,
+                                        "attempts": result.attempts, "channel": "twilio"})))
 
     def _accepted(self, alarm: ActiveAlarm, rec: NotificationRecord, result: SendResult,
                   bound: Any, channel: str = "twilio") -> None:
@@ -468,7 +472,9 @@ class Dispatcher:
         if rec.id > 0:
             await self._journal_quietly(self._journal.update_notification(
                 rec.id, NotificationState.ACCEPTED, sid=result.sid, attempts=result.attempts,
-                latency_ms=self._since(alarm)))
+                latency_ms=self._since(alarm),
+                event=("sms.accepted", {"notification_id": rec.id, "sid": result.sid,
+                                        "attempts": result.attempts, "channel": "fallback"})))
         return True
 
     async def _reconcile(self, alarm: ActiveAlarm, rec: NotificationRecord,

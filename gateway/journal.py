@@ -581,7 +581,9 @@ class Journal:
         error_code: int | None = None,
         error: str | None = None,
         latency_ms: float | None = None,
+        event: tuple[str, dict[str, Any]] | None = None,
     ) -> None:
+        """Update one notification; ``event`` also goes to its alarm's log, same commit."""
         now = self._clock()
 
         def op(conn: sqlite3.Connection) -> None:
@@ -591,6 +593,11 @@ class Journal:
                 " latency_ms = COALESCE(?, latency_ms), updated_at = ? WHERE id = ?",
                 (state, sid, attempts, error_code, error, latency_ms, now, notification_id),
             )
+            if event is not None:
+                row = conn.execute("SELECT alarm_id FROM notifications WHERE id = ?",
+                                   (notification_id,)).fetchone()
+                if row is not None:
+                    _log(conn, row[0], now, event[0], event[1])
 
         await self._run(op)
 

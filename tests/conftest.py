@@ -72,7 +72,8 @@ class Mosquitto:
             "persistence true\n"
             f"persistence_location {self.workdir}/\n"
             "max_queued_messages 0\n"
-            "max_inflight_messages 100\n" + self.extra_conf,
+            "max_inflight_messages 100\n"
+            "set_tcp_nodelay true\n" + self.extra_conf,
             encoding="utf-8",
         )
         with (self.workdir / "mosquitto.log").open("ab") as log:
