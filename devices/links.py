@@ -10,8 +10,12 @@ from devices.events import DeviceEvent, DeviceProtocolError
 
 
 class EventSink(Protocol):
-    async def handle(self, event: DeviceEvent, source: str) -> None:
-        """Journal the event; return only after the commit, raise if it failed."""
+    async def handle(self, event: DeviceEvent, source: str, *,
+                     received: float | None = None) -> None:
+        """Journal the event; return only after the commit, raise if it failed.
+
+        ``received`` is ``time.monotonic()`` when the transport got the bytes, so that
+        latencies include any queueing in front of the gateway."""
 
     async def reject(self, source: str, error: DeviceProtocolError) -> None:
         """Record malformed input. Never raises."""

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import random
 import ssl
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,16 +158,17 @@ class MqttLink:
                        limit: asyncio.Semaphore) -> None:
         async for message in client.messages:
             self.received += 1
+            stamp = time.monotonic()
             await limit.acquire()
-            handlers.create_task(self._one(client, message, limit))
+            handlers.create_task(self._one(client, message, limit, stamp))
 
     async def _one(self, client: aiomqtt.Client, message: aiomqtt.Message,
-                   limit: asyncio.Semaphore) -> None:
+                   limit: asyncio.Semaphore, received: float) -> None:
         topic = message.topic.value
         try:
             payload = message.payload if isinstance(message.payload, bytes | bytearray) else (
                 str(message.payload).encode() if message.payload is not None else b"")
-            if await self._handled(topic, bytes(payload)):
+            if await self._handled(topic, bytes(payload), received):
                 # On the connection that delivered it; after a reconnect this is a no-op
                 # and the broker redelivers (the journal dedupes the press).
                 client._client.ack(message.mid, message.qos)  # noqa: SLF001
@@ -176,7 +178,7 @@ class MqttLink:
         finally:
             limit.release()
 
-    async def _handled(self, topic: str, payload: bytes) -> bool:
+    async def _handled(self, topic: str, payload: bytes, received: float) -> bool:
         """Process one message; True when it may be acknowledged."""
         for pattern, handler in self._extra:
             if paho.topic_matches_sub(pattern, topic):
@@ -192,7 +194,7 @@ class MqttLink:
             return True  # acknowledged: redelivering junk forever helps nobody
         for event in events:
             try:
-                await self._sink.handle(event, "mqtt")
+                await self._sink.handle(event, "mqtt", received=received)
             except Exception as exc:  # noqa: BLE001 - not acked: redelivered
                 log.error("mqtt.not_acknowledged", topic=topic, error=str(exc))
                 return False

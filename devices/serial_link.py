@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Literal, Protocol
 
@@ -110,10 +111,12 @@ class SerialLink:
             data = await reader.read(READ_CHUNK)
             if not data:
                 return
+            received = time.monotonic()
             for frame in decoder.feed(data):
-                await self._frame(frame, writer)
+                await self._frame(frame, writer, received)
 
-    async def _frame(self, frame: Frame, writer: asyncio.StreamWriter) -> None:
+    async def _frame(self, frame: Frame, writer: asyncio.StreamWriter,
+                     received: float) -> None:
         self.frames += 1
         answer = self._protocol == "surgard"
         if frame.error is not None:
@@ -124,7 +127,7 @@ class SerialLink:
             return
         for event in frame.events:
             try:
-                await self._sink.handle(event, self.source)
+                await self._sink.handle(event, self.source, received=received)
             except Exception as exc:  # noqa: BLE001 - no ACK: the receiver resends
                 log.error("serial.not_acknowledged", channel=self.source, error=str(exc),
                           kind=event.kind.value)

@@ -64,9 +64,12 @@ class Intake:
         # in-memory alarm for every resend while the journal is down.
         self._volatile: dict[str, _Volatile] = {}
 
-    async def handle(self, event: DeviceEvent, source: str) -> None:
-        """Journal one event and start what it calls for. Returns after the commit."""
-        t0 = self._monotonic()
+    async def handle(self, event: DeviceEvent, source: str, *,
+                     received: float | None = None) -> None:
+        """Journal one event and start what it calls for. Returns after the commit.
+
+        ``received`` (monotonic, from the transport) starts the alarm's latency clock."""
+        t0 = self._monotonic() if received is None else received
         now = self._clock()
         self._metrics.device_messages.labels(source, event.kind.value).inc()
         reg = self._registry()
