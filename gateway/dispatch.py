@@ -535,6 +535,9 @@ class Dispatcher:
         if previous is AlarmState.ACKNOWLEDGED:
             raise IllegalTransition(alarm_id, previous, AlarmState.ACKNOWLEDGED)
         await self._closed(alarm_id)
+        if phone is not None:
+            await self._journal_quietly(self._journal.mark_recipient_acknowledged(alarm_id,
+                                                                                  phone))
         log.info("alarm.acknowledged", alarm_id=alarm_id, by=by, previous=previous.value)
         self._announce(alarm_id, AlarmState.ACKNOWLEDGED, by=by)
         self._spawn(self._inform(alarm_id, WAVE_TAKEN, by, skip=phone), f"taken-{alarm_id}")

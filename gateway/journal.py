@@ -630,7 +630,7 @@ class Journal:
 
         Never moves a message backwards (a late 'sent' after 'delivered' is ignored)."""
         rank = {"accepted": 0, "queued": 0, "sending": 0, "sent": 1, "delivered": 2,
-                "undelivered": 2, "failed": 2}
+                "undelivered": 2, "failed": 2, "acknowledged": 3}
         now = self._clock()
 
         def op(conn: sqlite3.Connection) -> NotificationRecord | None:
@@ -651,6 +651,13 @@ class Journal:
             return rec
 
         return await self._run(op)
+
+    async def mark_recipient_acknowledged(self, alarm_id: str, phone: str) -> None:
+        """The recipient who took the alarm: their notifications show 'acknowledged'."""
+        now = self._clock()
+        await self._run(lambda conn: conn.execute(
+            "UPDATE notifications SET state = 'acknowledged', updated_at = ?"
+            " WHERE alarm_id = ? AND phone = ?", (now, alarm_id, phone)))
 
     # -- reads -----------------------------------------------------------------------
 

@@ -3,9 +3,11 @@ Twilio webhooks (and forged ones refused), and the polling mode for centers behi
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import aiohttp
+import aiomqtt
 import pytest
 from twilio.request_validator import RequestValidator
 
@@ -14,7 +16,15 @@ from devices.surgard import ACK, encode_mlr2
 from gateway.daemon import Gateway
 from gateway.lifecycle import AlarmState
 from gateway.sandbox.twilio_double import TwilioDouble
-from tests.conftest import Pty, eventually, free_port, gateway_config, running, secrets_for
+from tests.conftest import (
+    Mosquitto,
+    Pty,
+    eventually,
+    free_port,
+    gateway_config,
+    running,
+    secrets_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -63,6 +73,10 @@ async def test_signed_reply_acknowledges_and_delivery_reports_are_tracked(
         assert rec.state is AlarmState.ACKNOWLEDGED and rec.acknowledged_by == f"sms:{staff.name}"
         answer = twilio.inbound_deliveries[-1].answer
         assert answer is not None and "已确认由您接单" in answer
+        states = {n.phone: n.state for n in await gw.journal.notifications(alarm_id)
+                  if n.wave == 1}
+        assert states[staff.phone] == "acknowledged"  # per recipient: who took it
+        assert {v for p, v in states.items() if p != staff.phone} == {"delivered"}
         # The answer was signed-for and valid: recompute to be sure the double is honest.
         assert RequestValidator(twilio.auth_token).validate(
             public + "/twilio/inbound", twilio.inbound_deliveries[-1].params,
@@ -97,3 +111,26 @@ async def test_polling_mode_picks_up_replies_and_statuses_without_webhooks(
 async def _acknowledged(gw: Gateway, alarm_id: str) -> bool:
     assert gw.journal is not None
     return (await gw.journal.get_alarm(alarm_id)).state is AlarmState.ACKNOWLEDGED
+
+
+async def test_staff_app_acknowledges_over_mqtt(
+    tmp_path: Path, pty: Pty, twilio: TwilioDouble, mosquitto: Mosquitto
+) -> None:
+    cfg = gateway_config(tmp_path, twilio, mqtt={"enabled": True, "port": mosquitto.port},
+                         serial=[{"name": "rx", "port": pty.path, "protocol": "surgard"}])
+    gw = Gateway(cfg, secrets_for(twilio))
+    async with running(gw):
+        assert gw.journal is not None and gw.registry is not None and gw.mqtt is not None
+        await eventually(gw.mqtt.connected.is_set)
+        alarm_id = await start_alarm(gw, pty)
+        staff = next(n for n in await gw.journal.notifications(alarm_id)
+                     if n.role == "responder")
+        responder = next(r for r in gw.registry.responders.values() if r.phone == staff.phone)
+        async with aiomqtt.Client(mosquitto.host, mosquitto.port) as app:
+            await app.publish(f"alarm/alarms/{alarm_id}/ack", b"not json", qos=1)
+            await app.publish(f"alarm/alarms/{alarm_id}/ack", b'{"by": "R9999"}', qos=1)
+            await app.publish(f"alarm/alarms/{alarm_id}/ack",
+                              json.dumps({"by": responder.responder_id}).encode(), qos=1)
+        await eventually(lambda: _acknowledged(gw, alarm_id))
+        rec = await gw.journal.get_alarm(alarm_id)
+        assert rec.acknowledged_by == f"app:{responder.name}"
