@@ -23,7 +23,8 @@ from tests.conftest import SAMPLE, Mosquitto, eventually, z2m_devices
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-def write_config(tmp_path: Path, broker: Mosquitto, twilio: TwilioDouble) -> Path:
+def write_config(tmp_path: Path, broker: Mosquitto, twilio: TwilioDouble,
+                 request_timeout_s: float = 1) -> Path:
     cfg = tmp_path / "gateway.toml"
     cfg.write_text(f"""
 [gateway]
@@ -50,7 +51,7 @@ repeat_interval_s = 0.5
 [sms]
 from_number = "+15005550006"
 base_url = "{twilio.base_url}"
-request_timeout_s = 1
+request_timeout_s = {request_timeout_s}
 max_attempts = 20
 
 [control]
@@ -154,3 +155,42 @@ async def test_sigkill_between_journal_and_sms_then_restart_sends_missing_sms(
     second.proc.send_signal(signal.SIGTERM)
     assert second.proc.wait(20) == 0
     assert any(e.get("event") == "gateway.stopped" for e in second.events())
+
+
+async def test_sigkill_after_twilio_took_the_request_reconciles_without_a_second_sms(
+    tmp_path: Path, mosquitto: Mosquitto, twilio: TwilioDouble, daemons: list[Daemon]
+) -> None:
+    from gateway.sandbox.twilio_double import Fault
+
+    config = write_config(tmp_path, mosquitto, twilio, request_timeout_s=60)
+    db = tmp_path / "state" / "journal.sqlite3"
+    first = Daemon(config, twilio, tmp_path / "gateway.log")
+    daemons.append(first)
+    await eventually(lambda: any(e.get("event") == "mqtt.connected" for e in first.events()),
+                     timeout=30)
+    device = z2m_devices(6)[5]
+    registry = load_registry(SAMPLE)
+    expected = len(registry.elders[device.elder_id].contacts) + 2
+    # Twilio creates each message, but its answers are slow to come back...
+    twilio.inject(*(Fault.hang_after_receive(60) for _ in range(expected)))
+    async with aiomqtt.Client(mosquitto.host, mosquitto.port) as client:
+        await client.publish(device.address, b'{"action":"emergency"}', qos=1)
+    await twilio.wait_for_messages(expected, timeout=20)
+    # ...and the gateway dies before any answer reached its journal.
+    first.proc.send_signal(signal.SIGKILL)
+    first.proc.wait(10)
+    rows = journal_rows(db, "SELECT state FROM notifications")
+    assert len(rows) == expected and {r[0] for r in rows} == {"sending"}
+    sent_before = sorted(m.sid for m in twilio.messages)
+
+    second = Daemon(config, twilio, tmp_path / "gateway2.log")
+    daemons.append(second)
+    await eventually(lambda: len([e for e in second.events()
+                                  if e.get("event") == "sms.reconciled"]) == expected,
+                     timeout=30)
+    await asyncio.sleep(0.5)
+    assert sorted(m.sid for m in twilio.messages) == sent_before  # nothing sent twice
+    assert all(e.get("found") for e in second.events() if e.get("event") == "sms.reconciled")
+    final = journal_rows(db, "SELECT state, sid FROM notifications")
+    assert {r[0] for r in final} == {"accepted"}
+    assert sorted(str(r[1]) for r in final) == sent_before

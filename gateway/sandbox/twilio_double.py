@@ -186,7 +186,7 @@ class CallbackDelivery:
     answer: str | None = None
 
 
-FaultKind = Literal["status", "delay", "drop", "error"]
+FaultKind = Literal["status", "delay", "drop", "error", "hang"]
 #: Which requests a queued fault applies to: message creation (the default),
 #: the Messages list, or fetching one message.
 FaultTarget = Literal["create", "list", "fetch"]
@@ -226,6 +226,12 @@ class Fault:
     def delay(cls, seconds: float) -> Fault:
         """Hold the request ``seconds`` before handling it normally."""
         return cls("delay", seconds=seconds)
+
+    @classmethod
+    def hang_after_receive(cls, seconds: float) -> Fault:
+        """Create the message, then hold the answer ``seconds``: Twilio has the message
+        but the client does not know yet (the window a crash leaves unknown)."""
+        return cls("hang", seconds=seconds)
 
     @classmethod
     def drop_after_receive(cls) -> Fault:
@@ -850,7 +856,7 @@ class TwilioDouble:
         if fault.kind == "error":
             code = fault.code if fault.code is not None else fault.http_status
             return _error_response(code, fault.http_status, to=to or "")
-        if fault.kind == "delay":
+        if fault.kind in ("delay", "hang"):
             closing = self._started(self._closing)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(closing.wait(), fault.seconds)
@@ -873,7 +879,8 @@ class TwilioDouble:
         form = await _form(request)
         to = form.get("To")
         fault = self._take_fault(to)
-        if fault is not None and (answer := await self._apply_fault(fault, to)) is not None:
+        if fault is not None and fault.kind != "hang" and (
+                answer := await self._apply_fault(fault, to)) is not None:
             return answer
 
         invalid = self._validate(form)
@@ -882,6 +889,8 @@ class TwilioDouble:
         message = self._record_message(form)
         if fault is not None and fault.kind == "drop":
             raise _DropConnection
+        if fault is not None and fault.kind == "hang":
+            await self._apply_fault(fault, to)
         return web.json_response(self._message_json(message), status=201)
 
     def _validate(self, form: Mapping[str, str]) -> web.Response | None:
