@@ -150,7 +150,10 @@ class SmsSection(_Section):
     account_sid_secret: str = "twilio_account_sid"  # noqa: S105 - a credential name
     auth_token_secret: str = "twilio_auth_token"  # noqa: S105 - a credential name
     request_timeout_s: PositiveFloat = 5.0
-    max_attempts: int = Field(5, ge=1, le=20)
+    max_attempts: int = Field(5, ge=1, le=20)  # per round of retries
+    # Twilio down and no fallback: pause between rounds, and give up this long after the press.
+    retry_later_s: PositiveFloat = 30.0
+    give_up_after_s: PositiveFloat = 1800.0
     concurrency: int = Field(16, ge=1, le=1000)
     budget_ms: PositiveFloat = 2000.0
     # Public HTTPS URL at which Twilio reaches this gateway (reverse proxy to the control

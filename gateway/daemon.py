@@ -360,7 +360,7 @@ class Gateway:
             self.journal = await stack.enter_async_context(
                 Journal(m.gateway.journal_path, synchronous=m.gateway.journal_synchronous,
                         clock=self.clock))
-            sender = await stack.enter_async_context(TwilioSender(twilio))
+            sender = await stack.enter_async_context(TwilioSender(twilio, sleep=self.sleep))
             self.sender = sender
             fallback = None
             if m.gsm is not None:
@@ -378,7 +378,8 @@ class Gateway:
                 settings=DispatchSettings(
                     waves=tuple(Wave(**w.model_dump()) for w in m.escalation.waves),
                     responders_k=m.geo.responders_k, budget_ms=m.sms.budget_ms,
-                    map_url_template=m.sms.map_url_template),
+                    map_url_template=m.sms.map_url_template,
+                    retry_later_s=m.sms.retry_later_s, give_up_after_s=m.sms.give_up_after_s),
                 composer=Composer(m.sms.merged_templates()), fallback=fallback,
                 clock=self.clock, monotonic=self.monotonic, sleep=self.sleep,
                 on_state=self._announce_state, on_notice=self._notice))

@@ -104,6 +104,8 @@ class DispatchSettings:
     responders_k: int = 3
     budget_ms: float = 2000.0
     map_url_template: str | None = None  # e.g. "https://uri.amap.com/marker?position={lon},{lat}"
+    retry_later_s: float = 30.0  # Twilio down, no fallback: pause between rounds of retries
+    give_up_after_s: float = 1800.0  # ...until this long after the press
 
     @property
     def staff_needed(self) -> int:
@@ -413,29 +415,29 @@ class Dispatcher:
                 await self._journal_quietly(self._journal.update_notification(
                     rec.id, NotificationState.SENDING, attempts=a.number))
 
-        try:
-            result = await self._sender.send(rec.phone, rec.body, on_attempt=on_attempt)
-        except SmsSendError as exc:
-            if not exc.permanent and await self._via_fallback(alarm, rec, bound, str(exc)):
-                return
-            alarm.failed += 1
-            reason = "permanent" if exc.permanent else "gave_up"
-            self._metrics.sms_failed.labels(rec.role, reason).inc()
-            bound.error("sms.failed", status=exc.status, code=exc.code, permanent=exc.permanent,
-                        error=str(exc), recipient=rec.name, latency_ms=self._since(alarm))
-            await self._tell_operator(
-                "sms.failed", alarm.alarm_id,
-                f"编号{alarm.alarm_id}：短信无法发送给{rec.name}（{mask_phone(rec.phone)}，"
-                f"{'号码无效或已退订' if exc.permanent else '多次重试失败'}，代码 {exc.code}），"
-                "请电话联系")
-            if rec.id > 0:
-                await self._journal_quietly(self._journal.update_notification(
-                    rec.id, NotificationState.FAILED, error_code=exc.code, error=str(exc)))
-                await self._journal_quietly(self._journal.log_event(
-                    alarm.alarm_id, "sms.failed",
-                    {"notification_id": rec.id, "recipient": rec.name, "role": rec.role,
-                     "code": exc.code, "permanent": exc.permanent}))
-            return
+        told_operator = False
+        while True:
+            try:
+                result = await self._sender.send(rec.phone, rec.body, on_attempt=on_attempt)
+                break
+            except SmsSendError as exc:
+                if not exc.permanent and await self._via_fallback(alarm, rec, bound, str(exc)):
+                    return
+                deadline = alarm.received_at + self._settings.give_up_after_s
+                if exc.permanent or self._clock() + self._settings.retry_later_s > deadline:
+                    await self._failed(alarm, rec, exc, bound)
+                    return
+                # Twilio is down and there is no fallback: keep the row 'sending' and try
+                # again later rather than lose the message; tell the operator once.
+                bound.warning("sms.retry_later", error=str(exc),
+                              retry_in_s=self._settings.retry_later_s)
+                if not told_operator:
+                    told_operator = True
+                    await self._tell_operator(
+                        "sms.delayed", alarm.alarm_id,
+                        f"编号{alarm.alarm_id}：短信服务暂时不可用，发给{rec.name}"
+                        f"（{mask_phone(rec.phone)}）的短信将继续重试，请先电话联系")
+                await self._sleep(self._settings.retry_later_s)
         self._accepted(alarm, rec, result, bound)
         if rec.id > 0:
             await self._journal_quietly(self._journal.update_notification(
@@ -443,6 +445,25 @@ class Dispatcher:
                 latency_ms=self._since(alarm),
                 event=("sms.accepted", {"notification_id": rec.id, "sid": result.sid,
                                         "attempts": result.attempts, "channel": "twilio"})))
+
+    async def _failed(self, alarm: ActiveAlarm, rec: NotificationRecord, exc: SmsSendError,
+                      bound: Any) -> None:
+        alarm.failed += 1
+        reason = "permanent" if exc.permanent else "gave_up"
+        self._metrics.sms_failed.labels(rec.role, reason).inc()
+        bound.error("sms.failed", status=exc.status, code=exc.code, permanent=exc.permanent,
+                    error=str(exc), recipient=rec.name, latency_ms=self._since(alarm))
+        await self._tell_operator(
+            "sms.failed", alarm.alarm_id,
+            f"编号{alarm.alarm_id}：短信无法发送给{rec.name}（{mask_phone(rec.phone)}，"
+            f"{'号码无效或已退订' if exc.permanent else '多次重试失败'}，代码 {exc.code}），"
+            "请电话联系")
+        if rec.id > 0:
+            await self._journal_quietly(self._journal.update_notification(
+                rec.id, NotificationState.FAILED, error_code=exc.code, error=str(exc),
+                event=("sms.failed", {"notification_id": rec.id, "recipient": rec.name,
+                                      "role": rec.role, "code": exc.code,
+                                      "permanent": exc.permanent})))
 
     def _accepted(self, alarm: ActiveAlarm, rec: NotificationRecord, result: SendResult,
                   bound: Any, channel: str = "twilio") -> None:

@@ -4,6 +4,7 @@ the alarm SMS go out through it instead of waiting."""
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import pytest
@@ -68,3 +69,37 @@ async def test_twilio_down_the_gsm_modem_carries_the_alarm(
             assert set(texts) == {n.phone for n in notes}
             assert all(alarm_id in t for t in texts.values())
             assert twilio.messages == []
+
+
+async def test_a_sixty_second_outage_without_fallback_loses_nothing(
+    tmp_path: Path, pty: Pty, twilio: TwilioDouble
+) -> None:
+    """Twilio refuses connections for 60 s (on an injected clock): the gateway keeps the
+    messages 'sending', tells the operator, and delivers each exactly once afterwards."""
+    start = time.time()
+    now = {"t": start}
+    outage = {"on": True}
+
+    async def sleep(seconds: float) -> None:
+        now["t"] += seconds
+        if outage["on"] and now["t"] - start >= 60:
+            outage["on"] = False
+            await twilio.outage(False)
+        await asyncio.sleep(0)
+
+    cfg = gateway_config(tmp_path, twilio,
+                         sms={"max_attempts": 3, "request_timeout_s": 0.5, "retry_later_s": 30},
+                         escalation={"waves": [{"after_s": 0, "family": True, "staff": 2}]},
+                         serial=[{"name": "rx", "port": pty.path, "protocol": "surgard"}])
+    gw = Gateway(cfg, secrets_for(twilio), clock=lambda: now["t"], sleep=sleep)
+    async with running(gw):
+        assert gw.journal is not None and gw.dispatcher is not None
+        await twilio.outage(True, refuse=True)
+        alarm_id = await press_first_contact_id(gw, pty)
+        await gw.dispatcher.wait_idle(timeout=60)
+        assert now["t"] - start >= 60
+        notes = await gw.journal.notifications(alarm_id)
+        assert notes and all(n.state == "accepted" for n in notes)
+        assert sorted(m.to for m in twilio.messages) == sorted(n.phone for n in notes)
+        notices = await gw.journal.open_notices()
+        assert {n["kind"] for n in notices} == {"sms.delayed"}
