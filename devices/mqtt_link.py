@@ -62,6 +62,23 @@ class MqttSettings:
     max_inflight: int = 64
 
 
+class _ClosingSSLSocket(ssl.SSLSocket):
+    """An SSL socket that closes itself when its handshake fails.
+
+    paho-mqtt 2.2 (``Client._ssl_wrap_socket``) drops the socket without closing it when
+    ``do_handshake`` raises (untrusted CA, wrong host name, refused client certificate):
+    every reconnect attempt then leaves a descriptor to the garbage collector and a
+    ResourceWarning.
+    """
+
+    def do_handshake(self, block: bool = False) -> None:
+        try:
+            super().do_handshake(block)
+        except BaseException:
+            self.close()
+            raise
+
+
 class MqttLink:
     """Owns the gateway's MQTT session for the life of the gateway."""
 
@@ -99,10 +116,12 @@ class MqttLink:
         if s.tls_insecure:
             ctx.check_hostname = False
             ctx.verify_mode = ssl.CERT_NONE
+        ctx.sslsocket_class = _ClosingSSLSocket
         return ctx
 
     def _make_client(self) -> aiomqtt.Client:
         s = self._s
+        tls = self._tls()
         client = aiomqtt.Client(
             hostname=s.host,
             port=s.port,
@@ -113,8 +132,8 @@ class MqttLink:
             clean_session=False,
             keepalive=s.keepalive_s,
             will=aiomqtt.Will(s.status_topic, b"offline", qos=1, retain=True),
-            tls_context=self._tls(),
-            tls_insecure=s.tls_insecure if self._tls() else None,
+            tls_context=tls,
+            tls_insecure=s.tls_insecure if tls else None,
         )
         # The wrapped paho client: PUBACK only when we say so (after the journal commit).
         client._client.manual_ack_set(True)  # noqa: SLF001 - see module docstring
@@ -132,8 +151,11 @@ class MqttLink:
         limit = asyncio.Semaphore(self._s.max_inflight)
         async with asyncio.TaskGroup() as handlers:
             while True:
-                client = self._make_client()
                 try:
+                    # Inside the try: a CA, certificate or key file that is missing or
+                    # unreadable (say, half-way through a renewal) is a link failure to
+                    # retry, never a reason to stop the gateway and its serial receivers.
+                    client = self._make_client()
                     async with client:
                         self._client = client
                         self._backoff.reset()
@@ -145,7 +167,7 @@ class MqttLink:
                         self._state.set(True)
                         bound.info("mqtt.connected")
                         await self._consume(client, handlers, limit)
-                except aiomqtt.MqttError as exc:
+                except (aiomqtt.MqttError, OSError) as exc:  # ssl.SSLError is an OSError
                     bound.warning("mqtt.disconnected", error=str(exc))
                 finally:
                     self._client = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shutil
 import socket
 import subprocess
@@ -67,7 +68,9 @@ class Mosquitto:
         binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.conf.write_text(
-            f"listener {self.port} 127.0.0.1\n"
+            ("user root\n" if os.geteuid() == 0 else "")  # else it drops to "mosquitto",
+            # which cannot write its persistence file into pytest's 0700 tmp folders
+            + f"listener {self.port} 127.0.0.1\n"
             "allow_anonymous true\n"
             "persistence true\n"
             f"persistence_location {self.workdir}/\n"
