@@ -80,6 +80,13 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     missing = []
     if not secrets.twilio_account_sid or not secrets.twilio_auth_token:
         missing.append("Twilio credentials are not set (the gateway will refuse to start)")
+    tls = cfg.model.mqtt.tls
+    if cfg.model.mqtt.enabled and tls is not None:
+        for key in ("ca_file", "cert_file", "key_file"):
+            path = getattr(tls, key)
+            if path is not None and not Path(path).is_file():
+                missing.append(f"{cfg.source}: mqtt.tls.{key}: {path} is not a readable file "
+                               "(the MQTT link will keep retrying until it is)")
     print(json.dumps(summary, ensure_ascii=False, indent=2))
     for m in missing:
         print(f"warning: {m}", file=sys.stderr)
