@@ -171,6 +171,7 @@ class Dispatcher:
         self._sleep = sleep
         self._on_state = on_state
         self._tg: asyncio.TaskGroup | None = None
+        self._alert_starts: set[asyncio.Task[None]] = set()
         self.active: dict[str, ActiveAlarm] = {}
 
     async def __aenter__(self) -> Dispatcher:
@@ -180,6 +181,11 @@ class Dispatcher:
 
     async def __aexit__(self, *exc_info: Any) -> None:
         tg, self._tg = self._tg, None
+        # After a storm, alert renders queue two at a time (~30 ms each) and would hold
+        # shutdown long past its deadline. A stopping gateway plays nothing, and the next
+        # start resumes the alert of every open alarm from the journal.
+        for task in self._alert_starts:
+            task.cancel()
         if tg is not None:
             await tg.__aexit__(*exc_info)
 
@@ -528,7 +534,11 @@ class Dispatcher:
         else:
             text = self._composer.spoken(None, alarm.address_text)
         # Rendering runs in a thread; don't hold up the SMS behind it.
-        self._spawn(self._alert(alarm, text), f"alert-{alarm.alarm_id}")
+        if self._tg is None:
+            raise RuntimeError("dispatcher is not running")
+        task = self._tg.create_task(self._alert(alarm, text), name=f"alert-{alarm.alarm_id}")
+        self._alert_starts.add(task)
+        task.add_done_callback(self._alert_starts.discard)
 
     async def _alert(self, alarm: ActiveAlarm, text: str) -> None:
         structlog.contextvars.bind_contextvars(alarm_id=alarm.alarm_id)
