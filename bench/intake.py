@@ -44,7 +44,6 @@ import os
 import platform
 import pwd
 import shutil
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -66,6 +65,7 @@ from gateway.district import generate
 from gateway.journal import Journal
 from gateway.logs import configure_logging
 from gateway.registry import load_registry
+from gateway.sandbox.ports import free_port, wait_port
 
 RESULTS = Path(__file__).resolve().parent / "results" / "intake.json"
 TARGET_PRESSES_PER_S = 2_000.0
@@ -124,21 +124,6 @@ class Tap:
             self.committed.append((time.perf_counter(), float(event_dict["latency_ms"]),
                                    event == "alarm.journaled"))
         return event_dict
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-            return
-        time.sleep(0.02)
-    raise TimeoutError(f"nothing listening on port {port}")
 
 
 def pin(pid: int, cpus: set[int]) -> None:

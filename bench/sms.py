@@ -132,6 +132,7 @@ from gateway.district import DISTRICT, generate
 from gateway.logs import configure_logging
 from gateway.model import Device
 from gateway.registry import load_registry
+from gateway.sandbox.ports import free_port
 from gateway.simulate import mqtt_message
 
 HERE: Final = Path(__file__).resolve().parent
@@ -245,12 +246,6 @@ def build_registry(out: Path, *, seed: int) -> BenchRegistry:
 # ----------------------------------------------------------------------------- broker
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextmanager
 def mosquitto(workdir: Path, *, tcp_nodelay: bool = False) -> Iterator[int]:
     """A private broker on an ephemeral port (as tests/conftest.py's); yields the port.
@@ -260,7 +255,7 @@ def mosquitto(workdir: Path, *, tcp_nodelay: bool = False) -> Iterator[int]:
     """
     binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
     workdir.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
+    port = free_port()
     conf = workdir / "mosquitto.conf"
     conf.write_text(
         f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n"

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import os
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -20,6 +19,7 @@ from gateway.config import Config, Secrets, parse_config
 from gateway.daemon import Gateway
 from gateway.model import Device
 from gateway.registry import load_registry
+from gateway.sandbox.ports import free_port, wait_port
 from gateway.sandbox.pty_device import PtyDevice
 from gateway.sandbox.twilio_double import TwilioDouble
 
@@ -33,21 +33,6 @@ def z2m_devices(n: int) -> list[Device]:
     found = sorted((d for d in registry.devices.values()
                     if d.address.startswith("zigbee2mqtt/")), key=lambda d: d.device_id)
     return found[:n]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-            return
-        time.sleep(0.02)
-    raise TimeoutError(f"nothing listening on {port}")
 
 
 @dataclass
