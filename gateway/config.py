@@ -92,6 +92,8 @@ class GeoSection(_Section):
     source_crs: str = "EPSG:4326"
     responders_k: int = Field(3, ge=1, le=50)
     stale_after_s: PositiveFloat = 600.0
+    # Skip staff already sent to another open, unacknowledged alarm (their first wave).
+    exclude_busy: bool = True
 
 
 class TlsSection(_Section):

@@ -378,6 +378,7 @@ class Gateway:
                 settings=DispatchSettings(
                     waves=tuple(Wave(**w.model_dump()) for w in m.escalation.waves),
                     responders_k=m.geo.responders_k, budget_ms=m.sms.budget_ms,
+                    exclude_busy=m.geo.exclude_busy,
                     map_url_template=m.sms.map_url_template,
                     retry_later_s=m.sms.retry_later_s, give_up_after_s=m.sms.give_up_after_s),
                 composer=Composer(m.sms.merged_templates()), fallback=fallback,

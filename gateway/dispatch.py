@@ -104,6 +104,7 @@ class DispatchSettings:
     responders_k: int = 3
     budget_ms: float = 2000.0
     map_url_template: str | None = None  # e.g. "https://uri.amap.com/marker?position={lon},{lat}"
+    exclude_busy: bool = True  # skip staff already sent to another open alarm
     retry_later_s: float = 30.0  # Twilio down, no fallback: pause between rounds of retries
     give_up_after_s: float = 1800.0  # ...until this long after the press
 
@@ -329,6 +330,8 @@ class Dispatcher:
         return geo
 
     def _busy_responders(self, alarm_id: str) -> set[str]:
+        if not self._settings.exclude_busy:
+            return set()
         first = self._settings.waves[0].staff if self._settings.waves else 0
         busy: set[str] = set()
         for other in self.active.values():

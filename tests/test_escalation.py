@@ -213,3 +213,41 @@ async def test_a_permanent_twilio_error_is_not_retried_and_the_operator_is_told(
         notice = (await eventually(gw.journal.open_notices))[0]
         assert notice["kind"] == "sms.failed" and bad.name in notice["text"]
         assert bad.phone not in notice["text"]  # masked
+
+
+async def test_staff_already_sent_to_an_open_alarm_are_not_sent_to_the_next(
+    tmp_path: Path, pty: Pty, twilio: TwilioDouble
+) -> None:
+    gw = Gateway(serial_cfg(tmp_path, pty, twilio), secrets_for(twilio))  # type: ignore[arg-type]
+    async with running(gw):
+        assert gw.journal is not None and gw.dispatcher is not None
+        assert gw.registry is not None and gw.geo is not None
+        await eventually(gw.serial[0].connected.is_set)
+        devices = sorted((d for d in gw.registry.devices.values() if d.scheme == "contact_id"),
+                         key=lambda d: d.device_id)
+
+        def nearest2(d: Device) -> set[str]:
+            assert gw.geo is not None and gw.registry is not None
+            home = gw.registry.elders[d.elder_id].location
+            return {r.id for r in gw.geo.lookup(home, k=2).responders}
+
+        # Two neighbours whose nearest two staff overlap when nobody is busy.
+        a, b = next((x, y) for x in devices for y in devices
+                    if x.device_id < y.device_id and nearest2(x) & nearest2(y))
+        await press(pty, a)
+        await eventually(lambda: _count_alarms(gw, 1))
+        await gw.dispatcher.wait_idle(timeout=15)
+        await press(pty, b)
+        await eventually(lambda: _count_alarms(gw, 2))
+        await gw.dispatcher.wait_idle(timeout=15)
+        staff = {}
+        for alarm in await gw.journal.open_alarms():
+            staff[alarm.device_id] = {n.phone for n in await gw.journal.notifications(
+                alarm.alarm_id) if n.role == "responder"}
+        assert len(staff[a.device_id]) == len(staff[b.device_id]) == 2
+        assert not staff[a.device_id] & staff[b.device_id]
+
+
+async def _count_alarms(gw: Gateway, n: int) -> bool:
+    assert gw.journal is not None
+    return len(await gw.journal.open_alarms()) == n
