@@ -104,9 +104,11 @@ def test_invalid_toml_utf8_and_missing_file(tmp_path: Path) -> None:
 
 def test_secrets_from_env_and_systemd_credentials(tmp_path: Path) -> None:
     cfg = load_config(write(tmp_path, MINIMAL + "[mqtt]\nusername = 'gateway'\n"))
-    env = {"TWILIO_ACCOUNT_SID": "AC123", "TWILIO_AUTH_TOKEN": " s3cr3t-xyz ", "MQTT_PASSWORD": "pw"}
+    env = {"TWILIO_ACCOUNT_SID": "AC123", "TWILIO_AUTH_TOKEN": " s3cr3t-xyz ",
+           "MQTT_PASSWORD": "pw"}
     s = load_secrets(cfg, env)
-    assert (s.twilio_account_sid, s.twilio_auth_token, s.mqtt_password) == ("AC123", "s3cr3t-xyz", "pw")
+    assert (s.twilio_account_sid, s.twilio_auth_token, s.mqtt_password) == (
+        "AC123", "s3cr3t-xyz", "pw")
     assert "s3cr3t" not in repr(s) and "AC123" not in repr(s)
     creds = tmp_path / "creds"
     creds.mkdir()

@@ -141,14 +141,17 @@ async def test_full_disk_is_a_typed_error_and_the_journal_recovers(tmp_path: Pat
     async with Journal(path) as j:
         await press(j)
         # Cap the database at its current size: the next growing write hits SQLITE_FULL.
-        await j._run(lambda c: c.execute(  # noqa: SLF001 - test reaches the writer
+        await j._run(lambda c: c.execute(
             "PRAGMA max_page_count = " + str(c.execute("PRAGMA page_count").fetchone()[0])))
-        with pytest.raises(JournalFull):
+        async def fill() -> None:
             for i in range(200):
                 await j.record_press(device_id=f"x{i}", elder_id="e", code="101",
                                      source="t", address="a", raw=b"x" * 3000,
                                      received_at=9000.0 + i, dedupe_window_s=1)
-        await j._run(lambda c: c.execute("PRAGMA max_page_count = 1073741823"))  # noqa: SLF001
+
+        with pytest.raises(JournalFull):
+            await fill()
+        await j._run(lambda c: c.execute("PRAGMA max_page_count = 1073741823"))
         assert (await press(j, "after", 20000.0)).new
 
 
