@@ -11,7 +11,10 @@ emergency SMS to the family):
 * ``device.low_battery``  a low-battery event or a battery level under the threshold
   (once per device until the battery is above it again);
 * ``receiver.down``  a receiver missed ``heartbeat_missed`` heartbeats or its port is
-  disconnected; ``receiver.up`` when it is back.
+  disconnected; ``receiver.up`` when it is back;
+* ``device.inactivity`` (critical: the elder may be unable to press; it sounds in the
+  center until acknowledged), ``device.tamper``, ``device.power_loss``  reported by the
+  unit itself (Contact ID 641, 137/144/145/383, 301).
 
 Everything is in memory and O(1) per event; the daemon restores the last-seen times
 from the journal at start so a restart does not forget a device that was already
@@ -122,6 +125,7 @@ class Supervisor:
                                       f"设备 {device_id} 离线（网关报告不可用）", at))
             return notices
         state.last_seen = max(state.last_seen, at)
+        notices += self._condition(event, device_id, at)
         if state.offline:
             state.offline = False
             notices.append(Notice("device.online", device_id, f"设备 {device_id} 已恢复在线",
@@ -139,6 +143,22 @@ class Supervisor:
               and event.battery_pct >= self.low_battery_pct):
             state.low_battery = False
         return notices
+
+    def _condition(self, event: DeviceEvent, device_id: str, at: float) -> list[Notice]:
+        """Unit conditions an operator must act on that are not button presses."""
+        kind = event.kind
+        if kind not in (EventKind.INACTIVITY, EventKind.TAMPER, EventKind.POWER_LOSS):
+            return []
+        device = self.registry().devices.get(device_id)
+        elder = self.registry().elders.get(device.elder_id) if device else None
+        who = f"{elder.name}（{elder.address}）" if elder else f"设备 {device_id}"
+        if kind is EventKind.INACTIVITY:
+            # The elder may have fallen and be unable to press: call now, and it sounds.
+            return [Notice("device.inactivity", device_id,
+                           f"{who}长时间无活动，请立即电话确认老人安全", at, "critical")]
+        if kind is EventKind.TAMPER:
+            return [Notice("device.tamper", device_id, f"{who}的报警设备被拆动或外壳打开", at)]
+        return [Notice("device.power_loss", device_id, f"{who}的报警主机断电，正在使用电池", at)]
 
     def link_state(self, channel: str, up: bool) -> list[Notice]:
         """A serial port opened or failed: a disconnected receiver is down at once."""

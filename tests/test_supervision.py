@@ -180,3 +180,43 @@ async def test_mqtt_availability_battery_and_alarm_states_are_published(
         assert health[offline_dev.device_id]["overdue"]
         assert health[low_dev.device_id]["low_battery"]
         assert health[low_dev.device_id]["battery_pct"] == 9
+
+
+def test_inactivity_tamper_and_power_loss_are_operator_notices() -> None:
+    clock = Clock()
+    sup = make(clock)
+    device = z2m_devices(1)[0]
+    elder = REGISTRY.elders[device.elder_id]
+    inactive = sup.observe("mqtt", event(EventKind.INACTIVITY), device.device_id, clock.t)
+    assert [(n.kind, n.severity) for n in inactive] == [("device.inactivity", "critical")]
+    assert elder.name in inactive[0].text
+    assert [n.kind for n in sup.observe("mqtt", event(EventKind.TAMPER), device.device_id,
+                                        clock.t)] == ["device.tamper"]
+    assert [n.kind for n in sup.observe("mqtt", event(EventKind.POWER_LOSS), device.device_id,
+                                        clock.t)] == ["device.power_loss"]
+    assert sup.observe("mqtt", event(EventKind.TEST), device.device_id, clock.t) == []
+
+
+@pytest.mark.integration
+async def test_contact_id_inactivity_sounds_in_the_center(
+    tmp_path: Path, pty: Pty, twilio: TwilioDouble
+) -> None:
+    from devices.events import Qualifier
+    from devices.surgard import ACK, encode_mlr2
+
+    cfg = gateway_config(tmp_path, twilio, serial=[{
+        "name": "rx", "port": pty.path, "protocol": "surgard"}])
+    gw = Gateway(cfg, secrets_for(twilio))
+    async with running(gw):
+        assert gw.journal is not None and gw.player is not None and gw.registry is not None
+        await eventually(gw.serial[0].connected.is_set)
+        device = sorted((d for d in gw.registry.devices.values() if d.scheme == "contact_id"),
+                        key=lambda d: d.device_id)[0]
+        pty.write(encode_mlr2("01", "1", device.address, Qualifier.NEW, "641", "01", "001"))
+        assert await pty.read() == ACK
+        notice = (await eventually(gw.journal.open_notices))[0]
+        assert notice["kind"] == "device.inactivity" and notice["subject"] == device.device_id
+        await eventually(lambda: gw.player is not None
+                         and f"notice-{notice['id']}" in gw.player.active())
+        assert await gw.journal.open_alarms() == []  # an operator call, not a family SMS
+        assert twilio.messages == []
