@@ -50,7 +50,7 @@ def configure_logging(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
         logger_factory=factory,
-        cache_logger_on_first_use=False,
+        cache_logger_on_first_use=True,  # configured once, before any logging
     )
     # Libraries that use stdlib logging (paho, aiohttp) go to stderr at warning level.
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
