@@ -54,6 +54,9 @@ class GatewaySection(_Section):
     dedupe_window_s: PositiveFloat = 120.0
     shutdown_timeout_s: PositiveFloat = 20.0
     journal_synchronous: Literal["FULL", "NORMAL"] = "FULL"
+    # Routine device traffic (check-ins, batteries) older than this is pruned daily;
+    # alarms, their logs and notifications are kept.
+    retain_device_messages_days: float = Field(90.0, gt=0)
 
     @property
     def journal_path(self) -> Path:

@@ -40,7 +40,7 @@ from gateway.dispatch import Dispatcher, DispatchSettings, Wave
 from gateway.geo import GeoError, GeoService, Projector, parse_position
 from gateway.gsm import GsmModemSender, GsmSettings
 from gateway.intake import Intake
-from gateway.journal import Journal, UnknownAlarm
+from gateway.journal import Journal, JournalError, UnknownAlarm
 from gateway.lifecycle import IllegalTransition
 from gateway.messages import Composer
 from gateway.metrics import Metrics
@@ -290,6 +290,18 @@ class Gateway:
                                                           m.poll_status_s), name="poll-status"))
         return tasks
 
+    async def _prune_daily(self) -> None:
+        keep_s = self.config.model.gateway.retain_device_messages_days * 86400
+        while True:
+            if self.journal is not None:
+                try:
+                    removed = await self.journal.prune(self.clock() - keep_s)
+                except JournalError as exc:
+                    log.error("journal.prune_failed", error=str(exc))
+                else:
+                    log.info("journal.pruned", device_messages=removed)
+            await asyncio.sleep(86400)
+
     async def _poll_status(self, poller: StatusPoller, every_s: float) -> None:
         while True:
             await asyncio.sleep(every_s)
@@ -419,6 +431,7 @@ class Gateway:
                 links = [tg.create_task(s.run(), name=f"serial-{s.name}") for s in self.serial]
                 links.append(tg.create_task(self.supervisor.run(), name="supervision"))
                 links += self._pollers(tg, sender)
+                links.append(tg.create_task(self._prune_daily(), name="prune"))
                 if self.mqtt is not None:
                     links.append(tg.create_task(self.mqtt.run(), name="mqtt"))
                 interval = systemd.watchdog_interval_s()

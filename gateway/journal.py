@@ -116,6 +116,7 @@ CREATE TABLE IF NOT EXISTS notices(
     acknowledged_at REAL,
     acknowledged_by TEXT
 );
+CREATE INDEX IF NOT EXISTS device_messages_time ON device_messages(received_at);
 CREATE TABLE IF NOT EXISTS device_state(
     device_id TEXT PRIMARY KEY,
     last_seen REAL NOT NULL,
@@ -651,6 +652,26 @@ class Journal:
             return rec
 
         return await self._run(op)
+
+    async def prune(self, before: float, batch: int = 5000) -> int:
+        """Delete device messages older than ``before`` that belong to no open alarm.
+
+        Alarms, their logs and notifications are kept (they are the record of what was
+        done); routine traffic (check-ins, batteries) is what grows without bound. Works in
+        batches so that one prune never holds the writer for long."""
+
+        def op(conn: sqlite3.Connection) -> int:
+            cur = conn.execute(
+                "DELETE FROM device_messages WHERE id IN (SELECT id FROM device_messages"
+                " WHERE received_at < ? AND (alarm_id IS NULL OR alarm_id IN"
+                " (SELECT alarm_id FROM alarms WHERE state = 'resolved')) LIMIT ?)",
+                (before, batch))
+            return cur.rowcount
+
+        total = 0
+        while (deleted := await self._run(op)) > 0:
+            total += deleted
+        return total
 
     async def mark_recipient_acknowledged(self, alarm_id: str, phone: str) -> None:
         """The recipient who took the alarm: their notifications show 'acknowledged'."""

@@ -178,3 +178,16 @@ def test_alarm_ids_always_contain_a_letter_so_replies_can_quote_them() -> None:
         alarm_id = new_alarm_id()
         assert not alarm_id.replace("-", "").isdigit()
         assert parse_reply(f"{alarm_id} 1") == (alarm_id, "ack")
+
+
+async def test_prune_removes_old_routine_traffic_but_keeps_open_alarms(tmp_path: Path) -> None:
+    async with Journal(tmp_path / "j.db") as j:
+        for i in range(30):
+            await j.record_device_message(source="mqtt", address="a", raw=b"t",
+                                          received_at=100.0 + i, device_id="d1", kind="test")
+        open_alarm = await press(j, "d2", at=110.0)
+        await j.record_device_message(source="mqtt", address="a", raw=b"t", received_at=10_000.0,
+                                      device_id="d1", kind="test")
+        assert await j.prune(before=5_000.0, batch=7) == 30
+        assert await j.count("device_messages") == 2  # the recent one and the open alarm's
+        assert [a.alarm_id for a in await j.open_alarms()] == [open_alarm.alarm_id]
