@@ -10,6 +10,12 @@ from __future__ import annotations
 import random
 
 
+def full_jitter(attempt: int, initial_s: float, max_s: float, rng: random.Random) -> float:
+    """The delay before retry number ``attempt`` (1-based): uniform in [0, capped ceiling]."""
+    ceiling = min(max_s, initial_s * (2 ** min(attempt - 1, 30)))
+    return rng.uniform(0.0, ceiling)
+
+
 class Backoff:
     def __init__(self, initial_s: float, max_s: float, rng: random.Random | None = None) -> None:
         if initial_s <= 0 or max_s < initial_s:
@@ -21,10 +27,10 @@ class Backoff:
 
     def next_delay(self) -> float:
         """The delay before the next attempt; grows with each call until ``reset``."""
-        ceiling = min(self.max_s, self.initial_s * (2 ** min(self.failures, 30)))
         self.failures += 1
         # Never below a tenth of the initial delay: a tight loop would spin the CPU.
-        return max(self.initial_s / 10, self._rng.uniform(0, ceiling))
+        return max(self.initial_s / 10,
+                   full_jitter(self.failures, self.initial_s, self.max_s, self._rng))
 
     def reset(self) -> None:
         self.failures = 0

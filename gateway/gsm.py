@@ -92,6 +92,7 @@ import serial
 import structlog
 from serial_asyncio_fast import open_serial_connection
 
+from devices.backoff import full_jitter
 from devices.gsm_pdu import Pdu, PduError, encode_submit
 from gateway.redact import mask_phone
 from gateway.sms import Attempt, AttemptOutcome, SendResult, SmsSendError
@@ -643,8 +644,7 @@ class GsmModemSender:
 
     def _backoff(self, number: int) -> float:
         settings = self._settings
-        ceiling = min(settings.backoff_max_s, settings.backoff_initial_s * 2 ** (number - 1))
-        return self._rng.uniform(0.0, ceiling)
+        return full_jitter(number, settings.backoff_initial_s, settings.backoff_max_s, self._rng)
 
     async def _attempt(self, pdus: list[Pdu], references: list[int]) -> None:
         async with self._lock:

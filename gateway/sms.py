@@ -54,6 +54,7 @@ from twilio.credential.credential_provider import CredentialProvider
 from twilio.http.async_http_client import AsyncTwilioHttpClient
 from twilio.rest import Client
 
+from devices.backoff import full_jitter
 from gateway.redact import mask_phone
 from gateway.smstext import segments
 
@@ -466,8 +467,7 @@ class TwilioSender:
         if retry_after is not None:
             return min(retry_after, _RETRY_AFTER_CAP_S)
         settings = self._settings
-        ceiling = min(settings.backoff_max_s, settings.backoff_initial_s * 2 ** (number - 1))
-        return self._rng.uniform(0.0, ceiling)
+        return full_jitter(number, settings.backoff_initial_s, settings.backoff_max_s, self._rng)
 
     async def send(
         self,
