@@ -80,6 +80,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     missing = []
     if not secrets.twilio_account_sid or not secrets.twilio_auth_token:
         missing.append("Twilio credentials are not set (the gateway will refuse to start)")
+    for port in cfg.model.serial:
+        if "://" not in port.port and not Path(port.port).exists():
+            missing.append(f"{cfg.source}: serial[{port.name}].port: {port.port} does not exist "
+                           "(the link will keep retrying until it appears)")
     tls = cfg.model.mqtt.tls
     if cfg.model.mqtt.enabled and tls is not None:
         for key in ("ca_file", "cert_file", "key_file"):
