@@ -100,6 +100,8 @@ class Gateway:
     _tasks: asyncio.TaskGroup | None = None
     _sounding_notices: dict[str, str] = field(default_factory=dict)  # subject -> alert id
     _side_tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+    _states: dict[str, bytes] = field(default_factory=dict)  # alarm id -> latest state
+    _states_ready: asyncio.Event = field(default_factory=asyncio.Event)
 
     def request_stop(self) -> None:
         self.stop_requested.set()
@@ -317,13 +319,27 @@ class Gateway:
         return [asdict(h) for h in self.supervisor.health()]
 
     def _announce_state(self, alarm_id: str, state: str, info: dict[str, Any]) -> None:
-        """Alarm state changes, retained, for dashboards and the staff's phones."""
+        """Alarm state changes, retained, for dashboards and the staff's phones.
+
+        One publisher, in order; while it is behind (a storm, a slow broker) only each
+        alarm's latest state is kept: a retained topic only needs to converge."""
         if self.mqtt is None:
             return
-        topic = self.config.model.mqtt.alarm_topic.format(alarm_id=alarm_id)
         payload = json.dumps({"alarm_id": alarm_id, "state": state, **info},
                              ensure_ascii=False).encode()
-        self._spawn(self.mqtt.publish(topic, payload, retain=True), f"announce-{alarm_id}")
+        self._states.pop(alarm_id, None)
+        self._states[alarm_id] = payload
+        self._states_ready.set()
+
+    async def _publish_states(self, mqtt: MqttLink) -> None:
+        topic = self.config.model.mqtt.alarm_topic
+        while True:
+            await self._states_ready.wait()
+            self._states_ready.clear()
+            while self._states:
+                alarm_id = next(iter(self._states))
+                payload = self._states.pop(alarm_id)
+                await mqtt.publish(topic.format(alarm_id=alarm_id), payload, retain=True)
 
     async def _mqtt_ack(self, topic: str, payload: bytes) -> None:
         """A staff phone app acknowledges: alarm/alarms/<id>/ack {"by": "<responder id>"}."""
@@ -434,6 +450,8 @@ class Gateway:
                 links.append(tg.create_task(self._prune_daily(), name="prune"))
                 if self.mqtt is not None:
                     links.append(tg.create_task(self.mqtt.run(), name="mqtt"))
+                    links.append(tg.create_task(self._publish_states(self.mqtt),
+                                                name="alarm-states"))
                 interval = systemd.watchdog_interval_s()
                 if interval:
                     links.append(tg.create_task(systemd.watchdog_loop(interval),
