@@ -301,6 +301,14 @@ def _signature_algorithm(settings: str) -> str:
 # ----------------------------------------------------------------------------- webhooks
 
 
+def _reply(event: str, sid: str, sender: str, to: str, body: str, at: float) -> InboundReply:
+    """Parse and log one inbound message, however it reached us (webhook or polling)."""
+    ref, intent = parse_reply(body)
+    log.info(event, sid=sid, sender=mask_phone(sender), alarm_ref=ref, intent=intent,
+             chars=len(body))
+    return InboundReply(sid, sender, to, body, ref, intent, at)
+
+
 class TwilioWebhooks:
     """The ``/twilio/inbound`` and ``/twilio/status`` webhook endpoints.
 
@@ -440,16 +448,8 @@ class TwilioWebhooks:
             log.warning("webhook.inbound_sender_not_e164", sid=sid, sender=mask_phone(sender))
             return _twiml(None)
         body = form.get("Body", "")
-        ref, intent = parse_reply(body)
-        reply = InboundReply(sid, sender, to, body, ref, intent, self._clock())
-        log.info(
-            "webhook.inbound",
-            sid=sid,
-            sender=mask_phone(sender),
-            alarm_ref=ref,
-            intent=intent,
-            chars=len(body),
-        )
+        reply = _reply("webhook.inbound", sid, sender, to, body, self._clock())
+        ref = reply.alarm_ref
         try:
             answer = await self._on_reply(reply)
         except Exception:
@@ -660,16 +660,7 @@ class InboundPoller:
             self._seen[sid] = when
             return None
         body = str(record.body or "")
-        ref, intent = parse_reply(body)
-        reply = InboundReply(sid, sender, to, body, ref, intent, when.timestamp())
-        log.info(
-            "inbound_poll.reply",
-            sid=sid,
-            sender=mask_phone(sender),
-            alarm_ref=ref,
-            intent=intent,
-            chars=len(body),
-        )
+        reply = _reply("inbound_poll.reply", sid, sender, to, body, when.timestamp())
         try:
             answer = await self._on_reply(reply)
         # The callback is the daemon's code: whatever it raises must not stop
