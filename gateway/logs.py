@@ -50,7 +50,9 @@ def configure_logging(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
         logger_factory=factory,
-        cache_logger_on_first_use=True,  # configured once, before any logging
+        # Not cached: the demo and the benchmarks reconfigure logging in-process, and a
+        # cached logger would keep writing to the previous (closed) stream.
+        cache_logger_on_first_use=False,
     )
     # Libraries that use stdlib logging (paho, aiohttp) go to stderr at warning level.
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
