@@ -14,7 +14,6 @@ SMS client, the alert player and the journal. A second SIGINT forces exit.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import json
 import signal
@@ -502,5 +501,5 @@ def install_signal_handlers(gw: Gateway) -> None:
         tasks.add(task)
         task.add_done_callback(tasks.discard)
 
-    with contextlib.suppress(NotImplementedError, AttributeError):
+    if hasattr(signal, "SIGHUP"):  # POSIX only; the gateway runs under systemd on Linux
         loop.add_signal_handler(signal.SIGHUP, on_hup)
