@@ -13,19 +13,25 @@ import math
 import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pyproj import Transformer
 from structlog.testing import capture_logs
 
+from gateway import geo
 from gateway.geo import (
     POSITION_TOPIC_FILTER,
     GeoError,
     GeoService,
     Nearby,
     Projector,
+    _batch_for,
+    _point_tree,
+    _z_order,
     parse_position,
     responder_id_from_topic,
 )
@@ -441,6 +447,15 @@ def test_nearest_responders_equal_brute_force(
         assert n.distance_m == pytest.approx(PROJ.geodesic(query, n.location)[0], abs=1e-6)
     ranked = [planar(query, n.location) for n in got]
     assert all(b >= a - 1e-6 for a, b in itertools.pairwise(ranked))  # nearest first
+    # Exact ties (people at one spot) are broken by id, across both tiers: within the
+    # answer, and at its edge, where nobody with a smaller id may be left out.
+    for a, b in itertools.pairwise(got):
+        if a.location == b.location:
+            assert a.id < b.id
+    if got:
+        last = got[-1]
+        tied = {rid for rid, row in truth.items() if row[2] == last.location}
+        assert {rid for rid in tied if rid < last.id} <= {n.id for n in got}
 
 
 def test_nearest_responders_at_scale_equal_brute_force() -> None:
@@ -898,3 +913,79 @@ def test_nearby_is_frozen() -> None:
     n = Nearby("a", "b", "c", KENLI, 1.0, 2.0)
     with pytest.raises(AttributeError):
         n.distance_m = 3.0  # type: ignore[misc]
+
+
+# ----------------------------------------------------------------------------------------
+# Index internals
+# ----------------------------------------------------------------------------------------
+
+COORD = st.floats(0.0, 1000.0, allow_nan=False).map(lambda v: round(v, 1))
+
+
+@HYPOTHESIS
+@given(
+    points=st.lists(st.tuples(COORD, COORD), min_size=1, max_size=60),
+    duplicates=st.integers(0, 20),
+    query=st.tuples(COORD, COORD),
+    n=st.integers(1, 25),
+)
+def test_lean_nearest_call_equals_rtree_index_nearest(
+    points: list[tuple[float, float]],
+    duplicates: int,
+    query: tuple[float, float],
+    n: int,
+) -> None:
+    points += [points[i % len(points)] for i in range(duplicates)]  # exact ties
+    xs = np.array([p[0] for p in points])
+    ys = np.array([p[1] for p in points])
+    tree = _point_tree(xs, ys)
+    assert tree is not None
+    assert tree._fast is not None  # the lean call is in use, not the fallback
+    want = list(tree.index.nearest(query, n))
+    assert tree.nearest(query[0], query[1], n) == want
+    assert len(want) >= min(n, len(points))  # ties at the n-th distance are included
+
+
+def test_lean_nearest_call_falls_back_when_the_library_lacks_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A future rtree that loads libspatialindex differently: the C symbols are not there.
+    monkeypatch.setattr(geo, "rtree_core", SimpleNamespace(rt=object()))
+    with capture_logs() as logs:
+        tree = _point_tree(np.array([1.0, 2.0, 3.0, 3.0]), np.zeros(4))
+    assert tree is not None and tree._fast is None
+    assert [e["event"] for e in logs] == ["geo.rtree.lean_call_unavailable"]
+    got = tree.nearest(0.0, 0.0, 3)
+    assert got[:2] == [0, 1] and sorted(got[2:]) == [2, 3]  # the tie at the 3rd is kept
+
+
+@HYPOTHESIS
+@given(st.lists(st.tuples(COORD, COORD), min_size=0, max_size=80))
+def test_z_order_is_a_stable_permutation_along_the_curve(points: list[tuple[float, float]]) -> None:
+    xs = np.array([p[0] for p in points], dtype=np.float64)
+    ys = np.array([p[1] for p in points], dtype=np.float64)
+    order = _z_order(xs, ys).tolist()
+    assert sorted(order) == list(range(len(points)))
+    for a, b in itertools.pairwise(order):
+        if points[a] == points[b]:
+            assert a < b  # equal points keep their input (id) order
+
+
+def test_z_order_keeps_neighbours_close() -> None:
+    # A 64 x 64 lattice: in Z order, 4 x 4 blocks are contiguous runs of 16.
+    xs, ys = np.meshgrid(np.arange(64.0), np.arange(64.0))
+    order = _z_order(xs.ravel(), ys.ravel())
+    first = {(int(xs.ravel()[i]), int(ys.ravel()[i])) for i in order[:16].tolist()}
+    assert first == {(x, y) for x in range(4) for y in range(4)}
+
+
+@pytest.mark.parametrize(("k", "valid"), [(1, 0.5), (3, 0.78), (3, 0.2), (10, 0.95)])
+def test_batch_size_makes_a_second_rtree_call_rare(k: int, valid: float) -> None:
+    def shortfall(n: int) -> float:  # P(fewer than k valid among n)
+        return sum(math.comb(n, i) * valid**i * (1 - valid) ** (n - i) for i in range(k))
+
+    n = _batch_for(k, valid, cap=1000)
+    assert shortfall(n) <= 1e-3 < shortfall(n - 1)
+    assert _batch_for(k, valid, cap=5) == min(n, 5)
+    assert _batch_for(k, 0.0, cap=64) == 64
+    assert _batch_for(k, 1.0, cap=64) == k
