@@ -131,6 +131,7 @@ class ActiveAlarm:
     closed: asyncio.Event = field(default_factory=asyncio.Event)  # acked/cancelled/resolved
     hurry: asyncio.Event = field(default_factory=asyncio.Event)  # a decline: next wave now
     idle: asyncio.Event = field(default_factory=asyncio.Event)  # no wave being sent
+    holds: tuple[str, ...] = ()  # responders this open alarm keeps busy (exclude_busy)
 
 
 ReplyIntent = Literal["ack", "decline", "unknown"]
@@ -174,6 +175,10 @@ class Dispatcher:
         self._tg: asyncio.TaskGroup | None = None
         self._alert_starts: set[asyncio.Task[None]] = set()
         self.active: dict[str, ActiveAlarm] = {}
+        # Responder id -> number of open, unacknowledged alarms whose first wave holds
+        # them: kept up to date as alarms are located and closed, so that a new alarm
+        # does not scan every open one (1,000 open alarms in a storm).
+        self._busy: dict[str, int] = {}
 
     async def __aenter__(self) -> Dispatcher:
         self._tg = asyncio.TaskGroup()
@@ -314,8 +319,10 @@ class Dispatcher:
 
     def _locate(self, alarm: ActiveAlarm, elder: Elder) -> GeoResult:
         geo = self._geo().lookup(elder.location, k=self._settings.staff_needed,
-                                 exclude=self._busy_responders(alarm.alarm_id))
+                                 exclude=self._busy.keys() if self._settings.exclude_busy
+                                 else ())
         alarm.geo = geo
+        self._hold(alarm)
         log.info(
             "responders.found",
             latency_ms=self._since(alarm),
@@ -329,16 +336,30 @@ class Dispatcher:
             log.warning("responders.none_on_duty", escalate_to="supervisor")
         return geo
 
-    def _busy_responders(self, alarm_id: str) -> set[str]:
-        if not self._settings.exclude_busy:
-            return set()
+    def _hold(self, alarm: ActiveAlarm) -> None:
+        """Mark the first-wave staff of a located, open alarm busy."""
+        if not self._settings.exclude_busy or alarm.geo is None or alarm.closed.is_set() \
+                or alarm.holds:
+            return
         first = self._settings.waves[0].staff if self._settings.waves else 0
-        busy: set[str] = set()
-        for other in self.active.values():
-            if other.alarm_id != alarm_id and other.geo is not None \
-                    and not other.closed.is_set():
-                busy.update(r.id for r in other.geo.responders[:first])
-        return busy
+        alarm.holds = tuple(r.id for r in alarm.geo.responders[:first])
+        busy = self._busy
+        for rid in alarm.holds:
+            busy[rid] = busy.get(rid, 0) + 1
+
+    def _release(self, alarm: ActiveAlarm) -> None:
+        holds, alarm.holds = alarm.holds, ()
+        busy = self._busy
+        for rid in holds:
+            left = busy.get(rid, 0) - 1
+            if left > 0:
+                busy[rid] = left
+            else:
+                busy.pop(rid, None)
+
+    def busy_responders(self) -> frozenset[str]:
+        """Responders held by open, unacknowledged alarms (skipped for new ones)."""
+        return frozenset(self._busy)
 
     def _plan_wave(self, number: int, wave: Wave, elder: Elder, geo: GeoResult,
                    facts: AlarmFacts, told: set[str]) -> list[NotificationPlan]:
@@ -604,6 +625,7 @@ class Dispatcher:
         alarm = self.active.get(alarm_id)
         if alarm is not None:
             alarm.closed.set()
+            self._release(alarm)
 
     async def _inform(self, alarm_id: str, wave: int, by: str, skip: str | None = None) -> None:
         """A short follow-up to everyone already told (taken by ..., cancelled)."""

@@ -84,7 +84,16 @@ import math
 import time
 from array import array
 from bisect import insort
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import (
+    Callable,
+    Collection,
+    Container,
+    Iterator,
+    KeysView,
+    Mapping,
+    Sequence,
+)
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Final, NamedTuple, cast
@@ -142,6 +151,9 @@ _RTREE_FILL: Final = 0.9
 
 # Grid cell size bounds: below 20 m GPS noise alone moves people between cells on every
 # fix; above 20 km a ring scan degenerates into a scan of everything.
+# Up to this many excluded ids are converted to slots per query (see _excluded_slots).
+_EXCLUDE_CONVERT_MAX: Final = 64
+
 _MIN_CELL_M: Final = 20.0
 _MAX_CELL_M: Final = 20_000.0
 _MIN_EXTENT_M: Final = 1_000.0
@@ -710,6 +722,19 @@ class _KBest:
                 items.sort(key=lambda item: (item[0], ids[item[1]]))
                 break
         return [slot for _, slot in items[:k]]
+
+
+class _ExcludedById:
+    """Slots whose responder id is in a set of ids (see ``_excluded_slots``)."""
+
+    __slots__ = ("_exclude", "_ids")
+
+    def __init__(self, ids: Sequence[str], exclude: AbstractSet[str] | KeysView[str]) -> None:
+        self._ids = ids
+        self._exclude = exclude
+
+    def __contains__(self, slot: object) -> bool:
+        return isinstance(slot, int) and self._ids[slot] in self._exclude
 
 
 _Cell = tuple[int, int]
@@ -1284,23 +1309,20 @@ class GeoService:
             raise GeoError(f"k must be >= 1, got {k!r}")
         now = self._clock()
         self._expire(now)
-        on_duty = self._on_duty
-        excluded: set[int] = set()
+        excluded: Container[int] = ()
         if exclude:
-            slot_of = self._slot_of
             # A bare string is a Collection[str] too; it means one id, not its letters.
             ids = (exclude,) if isinstance(exclude, str) else exclude
-            excluded = {slot_of[r] for r in ids if r in slot_of}
-            blocked = sum(1 for s in excluded if self._eligible[s] and on_duty[s])
-        else:
-            blocked = 0
-        if self._duty_count - blocked <= 0 or self._base_tree is None:
+            excluded = self._excluded_slots(ids)
+        if self._duty_count <= 0 or self._base_tree is None:
+            return ()
+        if exclude and len(exclude) >= self._duty_count and not self._anyone_left(excluded):
             return ()
 
         best = _KBest(k)
         tree = self._base_tree
         total = len(self._eligible_slots)
-        batch = self._first_batch(k, total)
+        batch = self._first_batch(k, total, len(exclude))
         got = tree.nearest(qx, qy, batch)
         self._offer_base(got, qx, qy, best, excluded)
         if self._cells:
@@ -1320,13 +1342,35 @@ class GeoService:
             self._offer_base([s for s in got if s not in seen], qx, qy, best, excluded)
         return tuple(self._responder_nearby(origin, slot, now) for slot in best.top(self._ids))
 
-    def _first_batch(self, k: int, total: int) -> int:
+    def _excluded_slots(self, ids: Collection[str]) -> Container[int]:
+        """``ids`` as something that answers ``slot in ...``.
+
+        A few ids become a set of slots. Many (a storm: every open alarm holds its
+        responders) are not converted, which would cost O(ids) per query: a slot is
+        looked up by its id instead, at the price of touching that id per candidate.
+        """
+        if len(ids) <= _EXCLUDE_CONVERT_MAX:
+            slot_of = self._slot_of
+            return {slot_of[r] for r in ids if r in slot_of}
+        as_set = ids if isinstance(ids, (set, frozenset, KeysView)) else frozenset(ids)
+        return _ExcludedById(self._ids, as_set)
+
+    def _anyone_left(self, excluded: Container[int]) -> bool:
+        """Whether an eligible, on-duty responder is not ``excluded`` (O(responders))."""
+        on_duty = self._on_duty
+        return any(on_duty[s] and s not in excluded for s in self._eligible_slots.tolist())
+
+    def _first_batch(self, k: int, total: int, excluded: int = 0) -> int:
         # Ask for enough entries that k of them are almost surely valid (on duty, not
         # masked by a live fix): a second rtree call costs ~15 us, an extra entry in the
         # first ~0.7 us (entries past the k-th valid one are not even examined). Capped:
         # when nearly everyone is live, tier 2 supplies the answer and tier 1 only has to
         # confirm that nothing is closer.
-        valid = (self._duty_count / total) * (1.0 - len(self._cell_of) / total)
+        valid = (
+            (self._duty_count / total)
+            * (1.0 - len(self._cell_of) / total)
+            * max(0.0, 1.0 - excluded / total)
+        )
         # Round the share down (a larger batch), so that the cache stays small.
         key = (k, math.floor(valid * 100.0))
         size = self._batch_sizes.get(key)
@@ -1336,7 +1380,7 @@ class GeoService:
         return min(size, total)
 
     def _offer_base(
-        self, slots: Sequence[int], qx: float, qy: float, best: _KBest, excluded: set[int]
+        self, slots: Sequence[int], qx: float, qy: float, best: _KBest, excluded: Container[int]
     ) -> None:
         """Offer tier-1 entries, given in rtree order (nearest first), to ``best``."""
         deadline = self._deadline
@@ -1374,7 +1418,7 @@ class GeoService:
                 break  # slots come nearest first: none of the rest can do better
             offer(d2, slot)
 
-    def _scan_live(self, qx: float, qy: float, best: _KBest, excluded: set[int]) -> None:
+    def _scan_live(self, qx: float, qy: float, best: _KBest, excluded: Container[int]) -> None:
         cells = self._cells
         c = self._cell_m
         box = self._grid_box
@@ -1432,7 +1476,7 @@ class GeoService:
             ring += 1
 
     def _offer_live(
-        self, members: set[int], qx: float, qy: float, best: _KBest, excluded: set[int]
+        self, members: set[int], qx: float, qy: float, best: _KBest, excluded: Container[int]
     ) -> None:
         fixes = self._fix
         on_duty = self._on_duty

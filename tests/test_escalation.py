@@ -247,6 +247,13 @@ async def test_staff_already_sent_to_an_open_alarm_are_not_sent_to_the_next(
         assert len(staff[a.device_id]) == len(staff[b.device_id]) == 2
         assert not staff[a.device_id] & staff[b.device_id]
 
+        # Busy means held by an open, unacknowledged alarm: an acknowledgement frees them.
+        held = {x.device_id: set(x.holds) for x in gw.dispatcher.active.values()}
+        assert gw.dispatcher.busy_responders() == held[a.device_id] | held[b.device_id]
+        first = next(x for x in gw.dispatcher.active.values() if x.device_id == a.device_id)
+        await gw.dispatcher.acknowledge(first.alarm_id, "operator")
+        assert gw.dispatcher.busy_responders() == held[b.device_id]
+
 
 async def _count_alarms(gw: Gateway, n: int) -> bool:
     assert gw.journal is not None

@@ -458,7 +458,8 @@ def test_nearest_responders_equal_brute_force(
         assert {rid for rid in tied if rid < last.id} <= {n.id for n in got}
 
 
-def test_nearest_responders_at_scale_equal_brute_force() -> None:
+@pytest.mark.parametrize("excluded", [50, 800])  # converted to slots / checked by id
+def test_nearest_responders_at_scale_equal_brute_force(excluded: int) -> None:
     # Enough responders that tier 1 must fetch more than one batch and tier 2 spans
     # many cells; positions clustered like villages to make the density uneven.
     rng = random.Random(4)
@@ -481,7 +482,8 @@ def test_nearest_responders_at_scale_equal_brute_force() -> None:
         )
         for r in rng.sample(people, 1200)
     }
-    scenario = Scenario(people, moves, exclude={r.responder_id for r in rng.sample(people, 50)})
+    busy = {r.responder_id for r in rng.sample(people, excluded)}
+    scenario = Scenario(people, moves, exclude=busy)
     clock = FakeClock()
     svc = service(registry(people), clock)
     apply(scenario, svc, clock)
@@ -567,6 +569,18 @@ def test_nobody_on_duty_gives_an_empty_result() -> None:
     assert svc.set_on_duty("r3", True)
     assert [n.id for n in svc.nearest_responders(KENLI, 3)] == ["r3"]
     assert svc.nearest_responders(KENLI, 3, exclude={"r3"}) == ()
+
+
+def test_excluding_everyone_on_duty_gives_an_empty_result() -> None:
+    people = [
+        responder(f"r{i:03d}", 118.5 + i / 1000, 37.6, on_duty=i % 2 == 0) for i in range(200)
+    ]
+    svc = service(registry(people))
+    on_duty = {r.responder_id for r in people if r.on_duty}
+    busy = dict.fromkeys(on_duty | {"gone"}, 1)  # a dispatcher's counts; one unknown id
+    assert svc.nearest_responders(KENLI, 3, exclude=busy.keys()) == ()
+    del busy["r100"]
+    assert [n.id for n in svc.nearest_responders(KENLI, 3, exclude=busy.keys())] == ["r100"]
 
 
 def test_exclude_skips_assigned_responders_and_fills_up_with_the_next() -> None:
