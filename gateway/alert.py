@@ -33,7 +33,7 @@ import shutil
 import subprocess
 import tempfile
 import wave
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -404,6 +404,10 @@ class AlertPlayer:
         self._seq = itertools.count(1)
         self._last_seq = 0  # seq of the alarm played last in the current round
         self._round = 1
+        # What is left to play in this round, oldest first; alarms that start during the
+        # round join at the end. Finding the next alarm costs O(1), not a scan of the
+        # rotation (a storm leaves hundreds of alarms in it).
+        self._queue: deque[_Alert] = deque()
         self._wakeup = asyncio.Event()  # a new alarm became active
         self._changed = asyncio.Event()  # replaced on every play/stop; see _notify
         self._render_slots = asyncio.Semaphore(_MAX_CONCURRENT_RENDERS)
@@ -524,6 +528,7 @@ class AlertPlayer:
                 self._discard_wav(alert)
             else:
                 self._active[alarm_id] = alert
+                self._queue.append(alert)
                 self._wakeup.set()
         finally:
             del self._pending[alarm_id]
@@ -554,6 +559,10 @@ class AlertPlayer:
             await asyncio.wait({playing[1]})
         self._discard_wav(alert)
         return True
+
+    def active_count(self) -> int:
+        """How many alarms are in the rotation."""
+        return len(self._active)
 
     def active(self) -> tuple[str, ...]:
         """Alarm ids in the rotation (rendered, not yet acknowledged), oldest first."""
@@ -662,10 +671,14 @@ class AlertPlayer:
     def _start_round(self) -> None:
         self._last_seq = 0
         self._round += 1
+        self._queue = deque(self._active.values())
 
     def _next_alert(self) -> _Alert | None:
-        for alert in self._active.values():
-            if alert.seq > self._last_seq:
+        queue = self._queue
+        while queue:
+            alert = queue.popleft()
+            # Skip alarms acknowledged since they were queued.
+            if alert.seq > self._last_seq and self._active.get(alert.alarm_id) is alert:
                 return alert
         return None
 

@@ -571,7 +571,7 @@ class Dispatcher:
         except Exception:
             log.exception("alert.failed")
             return
-        self._metrics.alerting.set(len(self._player.active()))
+        self._metrics.alerting.set(self._player.active_count())
         log.info("alert.queued", latency_ms=self._since(alarm))
 
     def _spawn(self, coro: Awaitable[None], name: str) -> None:
@@ -621,7 +621,7 @@ class Dispatcher:
 
     async def _closed(self, alarm_id: str) -> None:
         await self._player.stop(alarm_id)
-        self._metrics.alerting.set(len(self._player.active()))
+        self._metrics.alerting.set(self._player.active_count())
         alarm = self.active.get(alarm_id)
         if alarm is not None:
             alarm.closed.set()

@@ -371,6 +371,37 @@ async def test_two_alarms_alternate_and_stopping_one_leaves_the_other(out: Path)
 
 @pytest.mark.integration
 @needs_espeak
+async def test_each_round_plays_every_alarm_in_the_rotation_once_oldest_first(
+    out: Path,
+) -> None:
+    settings = AlertSettings(backend="file", output_dir=out, repeat_interval_s=0.0)
+    order = ["A", "B", "C", "D", "E"]
+    async with AlertPlayer(settings, sleep=FastSleep()) as player:
+        for alarm in order[:4]:
+            await player.start(alarm, SHORT)
+        await player.wait_played("D", 2)
+        await player.stop("B")  # acknowledged in the middle of the rotation
+        await player.start("E", SHORT)  # a new alarm joins
+        await player.wait_played("E", 3)
+        await player.stop("C")
+        await player.wait_played("E", player.plays("E") + 2)
+        assert player.active() == ("A", "D", "E")
+        assert player.active_count() == 3
+
+    rounds: dict[int, list[str]] = {}
+    for entry in play_log(out):
+        rounds.setdefault(entry["round"], []).append(entry["alarm_id"])
+    for played in rounds.values():
+        assert played == sorted(set(played), key=order.index)  # once each, oldest first
+    assert ["A", "B", "C", "D"] in rounds.values()
+    assert ["A", "C", "D", "E"] in rounds.values()  # B gone, E joined
+    assert ["A", "D", "E"] in rounds.values()
+    last = rounds[max(rounds)]
+    assert "B" not in last and "C" not in last
+
+
+@pytest.mark.integration
+@needs_espeak
 async def test_a_new_alarm_cuts_the_pause_between_rounds_short(out: Path) -> None:
     settings = AlertSettings(backend="file", output_dir=out, repeat_interval_s=600.0)
     sleep = BlockingSleep()
