@@ -11,9 +11,12 @@ facilities is indexed, then:
 * updates/s: ``update_position`` for 5,000 moving responders, 10 rounds 30 s apart on a
   fake clock (also with ``parse_position`` of the MQTT payload in front);
 * query: ``nearest_responders(q, 3)`` end to end (validation, projection, both tiers,
-  geodesic distance and bearing, result objects) with those 5,000 responders live;
-* rtree floor: a bare ``rtree.Index.nearest(q, 3)`` on the same N points, i.e. what any
-  rtree-based design pays before doing anything in Python;
+  geodesic distance and bearing, result objects) with those 5,000 responders live, for
+  20,000 random points, 5 passes pooled (100,000 calls: the p99 of one pass swings
+  +-30 % from pass to pass on a shared VM; the per-pass p99s are printed and kept);
+* rtree floor: a bare ``rtree.Index.nearest(q, 3)`` on the same N points (all of them,
+  on duty or not), i.e. what a design that calls rtree's Python API pays before doing
+  anything else;
 * brute force: the same answer from numpy (project the query, squared distances to every
   eligible on-duty position, argpartition, geodesics for the k results), and the ratio
   of medians. The two answers are compared on a sample of queries.
@@ -36,7 +39,7 @@ import random
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +64,7 @@ from gateway.model import (
 AREA = (118.20, 37.30, 118.90, 37.90)  # min_lon, min_lat, max_lon, max_lat
 MOVERS = 5_000
 ROUNDS = 10
+PASSES = 5  # query passes over the same points, pooled
 K = 3
 TARGET_P99_US = 50.0
 TARGET_UPDATES_PER_S = 20_000.0
@@ -82,6 +86,11 @@ class Percentiles:
     p99: float
     max: float
     n: int
+    samples_ns: list[int] = field(default_factory=list, repr=False)
+
+    @classmethod
+    def pooled(cls, parts: Sequence[Percentiles]) -> Percentiles:
+        return cls.of([x for p in parts for x in p.samples_ns])
 
     @classmethod
     def of(cls, samples_ns: Sequence[int]) -> Percentiles:
@@ -91,7 +100,10 @@ class Percentiles:
         def at(q: float) -> float:
             return s[min(n - 1, int(q * n))] / 1000.0
 
-        return cls(at(0.50), at(0.90), at(0.99), s[-1] / 1000.0, n)
+        return cls(at(0.50), at(0.90), at(0.99), s[-1] / 1000.0, n, list(samples_ns))
+
+    def summary(self) -> dict[str, float]:
+        return {"p50": self.p50, "p90": self.p90, "p99": self.p99, "max": self.max, "n": self.n}
 
 
 def rss_mb() -> float:
@@ -239,7 +251,10 @@ def run_size(n: int, seed: int, queries: int, brute_queries: int) -> dict[str, A
     points = random_points(rng, queries)
     for q in points[:1000]:  # warm caches and the allocator
         svc.nearest_responders(q, K)
-    query = time_calls(lambda q: svc.nearest_responders(q, K), points)
+    # Several passes, pooled: one pass's p99 rests on its 200 slowest calls, which on a
+    # shared VM are mostly other tenants' doing and swing +-30 % from pass to pass.
+    passes = [time_calls(lambda q: svc.nearest_responders(q, K), points) for _ in range(PASSES)]
+    query = Percentiles.pooled(passes)
     lookup = time_calls(lambda q: svc.lookup(q, k=K), points[: queries // 4])
 
     tree = bare_rtree(projector, reg)
@@ -266,10 +281,11 @@ def run_size(n: int, seed: int, queries: int, brute_queries: int) -> dict[str, A
         "updates_per_s": updates_per_s,
         "parse_and_update_per_s": parsed_updates_per_s,
         "movers": len(movers),
-        "query_us": vars(query),
-        "lookup_us": vars(lookup),
-        "rtree_floor_us": vars(rtree_floor),
-        "brute_force_us": vars(brute_t),
+        "query_us": query.summary(),
+        "query_passes_p99_us": [p.p99 for p in passes],
+        "lookup_us": lookup.summary(),
+        "rtree_floor_us": rtree_floor.summary(),
+        "brute_force_us": brute_t.summary(),
         "speedup_p50": brute_t.p50 / query.p50,
         "agrees_with_brute_force": agree,
         "cell_m": svc.stats().cell_m,
@@ -316,6 +332,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{b['p50']:>10.1f} {b['p99']:>8.1f} {r['speedup_p50']:>7.1f}x "
             f"{'yes' if r['agrees_with_brute_force'] else 'NO':>5}"
         )
+    for r in rows:
+        spread = ", ".join(f"{v:.1f}" for v in r["query_passes_p99_us"])
+        print(f"{r['points']:>9,}: k=3 p99 per pass (us): {spread}")
     largest = rows[-1]
     p99_ok = largest["query_us"]["p99"] <= TARGET_P99_US
     updates_ok = min(r["updates_per_s"] for r in rows) >= TARGET_UPDATES_PER_S

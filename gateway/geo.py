@@ -437,11 +437,16 @@ def _geodesic_xy(
     geod: Geod, lon1: float, lat1: float, lon2: float, lat2: float
 ) -> tuple[float, float]:
     az, _back, dist = geod.inv(lon1, lat1, lon2, lat2)
+    return float(dist), _bearing(az, dist)
+
+
+def _bearing(azimuth: float, dist: float) -> float:
+    """A forward azimuth as a bearing in [0, 360); 0 for equal points."""
     if dist == 0.0:
-        return 0.0, 0.0
-    bearing = az % 360.0
+        return 0.0
+    bearing = azimuth % 360.0
     # -1e-15 % 360.0 rounds to 360.0, which is outside [0, 360).
-    return float(dist), (0.0 if bearing >= 360.0 else float(bearing))
+    return 0.0 if bearing >= 360.0 else float(bearing)
 
 
 # --------------------------------------------------------------------------------------
@@ -493,6 +498,7 @@ class GeoStats:
     facilities: int
     homes: int
     cell_m: float
+    indexed: int = 0  # entries in the base tree: on duty at build, or came on duty since
 
 
 # --------------------------------------------------------------------------------------
@@ -539,6 +545,10 @@ _NEAREST_PROTO: Final = ctypes.CFUNCTYPE(
 _FREE_PROTO: Final = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
 
 
+def _free_nothing(_address: int | None) -> None:
+    """Stands in for Index_Free until the lean call is bound (never called then)."""
+
+
 class _PointTree:
     """A bulk-loaded rtree of points with a lean k-nearest call.
 
@@ -570,7 +580,7 @@ class _PointTree:
         self._count = ctypes.c_uint64(0)
         self._out = ctypes.c_void_p(None)
         self._fast: Callable[..., int] | None = None
-        self._free: Callable[[int | None], None] | None = None
+        self._free: Callable[[int | None], None] = _free_nothing
         self._args: tuple[int, int, int, int, int, int] = (0, 0, 0, 2, 0, 0)
         problem = self._bind(tree, probe)
         if problem is not None:
@@ -624,7 +634,11 @@ class _PointTree:
         try:
             return (ctypes.c_int64 * self._count.value).from_address(address)[:]  # type: ignore[arg-type]
         finally:
-            cast(Callable[[int | None], None], self._free)(address)
+            self._free(address)
+
+    def insert(self, entry: int, x: float, y: float) -> None:
+        """Add a point (~10 us; deleting one would cost ~250 us at 1e6 entries)."""
+        self.index.insert(entry, (x, y, x, y))
 
     def intersection(self, box: tuple[float, float, float, float]) -> list[int]:
         return cast(list[int], list(self.index.intersection(box)))
@@ -635,11 +649,12 @@ def _point_tree(
     ys: npt.NDArray[np.float64],
     ids: npt.NDArray[np.int64] | None = None,
 ) -> _PointTree | None:
-    """Bulk-load points through rtree's array stream; ids default to array positions."""
+    """Bulk-load points through rtree's array stream.
+
+    ``ids[i]`` is the id of point ``(xs[i], ys[i])``; ids default to array positions.
+    """
     if ids is None:
         ids = np.arange(len(xs), dtype=np.int64)
-    else:
-        xs, ys = xs[ids], ys[ids]
     if len(ids) == 0:
         return None
     props = rtree_index.Property()
@@ -737,20 +752,34 @@ class _ExcludedById:
         return isinstance(slot, int) and self._ids[slot] in self._exclude
 
 
-_Cell = tuple[int, int]
+# Grid cells are keyed by one int, gx * 2**32 + gy: probing a cell then costs an int
+# addition and a dict lookup, no tuple to build and hash. Unique while |gy| < 2**31,
+# which cells of at least _MIN_CELL_M metres guarantee for any projected coordinate.
+_Cell = int
+_GRID_SPAN: Final = 1 << 32
+_HALF_SPAN: Final = 1 << 31
+
+
+def _cell_key(gx: int, gy: int) -> _Cell:
+    return gx * _GRID_SPAN + gy
+
+
+def _cell_xy(key: _Cell) -> tuple[int, int]:
+    gy = (key + _HALF_SPAN) % _GRID_SPAN - _HALF_SPAN
+    return (key - gy) // _GRID_SPAN, gy
 
 
 def _ring(cx: int, cy: int, r: int) -> Iterator[_Cell]:
     """Cells at Chebyshev distance exactly ``r`` from ``(cx, cy)``."""
     if r == 0:
-        yield (cx, cy)
+        yield _cell_key(cx, cy)
         return
     for dx in range(-r, r + 1):
-        yield (cx + dx, cy - r)
-        yield (cx + dx, cy + r)
+        yield _cell_key(cx + dx, cy - r)
+        yield _cell_key(cx + dx, cy + r)
     for dy in range(-r + 1, r):
-        yield (cx - r, cy + dy)
-        yield (cx + r, cy + dy)
+        yield _cell_key(cx - r, cy + dy)
+        yield _cell_key(cx + r, cy + dy)
 
 
 @dataclass(frozen=True, slots=True)
@@ -838,9 +867,17 @@ class GeoService:
             1 for e, d in zip(self._eligible, self._on_duty, strict=True) if e and d
         )
         eligible_slots = np.flatnonzero(np.frombuffer(bytes(self._eligible), dtype=np.uint8))
-        # The tree is keyed by slot; only eligible slots are inserted.
         self._eligible_slots = eligible_slots.astype(np.int64)
-        self._base_tree = _point_tree(bx, by, self._eligible_slots)
+        # The tree is keyed by slot and holds the eligible responders on duty when it was
+        # built, plus those who came on duty since (inserted; cheap). Those who went off
+        # duty stay in it, skipped like masked entries (deleting is what is expensive),
+        # until the next rebuild: a reload of the registry.
+        self._in_tree = bytearray(
+            e and d for e, d in zip(self._eligible, self._on_duty, strict=True)
+        )
+        tree_slots = np.flatnonzero(np.frombuffer(bytes(self._in_tree), dtype=np.uint8))
+        self._tree_size = len(tree_slots)
+        self._base_tree = _point_tree(bx[tree_slots], by[tree_slots], tree_slots.astype(np.int64))
 
         # Live tier.
         self._fix: list[_Fix | None] = [None] * n
@@ -953,6 +990,7 @@ class GeoService:
             facilities=sum(len(v) for v in self._facilities.values()),
             homes=len(self._elders),
             cell_m=self._cell_m,
+            indexed=self._tree_size,
         )
 
     # ---- live updates ----------------------------------------------------------------------
@@ -1027,7 +1065,8 @@ class GeoService:
 
     def _grid_move(self, slot: int, x: float, y: float) -> None:
         c = self._cell_m
-        key = (math.floor(x / c), math.floor(y / c))
+        gx, gy = math.floor(x / c), math.floor(y / c)
+        key = _cell_key(gx, gy)
         old = self._cell_of.get(slot)
         if old == key:
             return
@@ -1037,12 +1076,12 @@ class GeoService:
         self._cell_of[slot] = key
         box = self._grid_box
         if box[0] > box[1]:
-            box[:] = [key[0], key[0], key[1], key[1]]
+            box[:] = [gx, gx, gy, gy]
         else:
-            box[0] = min(box[0], key[0])
-            box[1] = max(box[1], key[0])
-            box[2] = min(box[2], key[1])
-            box[3] = max(box[3], key[1])
+            box[0] = min(box[0], gx)
+            box[1] = max(box[1], gx)
+            box[2] = min(box[2], gy)
+            box[3] = max(box[3], gy)
 
     def _grid_discard(self, slot: int, key: _Cell) -> None:
         members = self._cells[key]
@@ -1080,6 +1119,8 @@ class GeoService:
         self._on_duty[slot] = on_duty
         if self._eligible[slot] and was != on_duty:
             self._duty_count += 1 if on_duty else -1
+        if on_duty and self._eligible[slot] and not self._in_tree[slot]:
+            self._tree_insert(slot)
         if on_duty == self._responders[slot].on_duty:
             self._duty_override.pop(responder_id, None)
         else:
@@ -1087,6 +1128,17 @@ class GeoService:
         if was != on_duty:
             _log.info("geo.duty.changed", responder_id=responder_id, on_duty=on_duty)
         return True
+
+    def _tree_insert(self, slot: int) -> None:
+        x, y = self._base_x[slot], self._base_y[slot]
+        if self._base_tree is None:
+            self._base_tree = _point_tree(
+                np.array([x]), np.array([y]), np.array([slot], dtype=np.int64)
+            )
+        else:
+            self._base_tree.insert(slot, x, y)
+        self._in_tree[slot] = 1
+        self._tree_size += 1
 
     def position_of(self, responder_id: str) -> tuple[LonLat, bool] | None:
         """Where a responder is taken to be: ``(location, stale)``, None if unknown."""
@@ -1321,7 +1373,7 @@ class GeoService:
 
         best = _KBest(k)
         tree = self._base_tree
-        total = len(self._eligible_slots)
+        total = self._tree_size
         batch = self._first_batch(k, total, len(exclude))
         got = tree.nearest(qx, qy, batch)
         self._offer_base(got, qx, qy, best, excluded)
@@ -1340,7 +1392,7 @@ class GeoService:
             batch = min(batch * 4, total)
             got = tree.nearest(qx, qy, batch)
             self._offer_base([s for s in got if s not in seen], qx, qy, best, excluded)
-        return tuple(self._responder_nearby(origin, slot, now) for slot in best.top(self._ids))
+        return self._responders_nearby(origin, best.top(self._ids), now)
 
     def _excluded_slots(self, ids: Collection[str]) -> Container[int]:
         """``ids`` as something that answers ``slot in ...``.
@@ -1435,13 +1487,15 @@ class GeoService:
                 return
             if (x1 - x0 + 1) * (y1 - y0 + 1) <= len(cells):
                 for gx in range(x0, x1 + 1):
-                    for gy in range(y0, y1 + 1):
-                        found = cells.get((gx, gy))
+                    row = gx * _GRID_SPAN
+                    for key in range(row + y0, row + y1 + 1):
+                        found = cells.get(key)
                         if found:
                             self._offer_live(found, qx, qy, best, excluded)
                 return
             for key, members in cells.items():
-                if x0 <= key[0] <= x1 and y0 <= key[1] <= y1:
+                gx, gy = _cell_xy(key)
+                if x0 <= gx <= x1 and y0 <= gy <= y1:
                     self._offer_live(members, qx, qy, best, excluded)
             return
         # Tier 1 found fewer than k: search outwards ring by ring.
@@ -1465,7 +1519,8 @@ class GeoService:
             if visited + ring_cells > occupied:
                 # Fewer occupied cells than cells left to probe: scan them directly.
                 for key, members in cells.items():
-                    if max(abs(key[0] - cx), abs(key[1] - cy)) >= ring:
+                    gx, gy = _cell_xy(key)
+                    if max(abs(gx - cx), abs(gy - cy)) >= ring:
                         self._offer_live(members, qx, qy, best, excluded)
                 return
             for ring_key in _ring(cx, cy, ring):
@@ -1490,31 +1545,46 @@ class GeoService:
             dy = fix.y - qy
             best.offer(dx * dx + dy * dy, slot)
 
-    def _responder_nearby(self, origin: LonLat, slot: int, now: float) -> Nearby:
-        r = self._responders[slot]
-        if self._deadline[slot] == -math.inf:
-            dist, bearing = _geodesic_xy(
-                self._geod, origin.lon, origin.lat, self._base_lon[slot], self._base_lat[slot]
-            )
-            return Nearby(
-                r.responder_id, r.name, r.phone, r.base, dist, bearing, True, self._kinds[slot]
-            )
-        fix = self._fix[slot]
-        assert fix is not None  # a deadline is only set with a fix
-        location = fix.lonlat
-        dist, bearing = _geodesic(self._geod, origin, location)
-        return Nearby(
-            r.responder_id,
-            r.name,
-            r.phone,
-            location,
-            dist,
-            bearing,
-            False,
-            self._kinds[slot],
-            fix.accuracy_m,
-            max(now - fix.timestamp, 0.0),
-        )
+    def _responders_nearby(
+        self, origin: LonLat, slots: Sequence[int], now: float
+    ) -> tuple[Nearby, ...]:
+        """The answer for ``slots``: geodesic distance and bearing from ``origin``."""
+        inv = self._geod.inv
+        olon, olat = origin.lon, origin.lat
+        responders, kinds, deadline = self._responders, self._kinds, self._deadline
+        found = []
+        for slot in slots:
+            r = responders[slot]
+            fix = None if deadline[slot] == -math.inf else self._fix[slot]
+            if fix is None:
+                lon, lat, location = self._base_lon[slot], self._base_lat[slot], r.base
+            else:
+                location = fix.lonlat
+                lon, lat = location.lon, location.lat
+            az, _back, dist = inv(olon, olat, lon, lat)
+            bearing = _bearing(az, dist)
+            if fix is None:
+                found.append(
+                    Nearby(
+                        r.responder_id, r.name, r.phone, location, dist, bearing, True, kinds[slot]
+                    )
+                )
+            else:
+                found.append(
+                    Nearby(
+                        r.responder_id,
+                        r.name,
+                        r.phone,
+                        location,
+                        dist,
+                        bearing,
+                        False,
+                        kinds[slot],
+                        fix.accuracy_m,
+                        max(now - fix.timestamp, 0.0),
+                    )
+                )
+        return tuple(found)
 
 
 # --------------------------------------------------------------------------------------

@@ -30,6 +30,8 @@ from gateway.geo import (
     Nearby,
     Projector,
     _batch_for,
+    _cell_key,
+    _cell_xy,
     _point_tree,
     _z_order,
     parse_position,
@@ -566,9 +568,16 @@ def test_nobody_on_duty_gives_an_empty_result() -> None:
     svc = service(registry(people))
     assert svc.nearest_responders(KENLI, 3) == ()
     assert service(registry()).nearest_responders(KENLI, 3) == ()
+    assert svc.stats().indexed == 0  # the tree holds only who is on duty
     assert svc.set_on_duty("r3", True)
     assert [n.id for n in svc.nearest_responders(KENLI, 3)] == ["r3"]
     assert svc.nearest_responders(KENLI, 3, exclude={"r3"}) == ()
+    assert svc.set_on_duty("r1", True)
+    assert svc.set_on_duty("r3", False)  # stays in the tree, skipped
+    assert svc.set_on_duty("r3", True)  # not inserted twice
+    assert svc.stats().indexed == 2
+    assert [n.id for n in svc.nearest_responders(KENLI, 3)] == ["r3", "r1"]
+    assert svc.rebuilt(svc.registry).stats().indexed == 2  # overrides carried over
 
 
 def test_excluding_everyone_on_duty_gives_an_empty_result() -> None:
@@ -1003,3 +1012,16 @@ def test_batch_size_makes_a_second_rtree_call_rare(k: int, valid: float) -> None
     assert _batch_for(k, valid, cap=5) == min(n, 5)
     assert _batch_for(k, 0.0, cap=64) == 64
     assert _batch_for(k, 1.0, cap=64) == k
+
+
+@HYPOTHESIS
+@given(
+    st.integers(-(2**40), 2**40),
+    st.integers(-(2**31), 2**31 - 1),
+    st.integers(-(2**40), 2**40),
+    st.integers(-(2**31), 2**31 - 1),
+)
+def test_grid_cell_keys_are_unique_and_decode(gx: int, gy: int, hx: int, hy: int) -> None:
+    assert _cell_xy(_cell_key(gx, gy)) == (gx, gy)
+    assert (_cell_key(gx, gy) == _cell_key(hx, hy)) == ((gx, gy) == (hx, hy))
+    assert _cell_key(gx, gy) + 1 == _cell_key(gx, gy + 1)  # a row is a run of ints
