@@ -68,6 +68,9 @@ class RegistrySection(_Section):
     default_region: str = Field("CN", pattern=r"^[A-Z]{2}$")
     # Service area (min_lon, min_lat, max_lon, max_lat); points outside are registry errors.
     bbox: tuple[float, float, float, float] | None = None
+    # How often to look for changed registry files (reloaded once they stop changing);
+    # 0 turns the watch off (SIGHUP and POST /reload still reload).
+    watch_interval_s: float = Field(5.0, ge=0, allow_inf_nan=False)
 
     @field_validator("bbox")
     @classmethod

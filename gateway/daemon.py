@@ -44,7 +44,12 @@ from gateway.lifecycle import IllegalTransition
 from gateway.messages import Composer
 from gateway.metrics import Metrics
 from gateway.model import Registry
-from gateway.registry import RegistryError, load_registry
+from gateway.registry import (
+    RegistryError,
+    RegistryFingerprint,
+    load_registry,
+    registry_fingerprint,
+)
 from gateway.sms import TwilioSender, TwilioSettings
 from gateway.supervision import Notice, Supervisor
 from gateway.webhooks import (
@@ -101,6 +106,9 @@ class Gateway:
     _side_tasks: set[asyncio.Task[Any]] = field(default_factory=set)
     _states: dict[str, bytes] = field(default_factory=dict)  # alarm id -> latest state
     _states_ready: asyncio.Event = field(default_factory=asyncio.Event)
+    _reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _registry_seen: RegistryFingerprint | None = None  # files of the registry in use
+    _registry_failed: RegistryFingerprint | None = None  # files a reload refused
 
     def request_stop(self) -> None:
         self.stop_requested.set()
@@ -119,18 +127,54 @@ class Gateway:
         """Reload the registry and rebuild indexes in a worker thread, then swap them in.
 
         Alarms in flight keep the objects they hold; live responder positions and duty
-        overrides carry over; a broken registry is refused and the running one kept."""
-        try:
-            registry, fresh = await asyncio.to_thread(load_world, self.config)
-        except (RegistryError, GeoError, OSError) as exc:
-            log.error("registry.reload_failed", error=str(exc), action="kept the old registry")
-            return False
-        fresh.adopt_live_state(self._geo())  # on the loop thread: the old index is live
-        self.geo, self.registry = fresh, registry
-        gc.freeze()
-        log.info("registry.reloaded", elders=len(registry.elders),
-                 devices=len(registry.devices), responders=len(registry.responders))
-        return True
+        overrides carry over; a broken registry is refused and the running one kept.
+        One reload at a time (SIGHUP, POST /reload and the file watch may coincide)."""
+        async with self._reload_lock:
+            # Taken before reading: a write during the load shows up as a change later.
+            files = registry_fingerprint(self.config.registry_dir)
+            try:
+                registry, fresh = await asyncio.to_thread(load_world, self.config)
+            except (RegistryError, GeoError, OSError) as exc:
+                self._registry_failed = files
+                log.error("registry.reload_failed", error=str(exc),
+                          action="kept the old registry")
+                return False
+            fresh.adopt_live_state(self._geo())  # on the loop thread: the old index is live
+            self.geo, self.registry = fresh, registry
+            self._registry_seen, self._registry_failed = files, None
+            gc.freeze()
+            log.info("registry.reloaded", elders=len(registry.elders),
+                     devices=len(registry.devices), responders=len(registry.responders))
+            return True
+
+    async def _watch_registry(self, interval_s: float) -> None:
+        """Reload the registry when its files change, once they have stopped changing.
+
+        Looks every ``interval_s``; a change is acted on when the next look finds the
+        files as they were (an editor or a copy may take a while to finish), so a
+        reload follows a save within one to two intervals. A version a reload refused
+        is not tried again until the files change once more."""
+        directory = self.config.registry_dir
+        settling: RegistryFingerprint | None = None
+        while True:
+            await self.sleep(interval_s)
+            files = registry_fingerprint(directory)
+            if files in (self._registry_seen, self._registry_failed):
+                settling = None
+                continue
+            if files != settling:
+                if settling is None:
+                    before = dict((f[0], f) for f in self._registry_seen or ())
+                    log.info("registry.changed", directory=str(directory),
+                             files=[f[0] for f in files if before.get(f[0]) != f])
+                settling = files
+                continue
+            settling = None
+            try:
+                await self.reload()
+            except Exception:  # a watcher must never take the gateway down
+                self._registry_failed = files
+                log.exception("registry.reload_crashed", action="kept the old registry")
 
     def health(self) -> dict[str, Any]:
         links = {}
@@ -373,6 +417,7 @@ class Gateway:
         """Run until :meth:`request_stop`. Raises StartupError on a bad start."""
         m = self.config.model
         self.started_at = self.monotonic()
+        self._registry_seen = registry_fingerprint(self.config.registry_dir)
         try:
             registry, self.geo = await asyncio.to_thread(load_world, self.config)
         except (RegistryError, GeoError) as exc:
@@ -447,6 +492,10 @@ class Gateway:
                 links.append(tg.create_task(self.supervisor.run(), name="supervision"))
                 links += self._pollers(tg, sender)
                 links.append(tg.create_task(self._prune_daily(), name="prune"))
+                if m.registry.watch_interval_s > 0:
+                    links.append(tg.create_task(
+                        self._watch_registry(m.registry.watch_interval_s),
+                        name="registry-watch"))
                 if self.mqtt is not None:
                     links.append(tg.create_task(self.mqtt.run(), name="mqtt"))
                     links.append(tg.create_task(self._publish_states(self.mqtt),

@@ -54,6 +54,7 @@ __all__ = [
     "load_registry",
     "normalise_device_address",
     "normalise_phone",
+    "registry_fingerprint",
     "registry_summary",
 ]
 
@@ -67,6 +68,27 @@ REGISTRY_FILES: Final = (
     "responders.csv",
     "facilities.csv",
 )
+
+RegistryFingerprint = tuple[tuple[str, int, int, int] | tuple[str], ...]
+
+
+def registry_fingerprint(directory: Path) -> RegistryFingerprint:
+    """What identifies the current version of the registry files, without reading them.
+
+    Per file of :data:`REGISTRY_FILES`: its name, modification time (ns), size and inode
+    (an editor that saves by renaming a new file over the old one changes the inode), or
+    just its name when it is missing. Equal fingerprints: nothing was written since.
+    """
+    parts: list[tuple[str, int, int, int] | tuple[str]] = []
+    for name in REGISTRY_FILES:
+        try:
+            st = (directory / name).stat()
+        except OSError:
+            parts.append((name,))
+        else:
+            parts.append((name, st.st_mtime_ns, st.st_size, st.st_ino))
+    return tuple(parts)
+
 
 #: Address schemes an elder's device may use. ``receiver`` identifies an alarm
 #: receiver itself (heartbeats), never an elder's button.

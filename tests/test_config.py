@@ -68,6 +68,8 @@ def test_config_is_immutable(tmp_path: Path) -> None:
          "exactly one of from_number or messaging_service_sid"),
         (MINIMAL + "[registry]\nbbox = [118.9, 37.4, 118.3, 37.8]\n", "registry.bbox",
          "min_lon"),
+        (MINIMAL + "[registry]\nwatch_interval_s = -1\n", "registry.watch_interval_s",
+         "greater than or equal to 0"),
         (MINIMAL + "[contact_id]\ncodes = { '1x' = 'emergency' }\n", "contact_id.codes",
          "3 hex digits"),
         (MINIMAL + "[contact_id]\ncodes = { '150' = 'explode' }\n", "contact_id.codes.150",

@@ -115,3 +115,45 @@ async def test_sighup_reloads_the_registry_without_touching_alarms_in_flight(
         assert await gw.reload() is False
         assert gw.registry is current
     await asyncio.sleep(0)
+
+
+async def test_a_changed_registry_file_is_reloaded_once_it_stops_changing(
+    tmp_path: Path, twilio: TwilioDouble
+) -> None:
+    reg = tmp_path / "registry"
+    shutil.copytree(SAMPLE, reg)
+    cfg = gateway_config(tmp_path, twilio,
+                         registry={"directory": str(reg), "watch_interval_s": 0.05})
+    gw = Gateway(cfg, secrets_for(twilio))
+
+    def events(name: str) -> list[dict[str, object]]:
+        return [e for e in logs if e["event"] == name]
+
+    with capture_logs() as logs:
+        async with running(gw):
+            old = gw.registry
+            assert old is not None
+            # Ops save responders.csv with one grid leader off duty; no signal is sent.
+            lines = (reg / "responders.csv").read_text(encoding="utf-8").splitlines()
+            header = lines[0].split(",")
+            rid_col, duty_col = header.index("responder_id"), header.index("on_duty")
+            cells = lines[1].split(",")
+            rid, cells[duty_col] = cells[rid_col], "false"
+            assert old.responders[rid].on_duty
+            lines[1] = ",".join(cells)
+            (reg / "responders.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+            await eventually(lambda: gw.registry is not old)
+            assert gw.registry is not None and not gw.registry.responders[rid].on_duty
+            assert [e["files"] for e in events("registry.changed")] == [["responders.csv"]]
+
+            # A broken save is refused once and not retried while it stays as it is.
+            current = gw.registry
+            (reg / "elders.csv").write_text("elder_id,name\nE1,x\n", encoding="utf-8")
+            await eventually(lambda: events("registry.reload_failed"))
+            await asyncio.sleep(0.5)  # ten more looks at the same files
+            assert len(events("registry.reload_failed")) == 1
+            assert gw.registry is current
+            # Fixed: reloaded again.
+            shutil.copy(SAMPLE / "elders.csv", reg / "elders.csv")
+            await eventually(lambda: gw.registry is not current)
+    assert len(events("registry.reloaded")) == 2
