@@ -20,20 +20,30 @@ Static indexes (facilities, homes, responders' base locations)
     Bulk-loaded rtree indexes, built from numpy arrays through rtree's array stream
     (libspatialindex packs the tree in one pass: ~1 s for 1e6 points, 4-5x faster than
     a Python generator stream), with small nodes (16 entries), which made k=3 nearest
-    queries ~30 % faster than the default 100 at 1e6 points. These trees are never
-    mutated after construction, so they never pay the rtree delete cost.
+    queries ~30 % faster than the default 100 at 1e6 points. Nothing is ever deleted
+    from them (a delete costs ~250 us at 1e6 entries, and needs the exact box).
+
+    Queries call libspatialindex's ``Index_NearestNeighbors_id`` through the library
+    rtree loaded, with reused buffers (:class:`_PointTree`): rtree's Python wrapper
+    adds ~4 us per call to the ~10 us of C work at 1e6 points. Responder slots are
+    numbered in Z order of base locations, so that the per-slot arrays a query reads
+    for a few neighbours share cache lines instead of costing a miss each.
 
 Moving responders: a two-tier index
-    rtree ``delete`` costs 1-4 ms and needs the exact box inserted, so moving a point
-    in the tree (delete + insert) for 5,000 responders every 30 s would spend 0.2-0.7 s
-    of every second of event-loop time. Rebuilding a tree periodically instead blocks
-    the loop for the whole build and makes positions lag by the rebuild period. So:
+    Moving a point in an rtree (delete + insert) for 5,000 responders every 30 s would
+    spend most of the event loop's time in deletes. Rebuilding a tree periodically
+    instead blocks the loop for the whole build and makes positions lag by the rebuild
+    period. So:
 
-    * tier 1, the base rtree: every eligible (non-supervisor) responder at its *base*
-      location. It never changes while the registry stays the same.
-    * tier 2, a uniform grid hash (``dict[cell, set[slot]]``) holding only responders
-      with a *fresh live* fix. A move is a validation and projection (~2 us) plus, when
-      the cell changes, two set operations: O(1); ~100,000 updates/s measured.
+    * tier 1, the base rtree: eligible (non-supervisor) responders at their *base*
+      locations: those on duty when it was built, plus those who came on duty since
+      (inserted, ~10 us). Those who go off duty stay in it and are skipped, until the
+      next rebuild (a registry reload), so that off-duty crowds do not make every
+      query wade through them.
+    * tier 2, a uniform grid hash (``dict[cell, set[slot]]``, one int per cell key)
+      holding only responders with a *fresh live* fix. A move is a validation and
+      projection (~2 us) plus, when the cell changes, two set operations: O(1);
+      ~150,000 updates/s measured.
 
     A responder is in exactly one tier at a time: while its live fix is fresh, its tier-1
     entry is masked (skipped) and tier 2 has it at the live position; when the fix goes
@@ -44,21 +54,22 @@ Moving responders: a two-tier index
 
     A query merges both tiers without losing exactness (tested against brute force):
     it asks tier 1 for a batch of nearest entries, sized from the share of on-duty,
-    unmasked responders so that one call usually holds k valid ones, and skips masked,
-    off-duty and excluded entries; everything in tier 1 closer than the batch's last
-    entry has then been seen. Tier 2 is then probed only in the cells overlapping the
-    square around the current k-th best, clipped to the occupied part of the grid (or,
-    when tier 1 had fewer than k, ring by ring outwards until a ring's minimum distance
-    exceeds the k-th best; either way it scans the occupied cells directly when that is
-    cheaper). If the k-th best is still farther than what tier 1 has covered, tier 1 is
-    asked again with a 4x larger batch. The grid cell size follows the responder density
-    (about one responder per cell on average, over the service area), so tier 2 costs a
-    handful of dictionary probes.
+    unmasked, unexcluded entries so that a second call is needed about once in 1,000
+    (binomial tail), and skips masked, off-duty and excluded entries; everything in
+    tier 1 closer than the batch's last entry has then been seen. Tier 2 is then probed
+    only in the cells overlapping the square around the current k-th best, clipped to
+    the occupied part of the grid (or, when tier 1 had fewer than k, ring by ring
+    outwards until a ring's minimum distance exceeds the k-th best; either way it scans
+    the occupied cells directly when that is cheaper). If the k-th best is still farther
+    than what tier 1 has covered, tier 1 is asked again with a 4x larger batch. The grid
+    cell size follows the responder density (about one responder per cell on average,
+    over the service area), so tier 2 costs a handful of dictionary probes.
 
-    Measured (``bench/geo.py``, shared 2-vCPU VM): a full k=3 query, results included,
-    costs ~50 us at the median flat from 1e4 to 1e6 responders, of which ~15-20 us is the
-    bare rtree call and ~15 us the three result objects with their geodesics; numpy
-    brute force costs ~0.1 ms at 1e4 and ~10 ms at 1e6 points.
+    Measured (``bench/geo.py``, shared 2-vCPU VM, 5,000 of the responders live): a full
+    k=3 query, results included, costs ~25 us at the median at 1e5 and 1e6 responders
+    (p99 ~47-54 us, pooled over 100,000 calls), of which ~11 us is the C call and ~5 us
+    the three results with their geodesics; numpy brute force costs ~0.2 ms at 1e5 and
+    ~2 ms at 1e6 points.
 
 Threading and reloads
     rtree is not thread-safe, and nothing here locks: a :class:`GeoService` is used from
@@ -569,6 +580,7 @@ class _PointTree:
         "_count",
         "_fast",
         "_free",
+        "_ids",
         "_out",
         "_point",
         "index",
@@ -578,7 +590,10 @@ class _PointTree:
         self.index = tree  # keeps the C index alive as long as its address is used
         self._point = (ctypes.c_double * 2)()
         self._count = ctypes.c_uint64(0)
-        self._out = ctypes.c_void_p(None)
+        # Where the C call stores the address of the id array it allocates: one buffer
+        # seen as an int64 pointer (to read the ids) and as an address (to free them).
+        self._ids = ctypes.POINTER(ctypes.c_int64)()
+        self._out = ctypes.c_void_p.from_buffer(self._ids)
         self._fast: Callable[..., int] | None = None
         self._free: Callable[[int | None], None] = _free_nothing
         self._args: tuple[int, int, int, int, int, int] = (0, 0, 0, 2, 0, 0)
@@ -630,11 +645,10 @@ class _PointTree:
         if fast(*self._args):
             # What rtree's errcheck would raise, with libspatialindex's message.
             return cast(list[int], list(self.index.nearest((x, y), n)))
-        address = self._out.value
         try:
-            return (ctypes.c_int64 * self._count.value).from_address(address)[:]  # type: ignore[arg-type]
+            return self._ids[: self._count.value]
         finally:
-            self._free(address)
+            self._free(self._out.value)
 
     def insert(self, entry: int, x: float, y: float) -> None:
         """Add a point (~10 us; deleting one would cost ~250 us at 1e6 entries)."""
