@@ -162,8 +162,10 @@ class MqttLink:
                         topics = [*self._decoder.subscriptions(), *(t for t, _ in self._extra)]
                         for topic in topics:
                             await client.subscribe(topic, qos=1)
+                            deliver_lost_cancel()
                         await client.publish(self._s.status_topic, b"online", qos=1,
                                              retain=True)
+                        deliver_lost_cancel()
                         self._state.set(True)
                         bound.info("mqtt.connected")
                         await self._consume(client, handlers, limit)
@@ -233,4 +235,21 @@ class MqttLink:
         except aiomqtt.MqttError as exc:
             log.warning("mqtt.publish_failed", topic=topic, error=str(exc))
             return False
+        deliver_lost_cancel()
         return True
+
+
+def deliver_lost_cancel() -> None:
+    """Raise the cancellation an aiomqtt call may have swallowed.
+
+    aiomqtt 2.x awaits broker acknowledgements with ``asyncio.wait_for``, which on
+    Python 3.11 returns normally when the acknowledgement arrives in the same loop
+    iteration as a cancel of the calling task (CPython gh-86296, fixed in 3.12): the
+    cancel is lost, and a task meant to stop goes on waiting for the next state or
+    message -- a gateway that never finishes stopping. Call after such an await, outside
+    cleanup code (where a cancel is already being handled).
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+

@@ -30,6 +30,7 @@ import aiomqtt
 import pytest
 from structlog.testing import capture_logs
 
+from devices.mqtt_link import deliver_lost_cancel
 from devices.mqtt_payloads import encode_own_event
 from gateway.daemon import Gateway
 from gateway.district import generate
@@ -534,3 +535,37 @@ async def test_burst_of_5000_presses_from_500_devices_is_journaled_without_loss(
     # Not one alarm ignored: every one reached the family and staff.
     assert rows(db, "SELECT state, COUNT(*) FROM alarms GROUP BY state") == [("notified", 500)]
     assert group_commits < len(messages)  # the storm shared commits
+
+
+async def test_a_cancel_that_wait_for_swallowed_is_delivered() -> None:
+    """aiomqtt's publish and subscribe await the broker's ack with asyncio.wait_for; on
+    Python 3.11 an ack landing in the loop iteration of a cancel loses the cancel
+    (gh-86296), and the gateway's state publisher went on waiting: a stop that hung."""
+    acked = asyncio.Event()
+    rounds = 0
+
+    async def publisher(check: bool) -> None:
+        nonlocal rounds
+        while True:
+            await asyncio.wait_for(acked.wait(), timeout=5)  # as aiomqtt waits for PUBACK
+            if check:
+                deliver_lost_cancel()
+            rounds += 1
+            acked.clear()
+
+    for check in (False, True):
+        rounds = 0
+        task = asyncio.create_task(publisher(check))
+        await asyncio.sleep(0)  # now waiting for the ack
+        acked.set()
+        task.cancel()  # the ack and the stop in one loop iteration
+        await asyncio.wait({task}, timeout=0.2)
+        if check:
+            assert task.cancelled() and rounds == 0
+        else:
+            # Without the check, Python 3.11 loses the cancel (later versions do not).
+            if sys.version_info < (3, 12):
+                assert not task.done() and rounds == 1
+            task.cancel()
+            await asyncio.wait({task}, timeout=1)
+            assert task.done()
