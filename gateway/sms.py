@@ -499,7 +499,9 @@ class TwilioSender:
 
         async def report(attempt: Attempt) -> None:
             attempts.append(attempt)
-            log.info(
+            # An accepted attempt is told by sms.accepted (and the dispatcher's sms.sent);
+            # the rest (retries, failures, unknown outcomes) are worth a line of their own.
+            (log.debug if attempt.outcome == "accepted" else log.info)(
                 "sms.attempt",
                 to=masked,
                 attempt=attempt.number,
@@ -571,7 +573,9 @@ class TwilioSender:
                 attempts=number,
                 error_code=int(message.error_code) if message.error_code is not None else None,
             )
-            log.info(
+            # Debug: the caller reports the outcome (the dispatcher's sms.sent carries the
+            # sid, attempts and segments with the latency against the budget).
+            log.debug(
                 "sms.accepted",
                 to=masked,
                 sid=result.sid,
