@@ -353,8 +353,10 @@ class Journal:
 
         def settle(items: Iterable[tuple[asyncio.Future[Any], Any, BaseException | None]],
                    ) -> None:
-            for f, v, e in items:
-                loop.call_soon_threadsafe(_settle, f, v, e)
+            # One wake-up of the loop for the whole batch, not one per job.
+            outcomes = list(items)
+            if outcomes:
+                loop.call_soon_threadsafe(_settle_all, outcomes)
 
         def begin() -> JournalError | None:
             try:
@@ -800,6 +802,11 @@ class Journal:
 
 
 # -- helpers run in the writer thread ---------------------------------------------------
+
+
+def _settle_all(outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+    for fut, value, error in outcomes:
+        _settle(fut, value, error)
 
 
 def _settle(fut: asyncio.Future[Any], value: Any, error: BaseException | None) -> None:
