@@ -8,10 +8,11 @@ the 118.5E Gauss-Kruger zone border. Time is a fake clock everywhere.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import math
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
@@ -415,6 +416,18 @@ def apply(scenario: Scenario, svc: GeoService, clock: FakeClock) -> None:
         assert svc.set_on_duty(rid, on_duty)
 
 
+@contextlib.contextmanager
+def live_first(share: float) -> Iterator[None]:
+    """Make queries ask tier 2 first from this live share on (0: always; inf: never)."""
+    saved = geo._LIVE_FIRST_SHARE
+    geo._LIVE_FIRST_SHARE = share
+    try:
+        yield
+    finally:
+        geo._LIVE_FIRST_SHARE = saved
+
+
+@pytest.mark.parametrize("first", [math.inf, 0.0], ids=["tier1-first", "tier2-first"])
 @HYPOTHESIS
 @given(
     scenario=scenarios(),
@@ -424,6 +437,7 @@ def apply(scenario: Scenario, svc: GeoService, clock: FakeClock) -> None:
     cell_m=st.sampled_from([None, 30.0, 400.0, 5000.0]),
 )
 def test_nearest_responders_equal_brute_force(
+    first: float,
     scenario: Scenario,
     query: LonLat,
     query_at_a_responder: bool,
@@ -436,7 +450,8 @@ def test_nearest_responders_equal_brute_force(
     svc = service(registry(scenario.responders), clock, cell_m=cell_m)
     apply(scenario, svc, clock)
 
-    got = svc.nearest_responders(query, k, exclude=scenario.exclude)
+    with live_first(first):
+        got = svc.nearest_responders(query, k, exclude=scenario.exclude)
     want = brute_force(scenario, query, k, svc.stale_after_s)
 
     assert_same_distances([planar(query, n.location) for n in got], [w[0] for w in want])
@@ -460,8 +475,9 @@ def test_nearest_responders_equal_brute_force(
         assert {rid for rid in tied if rid < last.id} <= {n.id for n in got}
 
 
+@pytest.mark.parametrize("first", [math.inf, 0.0], ids=["tier1-first", "tier2-first"])
 @pytest.mark.parametrize("excluded", [50, 800])  # converted to slots / checked by id
-def test_nearest_responders_at_scale_equal_brute_force(excluded: int) -> None:
+def test_nearest_responders_at_scale_equal_brute_force(excluded: int, first: float) -> None:
     # Enough responders that tier 1 must fetch more than one batch and tier 2 spans
     # many cells; positions clustered like villages to make the density uneven.
     rng = random.Random(4)
@@ -492,7 +508,8 @@ def test_nearest_responders_at_scale_equal_brute_force(excluded: int) -> None:
     for _ in range(150):
         query = LonLat(rng.uniform(118.3, 118.8), rng.uniform(37.4, 37.8))
         k = rng.choice([1, 3, 10])
-        got = svc.nearest_responders(query, k, exclude=scenario.exclude)
+        with live_first(first):
+            got = svc.nearest_responders(query, k, exclude=scenario.exclude)
         want = brute_force(scenario, query, k, svc.stale_after_s)
         assert_same_distances([planar(query, n.location) for n in got], [w[0] for w in want])
 
