@@ -372,7 +372,8 @@ class Dispatcher:
             offset = sum(w.staff for w in self._settings.waves[: number - 1])
             staff = geo.responders[offset: offset + wave.staff]
             plans += [NotificationPlan("responder", r.name, r.phone,
-                                       c.staff(facts, r.distance_m, map_url=self._map(elder)))
+                                       c.staff(facts, r.distance_m, map_url=self._map(elder),
+                                               from_base=r.stale))
                       for r in staff]
             if not geo.responders and not wave.supervisor:
                 plans += self._supervisors(elder, facts)  # nobody on duty: escalate at once
@@ -393,15 +394,18 @@ class Dispatcher:
 
     def _supervisors(self, elder: Elder, facts: AlarmFacts) -> list[NotificationPlan]:
         geo = self._geo()
-        return [
-            NotificationPlan("supervisor", sup.name, sup.phone,
-                             self._composer.staff(facts,
-                                                  geo.projector.geodesic(elder.location,
-                                                                         sup.base)[0],
-                                                  map_url=self._map(elder)))
-            for sup in self._registry().responders.values()
-            if sup.role is ResponderRole.SUPERVISOR
-        ]
+        plans = []
+        for sup in self._registry().responders.values():
+            if sup.role is not ResponderRole.SUPERVISOR:
+                continue
+            # A supervisor's phone may report positions too; else the registered base.
+            where, from_base = geo.position_of(sup.responder_id) or (sup.base, True)
+            distance = geo.projector.geodesic(elder.location, where)[0]
+            plans.append(NotificationPlan(
+                "supervisor", sup.name, sup.phone,
+                self._composer.staff(facts, distance, map_url=self._map(elder),
+                                     from_base=from_base)))
+        return plans
 
     def _map(self, elder: Elder) -> str | None:
         t = self._settings.map_url_template

@@ -21,7 +21,9 @@ DEFAULT_TEMPLATES: Mapping[str, Mapping[str, str]] = {
         "family": "【一键通】您的家人{name}于{time}按下紧急呼叫（{address}）。"
                   "{staff}请保持电话畅通。编号{ref}",
         "staff": "【一键通紧急】{name}（{community}）按下呼叫，地址：{address}，"
-                 "距您约{distance}。请速前往，回复“{ref} 1”确认。{map}",
+                 "距您约{distance}{whence}。请速前往，回复“{ref} 1”确认。{map}",
+        # Appended to the distance when no recent position of the recipient was known.
+        "whence_base": "（按您的登记地址估算）",
         "facility": "【一键通】{name}（{address}）紧急呼叫，可能需要医疗援助，"
                     "社区人员已出发。编号{ref}",
         "staff_line": "社区{responder}正在赶往。",
@@ -42,7 +44,8 @@ DEFAULT_TEMPLATES: Mapping[str, Mapping[str, str]] = {
         "family": "[SOS] {name} pressed the alarm button at {time} ({address}). "
                   "{staff}Please keep your phone free. Ref {ref}",
         "staff": "[SOS] {name} ({community}) needs help at {address}, about {distance} "
-                 "from you. Please go now; reply \"{ref} 1\" to take it. {map}",
+                 "from you{whence}. Please go now; reply \"{ref} 1\" to take it. {map}",
+        "whence_base": " (from your registered base)",
         "facility": "[SOS] {name} ({address}) raised an alarm and may need medical help; "
                     "community staff are on the way. Ref {ref}",
         "staff_line": "Community worker {responder} is on the way. ",
@@ -113,9 +116,12 @@ class Composer:
         return _fit(self._lang(language)["family"], self._common(facts, language))
 
     def staff(self, facts: AlarmFacts, distance_m: float, language: str = "zh",
-              map_url: str | None = None) -> str:
+              map_url: str | None = None, *, from_base: bool = False) -> str:
+        """The SMS to a responder; ``from_base``: the distance is from their registered
+        base location, no recent live position being known, and the text says so."""
         fields = self._common(facts, language)
         fields["distance"] = format_distance(distance_m, language)
+        fields["whence"] = self._lang(language)["whence_base"] if from_base else ""
         # A map link costs a segment or two; it is off unless configured.
         fields["map"] = map_url or ""
         return _fit(self._lang(language)["staff"], fields,
@@ -148,7 +154,7 @@ def validate_templates(templates: Mapping[str, Mapping[str, str]]) -> Sequence[s
     problems: list[str] = []
     sample = {"ref": "ABCD-EFGH", "name": "x", "community": "x", "address": "x",
               "time": "00:00", "staff": "", "distance": "1", "responder": "x", "map": "",
-              "who": "x"}
+              "who": "x", "whence": ""}
     for lang, kinds in templates.items():
         for kind in DEFAULT_TEMPLATES["zh"]:
             if kind not in kinds:

@@ -66,6 +66,13 @@ async def test_a_responder_reporting_a_position_next_door_is_sent_first(
             assert first.id == far.responder_id and not first.stale
             assert first.distance_m < 20
             assert far.phone in {m.to for m in twilio.messages}
+            # Staff SMS: a distance from a live fix is plain, one from a base says so.
+            staff = {m.to: m.body for m in twilio.messages if "按下呼叫" in m.body}
+            assert "登记地址" not in staff[far.phone]
+            others = [geo_r for geo_r in geo.responders if geo_r.phone in staff
+                      and geo_r.id != far.responder_id]
+            assert others and all(r.stale and "（按您的登记地址估算）" in staff[r.phone]
+                                  for r in others)
     events = [e["event"] for e in logs]
     assert "responder.bad_position" in events  # the malformed fix, logged and ignored
     assert any(e["event"].startswith("geo.") and "unknown" in e["event"] for e in logs)

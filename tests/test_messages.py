@@ -27,8 +27,8 @@ def test_every_sample_elder_gets_texts_within_two_segments() -> None:
     reg = load_registry(SAMPLE)
     for elder in reg.elders.values():
         f = AlarmFacts(REF, elder.name, elder.community, elder.address, 1_790_000_000.0, "王强")
-        for text in (c.family(f), c.staff(f, 1234.0), c.facility(f), c.taken(f, "李娜"),
-                     c.cancelled(f)):
+        for text in (c.family(f), c.staff(f, 1234.0), c.staff(f, 1234.0, from_base=True),
+                     c.facility(f), c.taken(f, "李娜"), c.cancelled(f)):
             assert REF in text
             assert segments(text) <= 2
             assert len(text) <= 134  # Chinese: UCS-2, 2 x 67 characters
@@ -41,7 +41,8 @@ def test_long_addresses_are_shortened_never_the_reference(name: str, address: st
                                                           community: str) -> None:
     c = Composer()
     f = facts(name, address, community)
-    for text in (c.family(f), c.staff(f, 80.0), c.facility(f)):
+    for text in (c.family(f), c.staff(f, 80.0), c.staff(f, 80.0, from_base=True),
+                 c.facility(f)):
         assert REF in text
         if len(name) + len(community) < 20:
             assert segments(text) <= 2
@@ -59,6 +60,15 @@ def test_english_template_and_distances() -> None:
     assert "about 2.5 km from you" in text and f'"{REF} 1"' in text
     assert format_distance(346.0) == "350米"
     assert format_distance(1234.0, "en") == "1.2 km"
+
+
+def test_a_distance_from_the_registered_base_says_so() -> None:
+    live = Composer().staff(facts(), 480.0)
+    base = Composer().staff(facts(), 480.0, from_base=True)
+    assert "距您约480米。" in live and "登记地址" not in live
+    assert "距您约480米（按您的登记地址估算）。" in base
+    english = Composer().staff(facts(), 480.0, language="en", from_base=True)
+    assert "about 480 m from you (from your registered base)." in english
 
 
 def test_map_link_is_optional_and_may_use_more_segments() -> None:
