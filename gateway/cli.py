@@ -166,6 +166,18 @@ def cmd_resolve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_duty(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    try:
+        print(json.dumps(_call(cfg, "POST", f"/responders/{args.responder_id}/duty",
+                               {"on_duty": args.state == "on", "by": args.by}),
+                         ensure_ascii=False))
+    except RuntimeError as exc:
+        print(f"duty: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     cfg = _config(args)
     try:
@@ -220,6 +232,13 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "resolve":
             sp.add_argument("--note", default=None)
         sp.set_defaults(func=func)
+    sp = sub.add_parser("duty", help="put a responder on or off duty (until a registry "
+                                     "reload; the roster's on_duty column is the default)")
+    with_config(sp)
+    sp.add_argument("responder_id")
+    sp.add_argument("state", choices=["on", "off"])
+    sp.add_argument("--by", default=os.environ.get("USER", "operator"))
+    sp.set_defaults(func=cmd_duty)
     sp = sub.add_parser("status", help="health, open alarms and devices of a running gateway")
     with_config(sp)
     sp.set_defaults(func=cmd_status)

@@ -47,6 +47,7 @@ class ControlServer:
         on_reload: Callable[[], Awaitable[bool]] | None = None,
         devices: Callable[[], list[dict[str, Any]]] | None = None,
         ack_notice: Callable[[int, str], Awaitable[bool]] | None = None,
+        set_duty: Callable[[str, bool], Awaitable[bool]] | None = None,
     ) -> None:
         self._host = host
         self._port = port
@@ -59,6 +60,7 @@ class ControlServer:
         self._on_reload = on_reload
         self._devices = devices
         self._ack_notice = ack_notice
+        self._set_duty = set_duty
         self._runner: web.AppRunner | None = None
         self.url = ""
 
@@ -73,6 +75,7 @@ class ControlServer:
             web.post("/alarms/{alarm_id}/resolve", self._post_resolve),
             web.get("/devices", self._get_devices),
             web.post("/reload", self._post_reload),
+            web.post("/responders/{responder_id}/duty", self._post_duty),
             web.get("/notices", self._get_notices),
             web.post("/notices/{notice_id}/ack", self._post_notice_ack),
             *self._extra,
@@ -181,6 +184,21 @@ class ControlServer:
         if self._ack_notice is None or not await self._ack_notice(notice_id, by):
             return _json({"error": f"no open notice {notice_id}"}, 404)
         return _json({"notice_id": notice_id, "acknowledged_by": by})
+
+    async def _post_duty(self, request: web.Request) -> web.Response:
+        responder_id = request.match_info["responder_id"]
+        body = await self._body(request)
+        on_duty = body.get("on_duty")
+        if not isinstance(on_duty, bool):
+            return _json({"error": "on_duty must be true or false"}, 400)
+        if self._set_duty is None:
+            return _json({"error": "duty changes not supported"}, 501)
+        if not await self._set_duty(responder_id, on_duty):
+            return _json({"error": f"unknown responder {responder_id}"}, 404)
+        by = str(body.get("by") or "operator")[:64]
+        log.info("responder.duty_set", responder_id=responder_id, on_duty=on_duty,
+                 by=f"operator:{by}")
+        return _json({"responder_id": responder_id, "on_duty": on_duty})
 
     async def _post_reload(self, _request: web.Request) -> web.Response:
         if self._on_reload is None:

@@ -21,7 +21,7 @@ import time
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
@@ -75,6 +75,23 @@ def load_world(cfg: Config) -> tuple[Registry, GeoService]:
                              bbox=m.registry.bbox)
     projector = Projector(m.geo.crs, m.geo.source_crs, m.registry.bbox)
     return registry, GeoService(registry, projector, stale_after_s=m.geo.stale_after_s)
+
+
+_MAX_COMMAND_PAYLOAD = 256  # an ack or a duty change is a few dozen bytes
+_F = TypeVar("_F")
+
+
+def _small_json_field(payload: bytes, name: str, kind: type[_F]) -> _F | None:
+    """``payload``'s JSON object field ``name`` if it is a ``kind``; None if anything is off
+    (too large, not UTF-8 JSON, not an object, missing, wrong type)."""
+    if len(payload) > _MAX_COMMAND_PAYLOAD:
+        return None
+    try:
+        data = json.loads(payload)
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError
+        return None
+    value = data.get(name) if isinstance(data, dict) else None
+    return value if isinstance(value, kind) else None
 
 
 @dataclass
@@ -249,6 +266,8 @@ class Gateway:
             self.mqtt = MqttLink(
                 settings, decoder, intake,
                 extra=[("responders/+/location", self._position),
+                       ("responders/+/duty", self._duty),
+                       ("responders/+/ack", self._responder_ack),
                        ("alarm/alarms/+/ack", self._mqtt_ack)],
                 on_state=self._link_state("mqtt"),
             )
@@ -387,7 +406,9 @@ class Gateway:
                 await mqtt.publish(topic.format(alarm_id=alarm_id), payload, retain=True)
 
     async def _mqtt_ack(self, topic: str, payload: bytes) -> None:
-        """A staff phone app acknowledges: alarm/alarms/<id>/ack {"by": "<responder id>"}."""
+        """A trusted console acknowledges for a responder: alarm/alarms/<id>/ack
+        {"by": "<responder id>"} (the shipped ACL lets only the gateway's own user write
+        there; staff phones use responders/<their id>/ack)."""
         alarm_id = topic.split("/")[2]
         try:
             data = json.loads(payload)
@@ -395,6 +416,37 @@ class Gateway:
         except (ValueError, KeyError, TypeError):
             log.warning("mqtt.bad_ack", alarm_id=alarm_id, size=len(payload))
             return
+        await self._ack_for(alarm_id, responder_id)
+
+    async def _responder_ack(self, topic: str, payload: bytes) -> None:
+        """A staff phone acknowledges: responders/<responder id>/ack {"alarm_id": "..."}.
+
+        Who acknowledges is the topic's responder id, which the broker's ACL ties to the
+        phone's login (pattern write responders/%u/ack): a phone cannot ack as another."""
+        responder_id = topic.split("/")[1]
+        alarm_id = _small_json_field(payload, "alarm_id", str)
+        if alarm_id is None:
+            log.warning("mqtt.bad_ack", responder_id=responder_id[:64], size=len(payload))
+            return
+        await self._ack_for(alarm_id[:32], responder_id)
+
+    async def _duty(self, topic: str, payload: bytes) -> None:
+        """A staff phone starts or ends a shift: responders/<id>/duty {"on_duty": true}.
+
+        Published retained, the broker hands the latest state to a restarted gateway."""
+        responder_id = topic.split("/")[1]
+        on_duty = _small_json_field(payload, "on_duty", bool)
+        if on_duty is None:
+            log.warning("responder.bad_duty", responder_id=responder_id[:64],
+                        size=len(payload))
+            return
+        self._geo().set_on_duty(responder_id, on_duty)
+
+    async def set_duty(self, responder_id: str, on_duty: bool) -> bool:
+        """Operator: put a responder on or off duty (False for an unknown responder)."""
+        return self._geo().set_on_duty(responder_id, on_duty)
+
+    async def _ack_for(self, alarm_id: str, responder_id: str) -> None:
         responder = self._registry().responders.get(responder_id)
         if responder is None or self.dispatcher is None:
             log.warning("mqtt.ack_unknown_responder", alarm_id=alarm_id,
@@ -486,7 +538,8 @@ class Gateway:
                 host=m.control.host, port=m.control.port, journal=self.journal,
                 dispatcher=self.dispatcher, metrics=self.metrics, health=self.health,
                 state_file=m.gateway.state_dir / "control.json", on_reload=self.reload,
-                devices=self.device_health, ack_notice=self.ack_notice, extra_routes=routes))
+                devices=self.device_health, ack_notice=self.ack_notice,
+                set_duty=self.set_duty, extra_routes=routes))
             self._links(self.intake)
             async with asyncio.TaskGroup() as tg:
                 self._tasks = tg

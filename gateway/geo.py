@@ -1165,6 +1165,11 @@ class GeoService:
         self._in_tree[slot] = 1
         self._tree_size += 1
 
+    def is_on_duty(self, responder_id: str) -> bool | None:
+        """Whether a responder counts as on duty now (overrides included); None if unknown."""
+        slot = self._slot_of.get(responder_id)
+        return None if slot is None else bool(self._on_duty[slot])
+
     def position_of(self, responder_id: str) -> tuple[LonLat, bool] | None:
         """Where a responder is taken to be: ``(location, stale)``, None if unknown."""
         slot = self._slot_of.get(responder_id)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import pwd
 import re
@@ -27,11 +28,12 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
+from structlog.testing import capture_logs
 
 from devices.mqtt_payloads import MqttDecoder, encode_own_event
 from gateway.config import Secrets
 from gateway.daemon import Gateway
-from gateway.model import Device
+from gateway.model import Device, ResponderRole
 from gateway.registry import load_registry
 from gateway.sandbox.twilio_double import TwilioDouble
 from tests.conftest import REPO, SAMPLE, eventually, free_port, gateway_config, running, wait_port
@@ -63,6 +65,13 @@ def settings(text: str) -> list[tuple[str, str]]:
 def denied_in_log(broker: Broker, topic: str) -> bool:
     """Mosquitto logged that it refused a publish on ``topic`` (needs log_type all)."""
     return re.search(rf"Denied PUBLISH from \S+ \(.*'{re.escape(topic)}'", broker.log) is not None
+
+
+def phones() -> list[str]:
+    """Two on-duty grid leaders of the sample district (their phones log in by id)."""
+    registry = load_registry(SAMPLE)
+    return sorted(r.responder_id for r in registry.responders.values()
+                  if r.on_duty and r.role is ResponderRole.GRID_LEADER)[:2]
 
 
 def own_buttons() -> list[Device]:
@@ -114,6 +123,7 @@ def prepare(workdir: Path, devices: list[Device]) -> Broker:
     shutil.copy(SHIPPED_ACL, workdir / "alarm.acl")
     passwords = {GATEWAY_USER: "gw-secret", Z2M_USER: "z2m-secret"}
     passwords |= {d.device_id: f"pw-{d.device_id.lower()}" for d in devices}
+    passwords |= {rid: f"pw-{rid.lower()}" for rid in phones()}
     binary = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
     passwd = workdir / "alarm.passwd"
     for i, (user, password) in enumerate(passwords.items()):
@@ -372,7 +382,8 @@ async def test_the_gateway_user_may_do_what_the_gateway_does(
         # Every subscription was granted QoS 1 (a refused one shows 128 in the log and
         # would leave the gateway deaf to those devices) and its status was allowed.
         granted = re.findall(r"^\d+: gw-test (\d+) (\S+)$", broker.log, re.M)
-        expected = {*MqttDecoder().subscriptions(), "responders/+/location"}
+        expected = {*MqttDecoder().subscriptions(), "responders/+/location",
+                    "responders/+/duty", "responders/+/ack"}
         assert expected <= {topic for _, topic in granted}
         assert {qos for qos, _ in granted} == {"1"}
         assert "Denied PUBLISH from gw-test" not in broker.log
@@ -391,3 +402,64 @@ def _alarm_devices(gw: Gateway) -> set[str] | None:
     with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
         found = {row[0] for row in conn.execute("SELECT device_id FROM alarms")}
     return found if len(found) >= 2 else None
+
+
+async def test_a_staff_phone_changes_its_own_shift_and_acks_as_itself_only(
+    tmp_path: Path, acl_broker: tuple[Broker, int], twilio: TwilioDouble
+) -> None:
+    broker, port = acl_broker
+    me, colleague = phones()
+    button = own_buttons()[0]
+    cfg = gateway_config(tmp_path, twilio, alert={"backend": "none"},
+                         mqtt={"enabled": True, "port": port, "username": GATEWAY_USER})
+    secrets = Secrets(twilio.account_sid, twilio.auth_token, broker.passwords[GATEWAY_USER])
+    gw = Gateway(cfg, secrets)
+    with capture_logs() as logs:
+        async with running(gw):
+            await _shift_and_ack(gw, broker, port, me, colleague, button)
+    events = [e["event"] for e in logs]
+    assert "responder.bad_duty" in events and "mqtt.bad_ack" in events
+
+
+async def _shift_and_ack(gw: Gateway, broker: Broker, port: int, me: str, colleague: str,
+                         button: Device) -> None:
+    assert gw.mqtt is not None and gw.journal is not None and gw.registry is not None
+    journal = gw.journal
+    await eventually(gw.mqtt.connected.is_set)
+    async with aiomqtt.Client("127.0.0.1", port, username=me,
+                              password=broker.passwords[me]) as phone:
+        # Ending a shift, retained (a restarted gateway gets it again) ...
+        await phone.publish(f"responders/{me}/duty", b'{"on_duty": false}', qos=1,
+                            retain=True)
+        await eventually(lambda: not on_duty(gw, me))
+        # ... and malformed or oversized commands are logged and ignored.
+        await phone.publish(f"responders/{me}/duty", b'{"on_duty": "yes"}', qos=1)
+        await phone.publish(f"responders/{me}/ack", b"x" * 5000, qos=1)
+    # Speaking for a colleague is refused by the broker.
+    with contextlib.suppress(aiomqtt.MqttError):
+        async with aiomqtt.Client("127.0.0.1", port, username=me,
+                                  password=broker.passwords[me], timeout=5) as phone:
+            await phone.publish(f"responders/{colleague}/duty", b'{"on_duty": false}',
+                                qos=1)
+    assert denied_in_log(broker, f"responders/{colleague}/duty")
+    assert on_duty(gw, colleague)
+
+    async with aiomqtt.Client("127.0.0.1", port, username=button.device_id,
+                              password=broker.passwords[button.device_id]) as device:
+        await device.publish(f"{button.address}/event", encode_own_event("sos"), qos=1)
+    alarm = (await eventually(journal.open_alarms))[0]
+    async with aiomqtt.Client("127.0.0.1", port, username=me,
+                              password=broker.passwords[me]) as phone:
+        body = json.dumps({"alarm_id": alarm.alarm_id}).encode()
+        await phone.publish(f"responders/{me}/ack", body, qos=1)
+
+    async def acknowledged_by() -> str | None:
+        return (await journal.get_alarm(alarm.alarm_id)).acknowledged_by
+
+    assert await eventually(acknowledged_by) == f"app:{gw.registry.responders[me].name}"
+
+
+def on_duty(gw: Gateway, responder_id: str) -> bool:
+    """Whether the gateway's geo index counts the responder as on duty."""
+    assert gw.geo is not None
+    return gw.geo.is_on_duty(responder_id) is True

@@ -15,6 +15,7 @@ import pytest
 
 from gateway.daemon import Gateway
 from gateway.lifecycle import AlarmState
+from gateway.model import LonLat
 from gateway.sandbox.twilio_double import TwilioDouble
 from tests.conftest import (
     REPO,
@@ -26,6 +27,8 @@ from tests.conftest import (
     secrets_for,
     z2m_devices,
 )
+
+KENLI_CENTRE = LonLat(118.55, 37.59)
 
 
 def gateway_cmd(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -134,6 +137,18 @@ from_number = "+15005550006"
         assert code == 0, err
         assert await gw.journal.open_alarms() == []
         code, out, err = await gateway_cmd_async("ack", "NOPE-NOPE", "--config", str(toml))
+        assert code == 1 and "404" in err
+        # Shifts: an operator puts a grid leader off duty and back on.
+        assert gw.geo is not None
+        rid = next(r.id for r in gw.geo.lookup(KENLI_CENTRE, k=1).responders)
+        code, out, err = await gateway_cmd_async("duty", rid, "off", "--config", str(toml))
+        assert code == 0, err
+        assert json.loads(out) == {"responder_id": rid, "on_duty": False}
+        assert gw.geo.is_on_duty(rid) is False
+        assert rid not in {r.id for r in gw.geo.lookup(KENLI_CENTRE, k=3).responders}
+        code, out, err = await gateway_cmd_async("duty", rid, "on", "--config", str(toml))
+        assert code == 0 and gw.geo.is_on_duty(rid) is True, err
+        code, out, err = await gateway_cmd_async("duty", "NOBODY", "on", "--config", str(toml))
         assert code == 1 and "404" in err
         code, out, err = await gateway_cmd_async("simulate", "press", "--device", "nope",
                                                  "--config", str(toml))

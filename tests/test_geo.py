@@ -593,6 +593,11 @@ def test_nobody_on_duty_gives_an_empty_result() -> None:
     assert svc.set_on_duty("r3", False)  # stays in the tree, skipped
     assert svc.set_on_duty("r3", True)  # not inserted twice
     assert svc.stats().indexed == 2
+    assert (svc.is_on_duty("r3"), svc.is_on_duty("r2"), svc.is_on_duty("nobody")) == (
+        True,
+        False,
+        None,
+    )
     assert [n.id for n in svc.nearest_responders(KENLI, 3)] == ["r3", "r1"]
     assert svc.rebuilt(svc.registry).stats().indexed == 2  # overrides carried over
 
