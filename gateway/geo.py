@@ -106,7 +106,6 @@ from collections.abc import (
     Collection,
     Container,
     Iterable,
-    Iterator,
     KeysView,
     Mapping,
     Sequence,
@@ -577,21 +576,25 @@ class _PointTree:
     ``rtree.Index.nearest`` spends ~4 us per call in Python around the C work (two
     property reads that are ctypes calls themselves, fresh ctypes buffers, a generator,
     casts, an errcheck hook), on top of ~11 us in libspatialindex for k=3 at 1e6 points.
-    This calls the same C function, ``Index_NearestNeighbors_id``, from the library rtree
-    loaded (``rtree.core.rt``), with buffers reused across calls, and frees the result
-    array with ``Index_Free`` as rtree does. If the library lacks these symbols, or the
-    answer differs from ``Index.nearest`` on probes at construction, it falls back to
-    ``Index.nearest``. The buffers are shared: use one instance from one thread at a
-    time (a GeoService is used from the event-loop thread only; a rebuild in a worker
-    thread builds its own trees).
+    This calls the same C functions, ``Index_NearestNeighbors_id`` and
+    ``Index_Intersects_id``, from the library rtree loaded (``rtree.core.rt``), with
+    buffers reused across calls, and frees the result array with ``Index_Free`` as rtree
+    does. If the library lacks these symbols, or an answer differs from rtree's on
+    probes at construction, it falls back to ``Index.nearest`` / ``Index.intersection``.
+    The buffers are shared: use one instance from one thread at a time (a GeoService is
+    used from the event-loop thread only; a rebuild in a worker thread builds its own
+    trees).
     """
 
     __slots__ = (
         "_args",
+        "_box",
+        "_box_args",
         "_count",
         "_fast",
         "_free",
         "_ids",
+        "_intersects",
         "_out",
         "_point",
         "index",
@@ -608,16 +611,20 @@ class _PointTree:
         self._fast: Callable[..., int] | None = None
         self._free: Callable[[int | None], None] = _free_nothing
         self._args: tuple[int, int, int, int, int, int] = (0, 0, 0, 2, 0, 0)
+        self._box = (ctypes.c_double * 4)()  # min x, min y, max x, max y
+        self._box_args: tuple[int, int, int, int, int, int] = (0, 0, 0, 2, 0, 0)
+        self._intersects: Callable[..., int] | None = None
         problem = self._bind(tree, probe)
         if problem is not None:
             _log.warning("geo.rtree.lean_call_unavailable", reason=problem)
-            self._fast = None
+            self._fast = self._intersects = None
 
     def _bind(self, tree: rtree_index.Index, probe: tuple[float, float]) -> str | None:
         """Set up the lean call; the reason it cannot be used, or None."""
         try:
             handle = ctypes.cast(tree.handle, ctypes.c_void_p).value
             self._fast = _NEAREST_PROTO(("Index_NearestNeighbors_id", rtree_core.rt))
+            self._intersects = _NEAREST_PROTO(("Index_Intersects_id", rtree_core.rt))
             self._free = _FREE_PROTO(("Index_Free", rtree_core.rt))
         except (AttributeError, TypeError, ValueError, OSError, ctypes.ArgumentError) as exc:
             return f"{type(exc).__name__}: {exc}"
@@ -632,9 +639,22 @@ class _PointTree:
             ctypes.addressof(self._out),
             ctypes.addressof(self._count),
         )
+        box = ctypes.addressof(self._box)
+        self._box_args = (
+            handle,
+            box,
+            box + 2 * ctypes.sizeof(ctypes.c_double),
+            2,
+            ctypes.addressof(self._out),
+            ctypes.addressof(self._count),
+        )
         for n in (1, 3, 16):
             if self.nearest(probe[0], probe[1], n) != list(tree.nearest(probe, n)):
                 return f"the lean call disagrees with Index.nearest for k={n}"
+        for r in (0.0, 1.0, 1e3, 1e6):
+            window = (probe[0] - r, probe[1] - r, probe[0] + r, probe[1] + r)
+            if sorted(self.intersection(window)) != sorted(tree.intersection(window)):
+                return f"the lean call disagrees with Index.intersection at {r} m"
         return None
 
     def nearest(self, x: float, y: float, n: int) -> list[int]:
@@ -666,7 +686,18 @@ class _PointTree:
         self.index.insert(entry, (x, y, x, y))
 
     def intersection(self, box: tuple[float, float, float, float]) -> list[int]:
-        return cast(list[int], list(self.index.intersection(box)))
+        """Ids of the entries in ``(min x, min y, max x, max y)``, edges included."""
+        intersects = self._intersects
+        if intersects is None:
+            return cast(list[int], list(self.index.intersection(box)))
+        window = self._box
+        window[0], window[1], window[2], window[3] = box
+        if intersects(*self._box_args):
+            return cast(list[int], list(self.index.intersection(box)))  # raises its error
+        try:
+            return self._ids[: self._count.value]
+        finally:
+            self._free(self._out.value)
 
 
 def _point_tree(
@@ -794,17 +825,22 @@ def _cell_xy(key: _Cell) -> tuple[int, int]:
     return (key - gy) // _GRID_SPAN, gy
 
 
-def _ring(cx: int, cy: int, r: int) -> Iterator[_Cell]:
+def _ring(cx: int, cy: int, r: int) -> list[_Cell]:
     """Cells at Chebyshev distance exactly ``r`` from ``(cx, cy)``."""
+    span = _GRID_SPAN
     if r == 0:
-        yield _cell_key(cx, cy)
-        return
-    for dx in range(-r, r + 1):
-        yield _cell_key(cx + dx, cy - r)
-        yield _cell_key(cx + dx, cy + r)
-    for dy in range(-r + 1, r):
-        yield _cell_key(cx - r, cy + dy)
-        yield _cell_key(cx + r, cy + dy)
+        return [cx * span + cy]
+    low, high = cy - r, cy + r
+    cells = []
+    for gx in range(cx - r, cx + r + 1):
+        row = gx * span
+        cells.append(row + low)
+        cells.append(row + high)
+    left, right = (cx - r) * span, (cx + r) * span
+    for gy in range(low + 1, high):
+        cells.append(left + gy)
+        cells.append(right + gy)
+    return cells
 
 
 @dataclass(frozen=True, slots=True)
@@ -1546,17 +1582,31 @@ class GeoService:
             if x0 > x1 or y0 > y1:
                 return
             if (x1 - x0 + 1) * (y1 - y0 + 1) <= len(cells):
-                for gx in range(x0, x1 + 1):
-                    row = gx * _GRID_SPAN
-                    for key in range(row + y0, row + y1 + 1):
-                        found = cells.get(key)
-                        if found:
-                            self._offer_live(found, qx, qy, best, excluded)
+                get = cells.get
+                self._offer_live(
+                    [
+                        found
+                        for gx in range(x0, x1 + 1)
+                        for key in range(gx * _GRID_SPAN + y0, gx * _GRID_SPAN + y1 + 1)
+                        if (found := get(key))
+                    ],
+                    qx,
+                    qy,
+                    best,
+                    excluded,
+                )
                 return
-            for key, members in cells.items():
-                gx, gy = _cell_xy(key)
-                if x0 <= gx <= x1 and y0 <= gy <= y1:
-                    self._offer_live(members, qx, qy, best, excluded)
+            self._offer_live(
+                [
+                    members
+                    for key, members in cells.items()
+                    if x0 <= (xy := _cell_xy(key))[0] <= x1 and y0 <= xy[1] <= y1
+                ],
+                qx,
+                qy,
+                best,
+                excluded,
+            )
             return
         # Tier 1 found fewer than k: search outwards ring by ring.
         cx = math.floor(qx / c)
@@ -1578,32 +1628,46 @@ class GeoService:
             ring_cells = 8 * ring if ring else 1
             if visited + ring_cells > occupied:
                 # Fewer occupied cells than cells left to probe: scan them directly.
+                groups = []
                 for key, members in cells.items():
                     gx, gy = _cell_xy(key)
                     if max(abs(gx - cx), abs(gy - cy)) >= ring:
-                        self._offer_live(members, qx, qy, best, excluded)
+                        groups.append(members)
+                self._offer_live(groups, qx, qy, best, excluded)
                 return
-            for ring_key in _ring(cx, cy, ring):
-                found = cells.get(ring_key)
-                if found:
-                    self._offer_live(found, qx, qy, best, excluded)
+            get = cells.get
+            self._offer_live(
+                [found for key in _ring(cx, cy, ring) if (found := get(key))],
+                qx,
+                qy,
+                best,
+                excluded,
+            )
             visited += ring_cells
             ring += 1
 
     def _offer_live(
-        self, members: set[int], qx: float, qy: float, best: _KBest, excluded: Container[int]
+        self,
+        groups: list[set[int]],
+        qx: float,
+        qy: float,
+        best: _KBest,
+        excluded: Container[int],
     ) -> None:
+        """Offer the members of some grid cells to ``best``."""
         fixes = self._fix
         on_duty = self._on_duty
-        for slot in members:
-            if not on_duty[slot] or slot in excluded:
-                continue
-            fix = fixes[slot]
-            if fix is None:  # pragma: no cover - grid members always have a fix
-                continue
-            dx = fix.x - qx
-            dy = fix.y - qy
-            best.offer(dx * dx + dy * dy, slot)
+        offer = best.offer
+        for members in groups:
+            for slot in members:
+                if not on_duty[slot] or slot in excluded:
+                    continue
+                fix = fixes[slot]
+                if fix is None:  # pragma: no cover - grid members always have a fix
+                    continue
+                dx = fix.x - qx
+                dy = fix.y - qy
+                offer(dx * dx + dy * dy, slot)
 
     def _responders_nearby(
         self, origin: LonLat, slots: Sequence[int], now: float

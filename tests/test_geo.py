@@ -34,6 +34,7 @@ from gateway.geo import (
     _cell_key,
     _cell_xy,
     _point_tree,
+    _ring,
     _z_order,
     parse_position,
     responder_id_from_topic,
@@ -989,6 +990,9 @@ def test_lean_nearest_call_equals_rtree_index_nearest(
     want = list(tree.index.nearest(query, n))
     assert tree.nearest(query[0], query[1], n) == want
     assert len(want) >= min(n, len(points))  # ties at the n-th distance are included
+    r = float(n * 10)  # a window with points on its edges now and then (coords to 0.1)
+    window = (query[0] - r, query[1] - r, query[0] + r, query[1] + r)
+    assert sorted(tree.intersection(window)) == sorted(tree.index.intersection(window))
 
 
 def test_lean_nearest_call_falls_back_when_the_library_lacks_it(
@@ -1002,6 +1006,7 @@ def test_lean_nearest_call_falls_back_when_the_library_lacks_it(
     assert [e["event"] for e in logs] == ["geo.rtree.lean_call_unavailable"]
     got = tree.nearest(0.0, 0.0, 3)
     assert got[:2] == [0, 1] and sorted(got[2:]) == [2, 3]  # the tie at the 3rd is kept
+    assert sorted(tree.intersection((1.5, -1.0, 3.0, 1.0))) == [1, 2, 3]
 
 
 @HYPOTHESIS
@@ -1047,3 +1052,17 @@ def test_grid_cell_keys_are_unique_and_decode(gx: int, gy: int, hx: int, hy: int
     assert _cell_xy(_cell_key(gx, gy)) == (gx, gy)
     assert (_cell_key(gx, gy) == _cell_key(hx, hy)) == ((gx, gy) == (hx, hy))
     assert _cell_key(gx, gy) + 1 == _cell_key(gx, gy + 1)  # a row is a run of ints
+
+
+@pytest.mark.parametrize("r", [0, 1, 2, 5])
+def test_a_ring_is_the_cells_at_exactly_that_chebyshev_distance(r: int) -> None:
+    cx, cy = 7, -3
+    cells = _ring(cx, cy, r)
+    want = {
+        _cell_key(cx + dx, cy + dy)
+        for dx in range(-r, r + 1)
+        for dy in range(-r, r + 1)
+        if max(abs(dx), abs(dy)) == r
+    }
+    assert len(cells) == len(want) == (8 * r if r else 1)
+    assert set(cells) == want
