@@ -232,8 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "resolve":
             sp.add_argument("--note", default=None)
         sp.set_defaults(func=func)
-    sp = sub.add_parser("duty", help="put a responder on or off duty (until a registry "
-                                     "reload; the roster's on_duty column is the default)")
+    sp = sub.add_parser("duty", help="put a responder on or off duty over the roster's "
+                                     "on_duty column (kept across registry reloads, not "
+                                     "across a restart)")
     with_config(sp)
     sp.add_argument("responder_id")
     sp.add_argument("state", choices=["on", "off"])
