@@ -1583,18 +1583,14 @@ class GeoService:
                 return
             if (x1 - x0 + 1) * (y1 - y0 + 1) <= len(cells):
                 get = cells.get
-                self._offer_live(
-                    [
-                        found
-                        for gx in range(x0, x1 + 1)
-                        for key in range(gx * _GRID_SPAN + y0, gx * _GRID_SPAN + y1 + 1)
-                        if (found := get(key))
-                    ],
-                    qx,
-                    qy,
-                    best,
-                    excluded,
-                )
+                groups = [
+                    found
+                    for gx in range(x0, x1 + 1)
+                    for key in range(gx * _GRID_SPAN + y0, gx * _GRID_SPAN + y1 + 1)
+                    if (found := get(key))
+                ]
+                if groups:  # usually none when few responders are live
+                    self._offer_live(groups, qx, qy, best, excluded)
                 return
             self._offer_live(
                 [
