@@ -233,8 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--note", default=None)
         sp.set_defaults(func=func)
     sp = sub.add_parser("duty", help="put a responder on or off duty over the roster's "
-                                     "on_duty column (kept across registry reloads, not "
-                                     "across a restart)")
+                                     "on_duty column (until changed again, or until the "
+                                     "roster changes that responder's flag)")
     with_config(sp)
     sp.add_argument("responder_id")
     sp.add_argument("state", choices=["on", "off"])

@@ -47,7 +47,7 @@ class ControlServer:
         on_reload: Callable[[], Awaitable[bool]] | None = None,
         devices: Callable[[], list[dict[str, Any]]] | None = None,
         ack_notice: Callable[[int, str], Awaitable[bool]] | None = None,
-        set_duty: Callable[[str, bool], Awaitable[bool]] | None = None,
+        set_duty: Callable[[str, bool, str], Awaitable[bool]] | None = None,
     ) -> None:
         self._host = host
         self._port = port
@@ -193,11 +193,9 @@ class ControlServer:
             return _json({"error": "on_duty must be true or false"}, 400)
         if self._set_duty is None:
             return _json({"error": "duty changes not supported"}, 501)
-        if not await self._set_duty(responder_id, on_duty):
-            return _json({"error": f"unknown responder {responder_id}"}, 404)
         by = str(body.get("by") or "operator")[:64]
-        log.info("responder.duty_set", responder_id=responder_id, on_duty=on_duty,
-                 by=f"operator:{by}")
+        if not await self._set_duty(responder_id, on_duty, f"operator:{by}"):
+            return _json({"error": f"unknown responder {responder_id}"}, 404)
         return _json({"responder_id": responder_id, "on_duty": on_duty})
 
     async def _post_reload(self, _request: web.Request) -> web.Response:

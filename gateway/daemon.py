@@ -159,6 +159,8 @@ class Gateway:
             fresh.adopt_live_state(self._geo())  # on the loop thread: the old index is live
             self.geo, self.registry = fresh, registry
             self._registry_seen, self._registry_failed = files, None
+            if self.journal is not None:
+                await self._sync_duty(self.journal, apply=False)
             gc.freeze()
             log.info("registry.reloaded", elders=len(registry.elders),
                      devices=len(registry.devices), responders=len(registry.responders))
@@ -440,11 +442,46 @@ class Gateway:
             log.warning("responder.bad_duty", responder_id=responder_id[:64],
                         size=len(payload))
             return
-        self._geo().set_on_duty(responder_id, on_duty)
+        await self.set_duty(responder_id, on_duty, by=f"app:{responder_id}")
 
-    async def set_duty(self, responder_id: str, on_duty: bool) -> bool:
-        """Operator: put a responder on or off duty (False for an unknown responder)."""
-        return self._geo().set_on_duty(responder_id, on_duty)
+    async def set_duty(self, responder_id: str, on_duty: bool, by: str = "operator") -> bool:
+        """Put a responder on or off duty over the roster (False: unknown responder).
+
+        Journaled, so that it outlives a restart; it lasts until changed again or until
+        the roster changes that responder's own flag."""
+        responder = self._registry().responders.get(responder_id)
+        if responder is None:
+            log.warning("responder.duty_unknown", responder_id=responder_id[:64], by=by)
+            return False
+        if self.journal is not None:
+            try:
+                await self.journal.set_duty_override(responder_id, on_duty,
+                                                     roster_on_duty=responder.on_duty, by=by)
+            except JournalError as exc:  # still applied, only not kept across a restart
+                log.error("journal.write_failed", what="duty override", error=str(exc))
+        self._geo().set_on_duty(responder_id, on_duty)
+        log.info("responder.duty_set", responder_id=responder_id, on_duty=on_duty, by=by)
+        return True
+
+    async def _sync_duty(self, journal: Journal, *, apply: bool) -> None:
+        """Drop the journaled duty overrides the current roster superseded (it changed
+        that responder's own flag since); with ``apply``, put the others into effect
+        (at start; a reload carries them over in memory)."""
+        registry, geo = self._registry(), self._geo()
+        try:
+            for o in await journal.duty_overrides():
+                responder = registry.responders.get(o.responder_id)
+                if responder is None or responder.on_duty != o.roster_on_duty:
+                    await journal.drop_duty_override(o.responder_id)
+                    log.info("responder.duty_override_superseded",
+                             responder_id=o.responder_id,
+                             roster_on_duty=None if responder is None else responder.on_duty)
+                elif apply:
+                    geo.set_on_duty(o.responder_id, o.on_duty)
+                    log.info("responder.duty_restored", responder_id=o.responder_id,
+                             on_duty=o.on_duty, by=o.by)
+        except JournalError as exc:  # the roster's flags stand; alarms come first
+            log.error("journal.write_failed", what="duty overrides", error=str(exc))
 
     async def _ack_for(self, alarm_id: str, responder_id: str) -> None:
         responder = self._registry().responders.get(responder_id)
@@ -527,6 +564,7 @@ class Gateway:
                                  dispatcher=self.dispatcher, metrics=self.metrics,
                                  dedupe_window_s=m.gateway.dedupe_window_s, clock=self.clock,
                                  monotonic=self.monotonic, supervisor=self.supervisor)
+            await self._sync_duty(self.journal, apply=True)
             resumed = await self.dispatcher.resume_from_journal()
             routes = []
             if m.sms.public_url:

@@ -1250,6 +1250,9 @@ class GeoService:
     def adopt_live_state(self, previous: GeoService) -> None:
         """Copy fresh live fixes and duty overrides of responders that still exist.
 
+        A duty override is not carried when the new registry changed that responder's
+        own on-duty flag: the roster then says something newer than the override.
+
         Call on the loop thread, before this service answers queries. Responders that are
         gone are dropped; a fix is re-projected if the projectors differ.
         """
@@ -1280,16 +1283,30 @@ class GeoService:
                 continue
             self._apply_fix(slot, fix, deadline)
             carried += 1
-        overrides = 0
+        overrides = superseded = 0
         for responder_id, on_duty in previous._duty_override.items():
-            if responder_id in self._slot_of:
-                self.set_on_duty(responder_id, on_duty)
-                overrides += 1
+            slot = self._slot_of.get(responder_id)
+            if slot is None:
+                continue
+            roster_then = previous._responders[previous._slot_of[responder_id]].on_duty
+            if self._responders[slot].on_duty != roster_then:
+                # The new roster changed this responder's flag after the override was
+                # made: the newer statement wins.
+                superseded += 1
+                _log.info(
+                    "geo.duty.override_superseded",
+                    responder_id=responder_id,
+                    on_duty=self._responders[slot].on_duty,
+                )
+                continue
+            self.set_on_duty(responder_id, on_duty)
+            overrides += 1
         _log.info(
             "geo.state.adopted",
             positions=carried,
             dropped=dropped,
             duty_overrides=overrides,
+            duty_overrides_superseded=superseded,
         )
 
     def rebuilt(self, registry: Registry) -> GeoService:

@@ -117,6 +117,13 @@ CREATE TABLE IF NOT EXISTS notices(
     acknowledged_by TEXT
 );
 CREATE INDEX IF NOT EXISTS device_messages_time ON device_messages(received_at);
+CREATE TABLE IF NOT EXISTS duty_overrides(
+    responder_id TEXT PRIMARY KEY,
+    on_duty INTEGER NOT NULL,
+    roster_on_duty INTEGER NOT NULL,  -- what the roster said when the override was made
+    at REAL NOT NULL,
+    by TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS device_state(
     device_id TEXT PRIMARY KEY,
     last_seen REAL NOT NULL,
@@ -216,6 +223,17 @@ class DeviceStateRecord:
     voltage_mv: int | None
     link_quality: int | None
     online: bool | None
+
+
+@dataclass(frozen=True, slots=True)
+class DutyOverride:
+    """An on-duty flag set over the roster's (by an operator or the responder's phone)."""
+
+    responder_id: str
+    on_duty: bool
+    roster_on_duty: bool  # the roster's flag when it was set: a roster that changed wins
+    at: float
+    by: str
 
 
 _ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"  # Crockford base32: no I, L, O, U
@@ -776,6 +794,40 @@ class Journal:
                 (alarm_id,),
             ).fetchall()
             return [(at, ev, json.loads(data) if data else {}) for at, ev, data in rows]
+
+        return await self._run(op)
+
+    async def set_duty_override(self, responder_id: str, on_duty: bool, *,
+                                roster_on_duty: bool, by: str) -> None:
+        """Record a responder's on-duty flag over the roster's; one equal to the roster's
+        is no override and removes any."""
+        at = self._clock()
+
+        def op(conn: sqlite3.Connection) -> None:
+            if on_duty == roster_on_duty:
+                conn.execute("DELETE FROM duty_overrides WHERE responder_id = ?",
+                             (responder_id,))
+                return
+            conn.execute(
+                "INSERT OR REPLACE INTO duty_overrides(responder_id, on_duty, roster_on_duty,"
+                " at, by) VALUES (?, ?, ?, ?, ?)",
+                (responder_id, int(on_duty), int(roster_on_duty), at, by))
+
+        await self._run(op)
+
+    async def drop_duty_override(self, responder_id: str) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute("DELETE FROM duty_overrides WHERE responder_id = ?", (responder_id,))
+
+        await self._run(op)
+
+    async def duty_overrides(self) -> list[DutyOverride]:
+        def op(conn: sqlite3.Connection) -> list[DutyOverride]:
+            rows = conn.execute(
+                "SELECT responder_id, on_duty, roster_on_duty, at, by FROM duty_overrides"
+                " ORDER BY responder_id"
+            ).fetchall()
+            return [DutyOverride(r[0], bool(r[1]), bool(r[2]), r[3], r[4]) for r in rows]
 
         return await self._run(op)
 

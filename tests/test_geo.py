@@ -836,6 +836,22 @@ def test_rebuilt_keeps_live_positions_and_duty_overrides_of_remaining_responders
     assert new.position_of("a") == (LonLat(118.70, 37.70), True)
 
 
+def test_a_roster_that_changed_a_responders_flag_supersedes_the_override() -> None:
+    old = service(registry([responder("a", 118.56, 37.6), responder("b", 118.57, 37.6)]))
+    assert old.set_on_duty("a", False)
+    assert old.set_on_duty("b", False)
+    # The new roster takes "a" off duty itself and leaves "b" as it was.
+    new_reg = registry([responder("a", 118.56, 37.6, on_duty=False), responder("b", 118.57, 37.6)])
+    with capture_logs() as logs:
+        new = old.rebuilt(new_reg)
+    assert [e["responder_id"] for e in logs if e["event"] == "geo.duty.override_superseded"] == [
+        "a"
+    ]
+    assert new.is_on_duty("a") is False and new.is_on_duty("b") is False
+    assert new.set_on_duty("a", True)  # a later override wins over the new roster again
+    assert new.rebuilt(new_reg).is_on_duty("a") is True
+
+
 def test_adopting_into_a_narrower_service_area_drops_fixes_outside_it() -> None:
     clock = FakeClock()
     people = [responder("in", 118.6, 37.6), responder("out", 118.7, 37.7)]

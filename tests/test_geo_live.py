@@ -17,6 +17,7 @@ from structlog.testing import capture_logs
 
 from gateway.daemon import Gateway, install_signal_handlers
 from gateway.model import ResponderRole
+from gateway.registry import load_registry
 from gateway.sandbox.twilio_double import TwilioDouble
 from tests.conftest import (
     SAMPLE,
@@ -164,3 +165,50 @@ async def test_a_changed_registry_file_is_reloaded_once_it_stops_changing(
             shutil.copy(SAMPLE / "elders.csv", reg / "elders.csv")
             await eventually(lambda: gw.registry is not current)
     assert len(events("registry.reloaded")) == 2
+
+
+def _set_roster_duty(reg: Path, responder_id: str, on_duty: bool) -> None:
+    path = reg / "responders.csv"
+    lines = path.read_text(encoding="utf-8").splitlines()
+    header = lines[0].split(",")
+    rid_col, duty_col = header.index("responder_id"), header.index("on_duty")
+    for i, line in enumerate(lines[1:], 1):
+        cells = line.split(",")
+        if cells[rid_col] == responder_id:
+            cells[duty_col] = "true" if on_duty else "false"
+            lines[i] = ",".join(cells)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+async def test_a_duty_change_outlives_a_restart_until_the_roster_changes_that_responder(
+    tmp_path: Path, twilio: TwilioDouble
+) -> None:
+    reg = tmp_path / "registry"
+    shutil.copytree(SAMPLE, reg)
+    cfg = gateway_config(tmp_path, twilio,
+                         registry={"directory": str(reg), "watch_interval_s": 0})
+    leaders = sorted(r.responder_id for r in load_registry(reg).responders.values()
+                     if r.on_duty and r.role is ResponderRole.GRID_LEADER)
+    sick, away = leaders[:2]
+
+    gw = Gateway(cfg, secrets_for(twilio))
+    async with running(gw):
+        assert await gw.set_duty(sick, False, by="operator:wang")
+        assert await gw.set_duty(away, False, by="operator:wang")
+        assert not await gw.set_duty("NOBODY", False)
+    gw = Gateway(cfg, secrets_for(twilio))  # a restart: both still off duty
+    async with running(gw):
+        assert gw.geo is not None
+        assert gw.geo.is_on_duty(sick) is False and gw.geo.is_on_duty(away) is False
+        # The roster now says "sick" is off duty itself: that supersedes the override,
+        # so when the roster later puts "sick" back on duty, that holds.
+        _set_roster_duty(reg, sick, False)
+        assert await gw.reload()
+        _set_roster_duty(reg, sick, True)
+        assert await gw.reload()
+        assert gw.geo.is_on_duty(sick) is True and gw.geo.is_on_duty(away) is False
+    gw = Gateway(cfg, secrets_for(twilio))  # and after another restart
+    async with running(gw):
+        assert gw.geo is not None and gw.journal is not None
+        assert gw.geo.is_on_duty(sick) is True and gw.geo.is_on_duty(away) is False
+        assert [o.responder_id for o in await gw.journal.duty_overrides()] == [away]

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from gateway.journal import (
+    DutyOverride,
     Journal,
     JournalError,
     JournalFull,
@@ -120,6 +121,22 @@ async def test_committed_alarm_survives_reopen(tmp_path: Path) -> None:
         assert [r.alarm_id for r in await j.open_alarms()] == [a.alarm_id]
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+async def test_duty_overrides_are_kept_until_equal_to_the_roster(tmp_path: Path) -> None:
+    path = tmp_path / "j.db"
+    async with Journal(path, clock=Clock(1000.0)) as j:
+        await j.set_duty_override("r1", False, roster_on_duty=True, by="operator:wang")
+        await j.set_duty_override("r2", True, roster_on_duty=False, by="app:r2")
+        await j.set_duty_override("r3", True, roster_on_duty=True, by="operator:li")  # no-op
+    async with Journal(path) as j:
+        assert await j.duty_overrides() == [
+            DutyOverride("r1", False, True, 1000.0, "operator:wang"),
+            DutyOverride("r2", True, False, 1000.0, "app:r2"),
+        ]
+        await j.set_duty_override("r1", True, roster_on_duty=True, by="operator:wang")
+        await j.drop_duty_override("r2")
+        assert await j.duty_overrides() == []
 
 
 async def test_failing_job_rolls_back_only_itself(tmp_path: Path) -> None:
