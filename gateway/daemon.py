@@ -203,13 +203,25 @@ class Gateway:
             links[self.mqtt.source] = self.mqtt.connected.is_set()
         for s in self.serial:
             links[s.source] = s.connected.is_set()
-        return {
+        health: dict[str, Any] = {
             "status": "ok" if self.ready.is_set() else "starting",
             "uptime_s": round(self.monotonic() - self.started_at, 1),
             "links": links,
             "open_alarms": len(self.dispatcher.active) if self.dispatcher else 0,
             "alerting": list(self.player.active()) if self.player else [],
         }
+        if self.geo is not None:
+            stats = self.geo.stats()
+            health["responders"] = {"on_duty": stats.on_duty, "live": stats.live,
+                                    "busy": len(self.dispatcher.busy_responders())
+                                    if self.dispatcher else 0}
+        return health
+
+    def _geo_gauge(self, field_name: str) -> Callable[[], float]:
+        def read() -> float:
+            return float(getattr(self.geo.stats(), field_name)) if self.geo else 0.0
+
+        return read
 
     def _twilio(self) -> TwilioSettings:
         m = self.config.model.sms
@@ -515,6 +527,8 @@ class Gateway:
             raise StartupError(str(exc)) from exc
         self.registry = registry
         gc.freeze()  # the registry and indexes live forever: keep them out of GC passes
+        self.metrics.responders_on_duty.set_function(self._geo_gauge("on_duty"))
+        self.metrics.responders_live.set_function(self._geo_gauge("live"))
         twilio = self._twilio()
         log.info("gateway.starting", name=m.gateway.name, elders=len(registry.elders),
                  devices=len(registry.devices), responders=len(registry.responders),

@@ -40,6 +40,13 @@ class Metrics:
                               registry=r)
         self.transport_up = Gauge("gateway_transport_up", "1 when a device channel is connected",
                                   ["channel"], registry=r)
+        self.responders_on_duty = Gauge(
+            "gateway_responders_on_duty",
+            "Responders who may be sent (not supervisors), on duty by roster or override",
+            registry=r)
+        self.responders_live = Gauge(
+            "gateway_responders_live", "Responders with a fresh position from their phone",
+            registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

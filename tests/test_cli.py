@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -141,10 +142,18 @@ from_number = "+15005550006"
         # Shifts: an operator puts a grid leader off duty and back on.
         assert gw.geo is not None
         rid = next(r.id for r in gw.geo.lookup(KENLI_CENTRE, k=1).responders)
+        before = gw.health()["responders"]["on_duty"]
         code, out, err = await gateway_cmd_async("duty", rid, "off", "--config", str(toml))
         assert code == 0, err
         assert json.loads(out) == {"responder_id": rid, "on_duty": False}
         assert gw.geo.is_on_duty(rid) is False
+        code, out, err = await gateway_cmd_async("status", "--config", str(toml))
+        assert json.loads(out)["health"]["responders"]["on_duty"] == before - 1
+        assert gw.control is not None
+        metrics = await asyncio.to_thread(
+            lambda: urllib.request.urlopen(f"{gw.control.url}/metrics", timeout=5).read())
+        assert f"gateway_responders_on_duty {before - 1:.1f}".encode() in metrics
+        assert b"gateway_responders_live 0.0" in metrics
         assert rid not in {r.id for r in gw.geo.lookup(KENLI_CENTRE, k=3).responders}
         code, out, err = await gateway_cmd_async("duty", rid, "on", "--config", str(toml))
         assert code == 0 and gw.geo.is_on_duty(rid) is True, err
