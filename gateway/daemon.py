@@ -471,8 +471,19 @@ class Gateway:
                                                      roster_on_duty=responder.on_duty, by=by)
             except JournalError as exc:  # still applied, only not kept across a restart
                 log.error("journal.write_failed", what="duty override", error=str(exc))
-        self._geo().set_on_duty(responder_id, on_duty)
+        geo = self._geo()
+        before = geo.stats().on_duty
+        geo.set_on_duty(responder_id, on_duty)
         log.info("responder.duty_set", responder_id=responder_id, on_duty=on_duty, by=by)
+        after = geo.stats().on_duty
+        if before > 0 and after == 0:
+            await self._notice(Notice(
+                "responders.none_on_duty", "responders",
+                "当前没有在岗的社区人员：新的紧急呼叫将直接通知督导员。", self.clock()))
+        elif before == 0 and after > 0:
+            await self._notice(Notice(
+                "responders.on_duty", "responders", f"社区人员已恢复在岗（{after}人）。",
+                self.clock(), severity="info"))
         return True
 
     async def _sync_duty(self, journal: Journal, *, apply: bool) -> None:

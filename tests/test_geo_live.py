@@ -212,3 +212,22 @@ async def test_a_duty_change_outlives_a_restart_until_the_roster_changes_that_re
         assert gw.geo is not None and gw.journal is not None
         assert gw.geo.is_on_duty(sick) is True and gw.geo.is_on_duty(away) is False
         assert [o.responder_id for o in await gw.journal.duty_overrides()] == [away]
+
+
+async def test_the_operator_is_told_when_nobody_is_left_on_duty(
+    tmp_path: Path, twilio: TwilioDouble
+) -> None:
+    cfg = gateway_config(tmp_path, twilio)
+    gw = Gateway(cfg, secrets_for(twilio))
+    async with running(gw):
+        assert gw.registry is not None and gw.journal is not None and gw.geo is not None
+        on_duty = sorted(r.responder_id for r in gw.registry.responders.values()
+                         if r.on_duty and r.role is not ResponderRole.SUPERVISOR)
+        for rid in on_duty:
+            assert await gw.set_duty(rid, False, by="operator:night")
+        assert gw.geo.stats().on_duty == 0
+        assert [(n["kind"], n["severity"]) for n in await gw.journal.open_notices()] == [
+            ("responders.none_on_duty", "warning")]
+        assert await gw.set_duty(on_duty[0], True, by="operator:morning")
+        kinds = [n["kind"] for n in await gw.journal.open_notices()]
+        assert kinds == ["responders.none_on_duty", "responders.on_duty"]
