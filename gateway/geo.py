@@ -1686,41 +1686,39 @@ class GeoService:
         self, origin: LonLat, slots: Sequence[int], now: float
     ) -> tuple[Nearby, ...]:
         """The answer for ``slots``: geodesic distance and bearing from ``origin``."""
-        inv = self._geod.inv
+        geod = self._geod
         olon, olat = origin.lon, origin.lat
         responders, kinds, deadline = self._responders, self._kinds, self._deadline
         found = []
         for slot in slots:
             r = responders[slot]
             fix = None if deadline[slot] == -math.inf else self._fix[slot]
-            if fix is None:
-                lon, lat, location = self._base_lon[slot], self._base_lat[slot], r.base
-            else:
-                location = fix.lonlat
-                lon, lat = location.lon, location.lat
-            az, _back, dist = inv(olon, olat, lon, lat)
-            bearing = _bearing(az, dist)
-            if fix is None:
+            if fix is None:  # the base location (lon/lat kept in arrays: no object to load)
+                dist, bearing = _geodesic_xy(
+                    geod, olon, olat, self._base_lon[slot], self._base_lat[slot]
+                )
                 found.append(
                     Nearby(
-                        r.responder_id, r.name, r.phone, location, dist, bearing, True, kinds[slot]
+                        r.responder_id, r.name, r.phone, r.base, dist, bearing, True, kinds[slot]
                     )
                 )
-            else:
-                found.append(
-                    Nearby(
-                        r.responder_id,
-                        r.name,
-                        r.phone,
-                        location,
-                        dist,
-                        bearing,
-                        False,
-                        kinds[slot],
-                        fix.accuracy_m,
-                        max(now - fix.timestamp, 0.0),
-                    )
+                continue
+            location = fix.lonlat
+            dist, bearing = _geodesic_xy(geod, olon, olat, location.lon, location.lat)
+            found.append(
+                Nearby(
+                    r.responder_id,
+                    r.name,
+                    r.phone,
+                    location,
+                    dist,
+                    bearing,
+                    False,
+                    kinds[slot],
+                    fix.accuracy_m,
+                    max(now - fix.timestamp, 0.0),
                 )
+            )
         return tuple(found)
 
 
