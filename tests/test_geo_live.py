@@ -125,6 +125,19 @@ async def test_sighup_reloads_the_registry_without_touching_alarms_in_flight(
     await asyncio.sleep(0)
 
 
+def _set_roster_duty(reg: Path, responder_id: str, on_duty: bool) -> None:
+    path = reg / "responders.csv"
+    lines = path.read_text(encoding="utf-8").splitlines()
+    header = lines[0].split(",")
+    rid_col, duty_col = header.index("responder_id"), header.index("on_duty")
+    for i, line in enumerate(lines[1:], 1):
+        cells = line.split(",")
+        if cells[rid_col] == responder_id:
+            cells[duty_col] = "true" if on_duty else "false"
+            lines[i] = ",".join(cells)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
 async def test_a_changed_registry_file_is_reloaded_once_it_stops_changing(
     tmp_path: Path, twilio: TwilioDouble
 ) -> None:
@@ -141,15 +154,9 @@ async def test_a_changed_registry_file_is_reloaded_once_it_stops_changing(
         async with running(gw):
             old = gw.registry
             assert old is not None
-            # Ops save responders.csv with one grid leader off duty; no signal is sent.
-            lines = (reg / "responders.csv").read_text(encoding="utf-8").splitlines()
-            header = lines[0].split(",")
-            rid_col, duty_col = header.index("responder_id"), header.index("on_duty")
-            cells = lines[1].split(",")
-            rid, cells[duty_col] = cells[rid_col], "false"
-            assert old.responders[rid].on_duty
-            lines[1] = ",".join(cells)
-            (reg / "responders.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+            # Ops save responders.csv with one responder off duty; no signal is sent.
+            rid = min(r.responder_id for r in old.responders.values() if r.on_duty)
+            _set_roster_duty(reg, rid, False)
             await eventually(lambda: gw.registry is not old)
             assert gw.registry is not None and not gw.registry.responders[rid].on_duty
             assert [e["files"] for e in events("registry.changed")] == [["responders.csv"]]
@@ -165,19 +172,6 @@ async def test_a_changed_registry_file_is_reloaded_once_it_stops_changing(
             shutil.copy(SAMPLE / "elders.csv", reg / "elders.csv")
             await eventually(lambda: gw.registry is not current)
     assert len(events("registry.reloaded")) == 2
-
-
-def _set_roster_duty(reg: Path, responder_id: str, on_duty: bool) -> None:
-    path = reg / "responders.csv"
-    lines = path.read_text(encoding="utf-8").splitlines()
-    header = lines[0].split(",")
-    rid_col, duty_col = header.index("responder_id"), header.index("on_duty")
-    for i, line in enumerate(lines[1:], 1):
-        cells = line.split(",")
-        if cells[rid_col] == responder_id:
-            cells[duty_col] = "true" if on_duty else "false"
-            lines[i] = ",".join(cells)
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 async def test_a_duty_change_outlives_a_restart_until_the_roster_changes_that_responder(
