@@ -144,38 +144,29 @@ def _call(cfg: Config, method: str, path: str, body: dict[str, Any] | None = Non
         raise RuntimeError(f"gateway not reachable at {url}: {exc.reason}") from None
 
 
-def cmd_ack(args: argparse.Namespace) -> int:
+def _post(args: argparse.Namespace, command: str, path: str, body: dict[str, Any]) -> int:
+    """POST to the running gateway's control API; print its JSON answer or the error."""
     cfg = _config(args)
     try:
-        print(json.dumps(_call(cfg, "POST", f"/alarms/{args.alarm_id}/ack", {"by": args.by}),
-                         ensure_ascii=False))
+        print(json.dumps(_call(cfg, "POST", path, body), ensure_ascii=False))
     except RuntimeError as exc:
-        print(f"ack: {exc}", file=sys.stderr)
+        print(f"{command}: {exc}", file=sys.stderr)
         return EXIT_FAILED
     return 0
+
+
+def cmd_ack(args: argparse.Namespace) -> int:
+    return _post(args, "ack", f"/alarms/{args.alarm_id}/ack", {"by": args.by})
 
 
 def cmd_resolve(args: argparse.Namespace) -> int:
-    cfg = _config(args)
-    try:
-        print(json.dumps(_call(cfg, "POST", f"/alarms/{args.alarm_id}/resolve",
-                               {"by": args.by, "note": args.note}), ensure_ascii=False))
-    except RuntimeError as exc:
-        print(f"resolve: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    return 0
+    return _post(args, "resolve", f"/alarms/{args.alarm_id}/resolve",
+                 {"by": args.by, "note": args.note})
 
 
 def cmd_duty(args: argparse.Namespace) -> int:
-    cfg = _config(args)
-    try:
-        print(json.dumps(_call(cfg, "POST", f"/responders/{args.responder_id}/duty",
-                               {"on_duty": args.state == "on", "by": args.by}),
-                         ensure_ascii=False))
-    except RuntimeError as exc:
-        print(f"duty: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    return 0
+    return _post(args, "duty", f"/responders/{args.responder_id}/duty",
+                 {"on_duty": args.state == "on", "by": args.by})
 
 
 def cmd_status(args: argparse.Namespace) -> int:
