@@ -159,11 +159,11 @@ class Gateway:
             fresh.adopt_live_state(self._geo())  # on the loop thread: the old index is live
             self.geo, self.registry = fresh, registry
             self._registry_seen, self._registry_failed = files, None
-            if self.journal is not None:
-                await self._sync_duty(self.journal, apply=False)
             gc.freeze()
             log.info("registry.reloaded", elders=len(registry.elders),
                      devices=len(registry.devices), responders=len(registry.responders))
+            if self.journal is not None:
+                await self._sync_duty(self.journal, apply=False)
             return True
 
     async def _watch_registry(self, interval_s: float) -> None:
