@@ -65,7 +65,7 @@ from gateway.district import generate
 from gateway.journal import Journal
 from gateway.logs import configure_logging
 from gateway.registry import load_registry
-from gateway.sandbox.ports import free_port, wait_port
+from tests.support.ports import free_port, wait_port
 
 RESULTS = Path(__file__).resolve().parent / "results" / "intake.json"
 TARGET_PRESSES_PER_S = 2_000.0

@@ -132,8 +132,8 @@ from gateway.district import DISTRICT, generate
 from gateway.logs import configure_logging
 from gateway.model import Device
 from gateway.registry import load_registry
-from gateway.sandbox.ports import free_port
 from gateway.simulate import mqtt_message
+from tests.support.ports import free_port
 
 HERE: Final = Path(__file__).resolve().parent
 RESULTS: Final = HERE / "results" / "sms.json"

@@ -27,7 +27,7 @@ from pydantic import (
 )
 
 from devices.events import EventKind
-from gateway.messages import DEFAULT_TEMPLATES, validate_templates
+from gateway.wording import DEFAULT_TEMPLATES, validate_templates
 
 
 class ConfigError(Exception):

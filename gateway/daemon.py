@@ -41,7 +41,6 @@ from gateway.gsm import GsmModemSender, GsmSettings
 from gateway.intake import Intake
 from gateway.journal import Journal, JournalError, UnknownAlarm
 from gateway.lifecycle import IllegalTransition
-from gateway.messages import Composer
 from gateway.metrics import Metrics
 from gateway.model import Registry
 from gateway.registry import (
@@ -60,6 +59,7 @@ from gateway.webhooks import (
     StatusUpdate,
     TwilioWebhooks,
 )
+from gateway.wording import Composer
 
 log = structlog.get_logger(__name__)
 

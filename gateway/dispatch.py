@@ -48,12 +48,12 @@ from gateway.journal import (
     NotificationState,
 )
 from gateway.lifecycle import ALERTING_STATES, AlarmState, IllegalTransition
-from gateway.messages import AlarmFacts, Composer
 from gateway.metrics import Metrics
 from gateway.model import Elder, FacilityKind, Registry, ResponderRole
 from gateway.redact import mask_phone
 from gateway.sms import Attempt, SendResult, SmsSendError
 from gateway.supervision import Notice
+from gateway.wording import AlarmFacts, Composer
 
 log = structlog.get_logger(__name__)
 

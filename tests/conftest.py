@@ -1,86 +1,16 @@
-"""Shared fixtures: a real Mosquitto per test, ptys, the Twilio double, a gateway factory."""
+"""Shared fixtures: a real Mosquitto per test, ptys, the Twilio double.
+
+Helpers that are not fixtures live in ``tests/helpers.py``."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import os
-import shutil
-import subprocess
-import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from gateway.config import Config, Secrets, parse_config
-from gateway.daemon import Gateway
-from gateway.model import Device
-from gateway.registry import load_registry
-from gateway.sandbox.ports import free_port, wait_port
-from gateway.sandbox.pty_device import PtyDevice
 from gateway.sandbox.twilio_double import TwilioDouble
-
-REPO = Path(__file__).resolve().parent.parent
-SAMPLE = REPO / "config" / "sample"
-
-
-def z2m_devices(n: int) -> list[Device]:
-    """The first ``n`` Zigbee2MQTT buttons of the sample district."""
-    registry = load_registry(SAMPLE)
-    found = sorted((d for d in registry.devices.values()
-                    if d.address.startswith("zigbee2mqtt/")), key=lambda d: d.device_id)
-    return found[:n]
-
-
-@dataclass
-class Mosquitto:
-    """A private broker: ephemeral port, persistence in tmp, no silent drops."""
-
-    workdir: Path
-    extra_conf: str = ""
-    port: int = field(default_factory=free_port)
-    proc: subprocess.Popen[bytes] | None = None
-    host: str = "127.0.0.1"
-
-    @property
-    def conf(self) -> Path:
-        return self.workdir / "mosquitto.conf"
-
-    def start(self) -> None:
-        binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.conf.write_text(
-            ("user root\n" if os.geteuid() == 0 else "")  # else it drops to "mosquitto",
-            # which cannot write its persistence file into pytest's 0700 tmp folders
-            + f"listener {self.port} 127.0.0.1\n"
-            "allow_anonymous true\n"
-            "persistence true\n"
-            f"persistence_location {self.workdir}/\n"
-            "max_queued_messages 0\n"
-            "max_inflight_messages 100\n"
-            "set_tcp_nodelay true\n" + self.extra_conf,
-            encoding="utf-8",
-        )
-        with (self.workdir / "mosquitto.log").open("ab") as log:
-            self.proc = subprocess.Popen([binary, "-c", str(self.conf)], stdout=log, stderr=log)
-        wait_port(self.port)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-            self.proc = None
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
+from tests.helpers import Mosquitto, Pty, open_pty
 
 
 @pytest.fixture
@@ -91,13 +21,6 @@ def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
         yield broker
     finally:
         broker.stop()
-
-
-Pty = PtyDevice
-
-
-def open_pty() -> Pty:
-    return PtyDevice()
 
 
 @pytest.fixture
@@ -113,71 +36,3 @@ def pty() -> Iterator[Pty]:
 async def twilio() -> AsyncIterator[TwilioDouble]:
     async with TwilioDouble() as double:
         yield double
-
-
-def gateway_config(tmp_path: Path, twilio: TwilioDouble, **sections: Any) -> Config:
-    """A gateway config for tests: sample registry, tmp state, the double, fast timings."""
-    data: dict[str, Any] = {
-        "gateway": {
-            "name": "test",
-            "state_dir": str(tmp_path / "state"),
-            "dedupe_window_s": 60,
-            "shutdown_timeout_s": 5,
-            "journal_synchronous": "NORMAL",
-        },
-        "registry": {"directory": str(SAMPLE)},
-        "mqtt": {"enabled": False, "reconnect_initial_s": 0.05, "reconnect_max_s": 0.5},
-        "alert": {
-            "backend": "file",
-            "output_dir": str(tmp_path / "alerts"),
-            "repeat_interval_s": 0.2,
-        },
-        "sms": {
-            "from_number": "+15005550006",
-            "base_url": twilio.base_url,
-            "request_timeout_s": 2,
-            "max_attempts": 3,
-        },
-        "control": {"port": 0},
-    }
-    for name, values in sections.items():
-        if isinstance(values, dict):
-            data[name] = {**data.get(name, {}), **values}
-        else:
-            data[name] = values
-    return parse_config(data, tmp_path / "test.toml")
-
-
-def secrets_for(twilio: TwilioDouble) -> Secrets:
-    return Secrets(twilio.account_sid, twilio.auth_token, None)
-
-
-@contextlib.asynccontextmanager
-async def running(gw: Gateway) -> AsyncIterator[Gateway]:
-    """Run a gateway in this loop until the block exits."""
-    task = asyncio.create_task(gw.run(), name="gateway-under-test")
-    ready = asyncio.ensure_future(gw.ready.wait())
-    done, _ = await asyncio.wait({task, ready}, timeout=20, return_when=asyncio.FIRST_COMPLETED)
-    if task in done:
-        ready.cancel()
-        task.result()
-    assert ready in done, "gateway did not become ready"
-    try:
-        yield gw
-    finally:
-        gw.request_stop()
-        await asyncio.wait_for(task, 20)
-
-
-async def eventually(predicate: Any, timeout: float = 10.0, interval: float = 0.02) -> Any:
-    """Poll ``predicate`` (sync or async) until truthy; return its value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        await asyncio.sleep(interval)

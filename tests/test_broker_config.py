@@ -36,7 +36,7 @@ from gateway.daemon import Gateway
 from gateway.model import Device, ResponderRole
 from gateway.registry import load_registry
 from gateway.sandbox.twilio_double import TwilioDouble
-from tests.conftest import REPO, SAMPLE, eventually, free_port, gateway_config, running, wait_port
+from tests.helpers import REPO, SAMPLE, eventually, free_port, gateway_config, running, wait_port
 
 pytestmark = pytest.mark.integration
 
@@ -246,7 +246,7 @@ async def test_shipped_config_starts_as_is_with_both_listeners_and_tls(
             await button.publish(f"{device.address}/event", encode_own_event("sos", seq=1),
                                  qos=1)
             async with asyncio.timeout(5):
-                async for message in gateway.messages:
+                async for message in gateway.wording:
                     assert isinstance(message.payload, bytes)
                     received.append(message.payload)
                     break
@@ -278,13 +278,13 @@ async def test_a_device_reaches_the_gateway_on_its_own_topic_only_mqtt311(
                                   password=broker.passwords[mine.device_id]) as button:
             await button.publish(f"{mine.address}/event", encode_own_event("sos", seq=2), qos=1)
         async with asyncio.timeout(5):
-            async for message in gateway.messages:
+            async for message in gateway.wording:
                 assert isinstance(message.payload, bytes)
                 received.append((message.topic.value, message.payload))
                 break
         # The second publish came through; the first, published before it, never will.
         await asyncio.sleep(0.2)
-        assert len(gateway.messages) == 0
+        assert len(gateway.wording) == 0
     assert received == [(f"{mine.address}/event", encode_own_event("sos", seq=2))]
     assert denied_in_log(broker, f"{other.address}/event")
 

@@ -18,7 +18,7 @@ from gateway.daemon import Gateway
 from gateway.lifecycle import AlarmState
 from gateway.model import LonLat
 from gateway.sandbox.twilio_double import TwilioDouble
-from tests.conftest import (
+from tests.helpers import (
     REPO,
     SAMPLE,
     Mosquitto,

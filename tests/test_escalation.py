@@ -16,7 +16,7 @@ from gateway.dispatch import WAVE_CANCELLED, WAVE_TAKEN
 from gateway.lifecycle import AlarmState
 from gateway.model import Device, FacilityKind, ResponderRole
 from gateway.sandbox.twilio_double import TwilioDouble
-from tests.conftest import Pty, eventually, gateway_config, running, secrets_for
+from tests.helpers import Pty, eventually, gateway_config, running, secrets_for
 
 pytestmark = pytest.mark.integration
 

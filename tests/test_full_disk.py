@@ -12,7 +12,7 @@ from devices.surgard import ACK, encode_mlr2
 from gateway.daemon import Gateway
 from gateway.journal import JournalFull
 from gateway.sandbox.twilio_double import TwilioDouble
-from tests.conftest import Pty, eventually, gateway_config, running, secrets_for
+from tests.helpers import Pty, eventually, gateway_config, running, secrets_for
 
 pytestmark = pytest.mark.integration
 

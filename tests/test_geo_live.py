@@ -19,7 +19,7 @@ from gateway.daemon import Gateway, install_signal_handlers
 from gateway.model import ResponderRole
 from gateway.registry import load_registry
 from gateway.sandbox.twilio_double import TwilioDouble
-from tests.conftest import (
+from tests.helpers import (
     SAMPLE,
     Mosquitto,
     eventually,

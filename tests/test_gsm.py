@@ -12,9 +12,9 @@ from serial_asyncio_fast import open_serial_connection
 
 from devices.gsm_pdu import decode_submit, encode_submit
 from gateway.gsm import GsmModemError, GsmModemSender, GsmSettings, cms_error_kind
-from gateway.sandbox.gsm_modem_sim import SimulatedModem
 from gateway.sms import Attempt, SmsSendError
-from tests.conftest import eventually
+from tests.helpers import eventually
+from tests.support.gsm_modem_sim import SimulatedModem
 
 pytestmark = pytest.mark.integration
 

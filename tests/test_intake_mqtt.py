@@ -37,7 +37,7 @@ from gateway.district import generate
 from gateway.model import Device
 from gateway.registry import load_registry
 from gateway.sandbox.twilio_double import TwilioDouble
-from tests.conftest import (
+from tests.helpers import (
     SAMPLE,
     Mosquitto,
     eventually,

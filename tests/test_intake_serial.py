@@ -32,7 +32,7 @@ from gateway.daemon import Gateway
 from gateway.model import Device
 from gateway.registry import load_registry
 from gateway.sandbox.twilio_double import TwilioDouble
-from tests.conftest import SAMPLE, Pty, eventually, gateway_config, running, secrets_for
+from tests.helpers import SAMPLE, Pty, eventually, gateway_config, running, secrets_for
 
 pytestmark = pytest.mark.integration
 

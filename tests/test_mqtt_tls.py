@@ -48,7 +48,7 @@ from gateway.daemon import Gateway
 from gateway.lifecycle import AlarmState
 from gateway.model import Device
 from gateway.sandbox.twilio_double import TwilioDouble
-from tests.conftest import Mosquitto, eventually, gateway_config, running, wait_port, z2m_devices
+from tests.helpers import Mosquitto, eventually, gateway_config, running, wait_port, z2m_devices
 
 pytestmark = pytest.mark.integration
 

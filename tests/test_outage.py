@@ -12,9 +12,9 @@ import pytest
 from devices.events import Qualifier
 from devices.surgard import ACK, encode_mlr2
 from gateway.daemon import Gateway
-from gateway.sandbox.gsm_modem_sim import SimulatedModem
 from gateway.sandbox.twilio_double import TwilioDouble
-from tests.conftest import Pty, eventually, gateway_config, running, secrets_for
+from tests.helpers import Pty, eventually, gateway_config, running, secrets_for
+from tests.support.gsm_modem_sim import SimulatedModem
 
 pytestmark = pytest.mark.integration
 

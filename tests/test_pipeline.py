@@ -17,7 +17,7 @@ from devices.surgard import ACK, NAK, encode_mlr2
 from gateway.daemon import Gateway
 from gateway.lifecycle import AlarmState
 from gateway.sandbox.twilio_double import TwilioDouble
-from tests.conftest import (
+from tests.helpers import (
     Mosquitto,
     Pty,
     eventually,

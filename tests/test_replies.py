@@ -16,7 +16,7 @@ from devices.surgard import ACK, encode_mlr2
 from gateway.daemon import Gateway
 from gateway.lifecycle import AlarmState
 from gateway.sandbox.twilio_double import TwilioDouble
-from tests.conftest import (
+from tests.helpers import (
     Mosquitto,
     Pty,
     eventually,

@@ -18,7 +18,7 @@ import pytest
 
 from gateway.registry import load_registry
 from gateway.sandbox.twilio_double import TwilioDouble
-from tests.conftest import SAMPLE, Mosquitto, eventually, z2m_devices
+from tests.helpers import SAMPLE, Mosquitto, eventually, z2m_devices
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

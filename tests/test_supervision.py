@@ -15,7 +15,7 @@ from gateway.daemon import Gateway
 from gateway.registry import load_registry
 from gateway.sandbox.twilio_double import TwilioDouble
 from gateway.supervision import Notice, Supervisor
-from tests.conftest import (
+from tests.helpers import (
     SAMPLE,
     Mosquitto,
     Pty,

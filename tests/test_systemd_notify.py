@@ -12,7 +12,7 @@ import pytest
 from gateway import systemd
 from gateway.daemon import Gateway
 from gateway.sandbox.twilio_double import TwilioDouble
-from tests.conftest import eventually, gateway_config, running, secrets_for
+from tests.helpers import eventually, gateway_config, running, secrets_for
 
 
 def test_no_notify_socket_is_a_quiet_no_op(monkeypatch: pytest.MonkeyPatch) -> None:

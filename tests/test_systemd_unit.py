@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from gateway.config import load_config
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 UNIT = REPO / "systemd" / "alarm-gateway.service"
 ANALYZE = shutil.which("systemd-analyze")

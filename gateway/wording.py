@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
-from gateway.sms import segments
+from gateway.smstext import segments
 
 MAX_SEGMENTS = 2
 CHINA_TZ = timezone(timedelta(hours=8))

@@ -9,10 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.config import ConfigError, parse_config
-from gateway.messages import DEFAULT_TEMPLATES, AlarmFacts, Composer, format_distance
 from gateway.registry import load_registry
 from gateway.sms import segments
-from tests.conftest import SAMPLE
+from gateway.wording import DEFAULT_TEMPLATES, AlarmFacts, Composer, format_distance
+from tests.helpers import SAMPLE
 
 REF = "K7QM-3XRD"
 

@@ -36,7 +36,7 @@ comes), :meth:`no_answer` (swallow all input), :meth:`set_sim_ready`,
 :meth:`set_registration`, :meth:`queue_urc` (unsolicited lines slipped in just
 before the next answer) and :meth:`send_urc`.
 
-Run it by hand with ``python -m gateway.sandbox.gsm_modem_sim`` and point a
+Run it by hand with ``python -m tests.support.gsm_modem_sim`` and point a
 terminal (``picocom``, ``screen``) or the gateway at the printed path.
 """
 
