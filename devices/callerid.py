@@ -32,6 +32,7 @@ from devices.events import (
     DeviceProtocolError,
     EventKind,
     Frame,
+    protocol_boundary,
 )
 
 __all__ = [
@@ -114,8 +115,24 @@ class CallerIdDecoder:
         self._reported = False
 
     def feed(self, data: bytes) -> list[Frame]:
-        """Consume ``data`` and return the frames of every line it completes."""
+        """Consume ``data`` and return the frames of every line it completes.
+
+        Never raises: should decoding fail in any unforeseen way, the frames completed
+        so far are kept, the partial line and block are dropped and an error frame
+        carrying ``data`` and naming the exception ends the list."""
         frames: list[Frame] = []
+        try:
+            with protocol_boundary("caller-id decoder", data):
+                self._feed(data, frames)
+        except DeviceProtocolError as exc:
+            self._buffer.clear()
+            self._discarding = False
+            self._block.clear()
+            self._reported = False
+            frames.append(Frame(data, error=exc))
+        return frames
+
+    def _feed(self, data: bytes, frames: list[Frame]) -> None:
         i = 0
         end = len(data)
         while i < end:
@@ -142,7 +159,6 @@ class CallerIdDecoder:
             frame = self._line(line)
             if frame is not None:
                 frames.append(frame)
-        return frames
 
     def _overlong(self) -> Frame:
         raw = bytes(self._buffer)

@@ -21,6 +21,7 @@ from devices.events import (
     DeviceProtocolError,
     EventKind,
     Qualifier,
+    protocol_boundary,
 )
 
 __all__ = [
@@ -96,9 +97,10 @@ def checksum_digit(digits15: str) -> str:
     Raises :class:`DeviceProtocolError` if ``digits15`` is not 15 hex digits.
     """
     raw = digits15.encode("utf-8", "backslashreplace")
-    digits = _require_hex(digits15, "message without checksum", 15, raw)
-    remainder = sum(_digit_value(c) for c in digits) % 15
-    return _CHECKSUM_CHARS[15 - remainder]
+    with protocol_boundary("contact id checksum", raw):
+        digits = _require_hex(digits15, "message without checksum", 15, raw)
+        remainder = sum(_digit_value(c) for c in digits) % 15
+        return _CHECKSUM_CHARS[15 - remainder]
 
 
 def kind_for_code(code: str, kinds: Mapping[str, EventKind] = DEFAULT_EVENT_KINDS) -> EventKind:
@@ -147,8 +149,22 @@ def parse_contact_id(
 
     ``raw`` is what the journal keeps; it defaults to ``message`` as bytes.
     Raises :class:`DeviceProtocolError` (and nothing else) for a wrong length,
-    non-hex digits, a bad checksum, an unknown message type or qualifier.
+    non-hex digits, a bad checksum, an unknown message type or qualifier, and,
+    naming the exception, for any other failure on this input.
     """
+    if raw is not None:
+        shown = raw
+    elif isinstance(message, bytes):
+        shown = message
+    else:
+        shown = message.encode("utf-8", "backslashreplace")
+    with protocol_boundary("contact id decoder", shown):
+        return _parse_contact_id(message, kinds, raw)
+
+
+def _parse_contact_id(
+    message: str | bytes, kinds: Mapping[str, EventKind], raw: bytes | None
+) -> DeviceEvent:
     if isinstance(message, bytes):
         kept = message if raw is None else raw
         try:

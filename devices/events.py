@@ -7,6 +7,8 @@ hand the decoded events to the gateway's intake.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -83,6 +85,24 @@ class DeviceProtocolError(Exception):
         shown = self.raw[:64]
         more = "..." if len(self.raw) > 64 else ""
         return f"{self.reason} (raw={shown!r}{more})" if self.raw else self.reason
+
+
+@contextmanager
+def protocol_boundary(what: str, raw: bytes) -> Iterator[None]:
+    """Let only :class:`DeviceProtocolError` out of a decoder's public entry point.
+
+    A decoder bug on some input (an ``OverflowError`` from a calendar edge, a
+    ``RecursionError``...) would otherwise escape to the transport as an unexpected
+    exception: the message is neither journaled nor acknowledged, and a broker
+    redelivers it forever. Here it becomes a malformed-message error that names the
+    exception and carries the raw bytes, so it is journaled, answered and visible.
+    """
+    try:
+        yield
+    except DeviceProtocolError:
+        raise
+    except Exception as exc:  # the boundary itself: nothing else may escape
+        raise DeviceProtocolError(f"{what} failed on this input: {exc!r}", raw) from exc
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,6 +34,7 @@ from devices.events import (
     DeviceEvent,
     DeviceProtocolError,
     EventKind,
+    protocol_boundary,
 )
 
 __all__ = [
@@ -129,8 +130,15 @@ def _moment(value: object) -> datetime | None:
         except ValueError:
             return None
         # A naive time is ambiguous (device clock zone unknown): refuse to guess.
-        return None if moment.tzinfo is None else moment.astimezone(UTC)
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        if moment.tzinfo is None:
+            return None
+        try:
+            return moment.astimezone(UTC)
+        except OverflowError:
+            # 0001-01-01T00:00+08:00 (a reset clock east of UTC) or 9999-12-31T23:59-08:00
+            # is a valid local time whose UTC falls outside datetime's years 1..9999.
+            return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
         return None
     try:
         return datetime.fromtimestamp(value, UTC)
@@ -213,8 +221,14 @@ class MqttDecoder:
 
         Raises :class:`DeviceProtocolError` (``raw`` = payload) for an oversized
         payload, invalid UTF-8, non-JSON or non-object JSON, wrongly typed
-        fields, an unknown schema version or event, or an unknown topic shape.
+        fields, an unknown schema version or event, or an unknown topic shape;
+        and, naming the exception, for any other failure on this input (nothing
+        else ever escapes).
         """
+        with protocol_boundary("button decoder", payload):
+            return self._decode(topic, payload)
+
+    def _decode(self, topic: str, payload: bytes) -> list[DeviceEvent]:
         own_prefix = f"{self._own_base}/"
         z2m_prefix = f"{self._z2m_base}/"
         is_own = topic.startswith(own_prefix)

@@ -34,6 +34,7 @@ from devices.events import (
     EventKind,
     Frame,
     Qualifier,
+    protocol_boundary,
 )
 
 __all__ = [
@@ -100,8 +101,23 @@ class SurGardDecoder:
         return len(self._buffer)
 
     def feed(self, data: bytes) -> list[Frame]:
-        """Consume ``data`` and return every frame it completes, in order."""
+        """Consume ``data`` and return every frame it completes, in order.
+
+        Never raises: should decoding fail in any unforeseen way, the frames completed
+        so far are kept, the partial frame is dropped and an error frame carrying
+        ``data`` and naming the exception ends the list (the receiver gets NAK and
+        resends, the input is journaled)."""
         frames: list[Frame] = []
+        try:
+            with protocol_boundary("sur-gard decoder", data):
+                self._feed(data, frames)
+        except DeviceProtocolError as exc:
+            self._buffer.clear()
+            self._discarding = False
+            frames.append(Frame(data, error=exc))
+        return frames
+
+    def _feed(self, data: bytes, frames: list[Frame]) -> None:
         i = 0
         end = len(data)
         while i < end:
@@ -136,7 +152,6 @@ class SurGardDecoder:
             frame = self._decode(raw)
             if frame is not None:
                 frames.append(frame)
-        return frames
 
     def _oversized(self) -> Frame:
         raw = bytes(self._buffer)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import orjson
 import pytest
 from hypothesis import given, settings
@@ -409,3 +411,97 @@ def test_arbitrary_messages_raise_only_protocol_errors(topic: str, payload: byte
     for event in events:
         assert event.raw == payload
         assert event.address.scheme is AddressScheme.MQTT
+
+
+# -- issue 9, fault 1: calendar and numeric edges never escape as anything but the typed error
+
+OWN = "alarm/buttons/kl-0042/event"
+
+EDGE_TIMESTAMPS: list[object] = [
+    "0001-01-01T00:00:00+08:00",  # a reset clock in UTC+8: before datetime.min in UTC
+    "0001-01-01T00:00:00+23:59",
+    "9999-12-31T23:59:59-08:00",  # after datetime.max in UTC
+    "9999-12-31T23:59:59.999999-23:59",
+    "2023-02-29T00:00:00+08:00",  # not a leap year
+    "2016-12-31T23:59:60Z",  # a leap second: Python has none
+    "2024-10-15T20:38:00+24:00",
+    2**64,
+    10**30,
+    1.7976931348623157e308,
+    -0.0,
+    253402300800,  # 10000-01-01 in unix seconds
+    1728995880123,  # milliseconds
+    1728995880123456789,  # nanoseconds
+]
+
+
+@pytest.mark.parametrize("ts", EDGE_TIMESTAMPS)
+def test_calendar_edges_are_typed_errors(ts: object) -> None:
+    raw = json.dumps({"v": 1, "event": "status", "ts": ts}).encode()
+    try:
+        [event] = MqttDecoder().decode(OWN, raw)
+    except DeviceProtocolError as exc:
+        assert exc.reason == "invalid fields: ts"
+        assert exc.raw == raw
+    else:  # only the in-range ones decode (-0.0 is the epoch itself)
+        assert dict(event.extra)["ts"].endswith("+00:00")
+
+
+@pytest.mark.parametrize("ts", EDGE_TIMESTAMPS)
+def test_an_sos_with_a_calendar_edge_still_raises_the_alarm(ts: object) -> None:
+    raw = json.dumps({"v": 1, "event": "sos", "seq": 3, "ts": ts}).encode()
+    [event] = MqttDecoder().decode(OWN, raw)
+    assert event.kind is EventKind.EMERGENCY
+    extra = dict(event.extra)
+    assert extra["seq"] == "3"
+    assert "ts" in extra or extra["invalid_fields"] == "ts"
+
+
+def test_the_reported_poison_payload_is_an_sos_without_its_time() -> None:
+    raw = b'{"v": 1, "event": "sos", "seq": 9, "ts": "0001-01-01T00:00:00+08:00"}'
+    [event] = MqttDecoder().decode(OWN, raw)
+    assert event.kind is EventKind.EMERGENCY
+    assert dict(event.extra) == {"seq": "9", "invalid_fields": "ts"}
+
+
+@pytest.mark.parametrize(
+    ("topic", "payload", "reason"),
+    [
+        (OWN, b'{"v": 1, "event": "status", "ts": NaN}', "not JSON"),
+        (OWN, b'{"v": 1, "event": "status", "ts": Infinity}', "not JSON"),
+        (OWN, b'{"v": 1, "event": "status", "ts": -Infinity}', "not JSON"),
+        (OWN, b'{"v": 1, "event": "status", "battery": 1e400}', "not JSON"),
+        (OWN, b'{"v": 1, "event": "status", "seq": ' + b"9" * 400 + b"}", "not JSON"),
+        (OWN, b"[" * 5000 + b"]" * 5000, "exceeds 4096"),
+        (OWN, b"[" * 2000 + b"]" * 2000, "not JSON"),
+        (OWN, b'{"v": 1, "event": "\\ud800"}', "not JSON"),
+        (OWN, b'{"v": 1, "event": "sos\xed\xa0\x80"}', "not UTF-8"),
+        (OWN, b'{"v": 1, "event": "\xc0\xaf"}', "not UTF-8"),
+        ("zigbee2mqtt/sos-0001", b'{"action": "status", "battery": 1e308}', "invalid fields"),
+        ("zigbee2mqtt/sos-0001", b'{"voltage": 1e308}', "invalid fields: voltage"),
+        ("zigbee2mqtt/sos-0001/availability", b'{"state": "\\udfff"}', "not JSON"),
+        ("zigbee2mqtt/sos-0001/availability", b"\xed\xa0\x80", "not UTF-8"),
+    ],
+)
+def test_numeric_and_unicode_edges_are_typed_errors(topic: str, payload: bytes,
+                                                    reason: str) -> None:
+    with pytest.raises(DeviceProtocolError, match=reason) as info:
+        MqttDecoder().decode(topic, payload)
+    assert info.value.raw == payload
+
+
+def test_any_other_exception_becomes_the_typed_error_at_the_boundary(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import devices.mqtt_payloads as module
+
+    def broken(*_: object) -> object:
+        raise OverflowError("date value out of range")
+
+    # Stands in for a bug nobody has found yet: the boundary must still hold.
+    monkeypatch.setattr(module, "_own_event", broken)
+    raw = encode_own_event("sos", seq=1)
+    with pytest.raises(DeviceProtocolError, match="OverflowError") as info:
+        MqttDecoder().decode(OWN, raw)
+    assert info.value.raw == raw
+    assert isinstance(info.value.__cause__, OverflowError)
