@@ -23,8 +23,8 @@ from hypothesis import strategies as st
 from pyproj import Transformer
 from structlog.testing import capture_logs
 
-from gateway import geo
-from gateway.geo import (
+from gateway.geo import service as geo
+from gateway.geo.service import (
     POSITION_TOPIC_FILTER,
     GeoError,
     GeoService,
