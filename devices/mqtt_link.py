@@ -1,12 +1,34 @@
-"""MQTT transport: IoT SOS buttons (Zigbee2MQTT and our own make) and live positions.
+"""MQTT transport: IoT SOS buttons (Zigbee2MQTT and our own make) and responder phones.
 
 Theory of operation
 -------------------
+* **One sink, decoders by topic.** Each message goes to the first decoder whose
+  subscriptions match its topic: button messages become events
+  (``sink.handle``), responder-app messages commands (``sink.command``), malformed
+  ones a rejection (``sink.reject``). The link only moves messages.
 * **Acknowledge after commit.** aiomqtt 2.x lets paho PUBACK a QoS 1 message
   before our code sees it (aiomqtt #345). We switch the wrapped paho client to
   manual acknowledgement and PUBACK each message only after the gateway's sink
-  returned, i.e. after the journal commit. A crash before that leaves the message
-  unacknowledged at the broker, which redelivers it to our persistent session.
+  returned, i.e. after the journal commit (for a command: after its effect is
+  applied and committed; for malformed input: after it is journaled as rejected).
+  A crash before that leaves the message unacknowledged at the broker, which
+  redelivers it to our persistent session.
+* **A withheld PUBACK is retried here, never left to the broker.** MQTT 3.1.1
+  redelivers an unacknowledged message only on reconnect, and the broker sends no
+  more than ``max_inflight_messages`` unacknowledged ones: a message left
+  unacknowledged while the connection stays up is stuck, and after that many the
+  broker holds back every later press (issue 9, faults 1 and 4). So when the sink
+  raises :class:`~devices.links.CommitFailed` (journal full) the link keeps the
+  message and calls the sink again with capped, jittered backoff until it commits;
+  meanwhile the link is *stalled* (``stalled``, ``healthy``, ``on_stalled``) so the
+  gateway's health turns red. Any other exception is a handler bug: reported
+  through ``sink.crashed`` (operator notice, health red), journaled as a rejection
+  and acknowledged, so a poison message can never fill the in-flight window.
+* **End-to-end confirmation for our own buttons.** After a message of our own
+  schema is committed the link publishes ``MqttDecoder.confirmation`` (QoS 1, not
+  retained) on ``<own_base>/<device>/confirm``; the button resends until it sees it
+  (``devices/SCHEMA.md``). That covers a broker that acknowledged the button and
+  then lost the message (crash or power cut before its persistence snapshot).
 * **Persistent session.** Fixed client id and MQTT 3.1.1 ``clean_session=False``:
   messages published while the gateway is down or restarting are queued by the
   broker (measured in FIELD-NOTES: MQTT 5 with the default clean start loses them).
@@ -34,13 +56,15 @@ import paho.mqtt.client as paho
 import structlog
 
 from devices.backoff import Backoff
-from devices.events import DeviceProtocolError
-from devices.links import EventSink, LinkState
+from devices.events import DeviceEvent, DeviceProtocolError
+from devices.links import CommitFailed, EventSink, LinkState
 from devices.mqtt_payloads import MqttDecoder
+from devices.responder_app import ResponderAppDecoder, ResponderCommand
 
 log = structlog.get_logger(__name__)
 
-RawHandler = Callable[[str, bytes], Awaitable[None]]
+TopicDecoder = MqttDecoder | ResponderAppDecoder
+"""What the link routes messages to: button messages or responder-app commands."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +84,9 @@ class MqttSettings:
     reconnect_initial_s: float = 0.5
     reconnect_max_s: float = 30.0
     max_inflight: int = 64
+    # Retrying a commit the journal refused (disk full): first delay and cap, seconds.
+    commit_retry_initial_s: float = 0.1
+    commit_retry_max_s: float = 5.0
 
 
 class _ClosingSSLSocket(ssl.SSLSocket):
@@ -79,32 +106,73 @@ class _ClosingSSLSocket(ssl.SSLSocket):
             raise
 
 
+class _Pending:
+    """One received message on its way to the sink; ``held`` once a commit failed."""
+
+    __slots__ = ("attempts", "held", "raw", "topic")
+
+    def __init__(self, topic: str, raw: bytes) -> None:
+        self.topic = topic
+        self.raw = raw
+        self.held = False
+        self.attempts = 0
+
+
 class MqttLink:
-    """Owns the gateway's MQTT session for the life of the gateway."""
+    """Owns the gateway's MQTT session for the life of the gateway.
+
+    Counters for metrics and health: ``received``, ``acked``, ``rejected`` (malformed
+    input journaled), ``crashes`` (handler bugs), ``confirmed`` (confirmations
+    published) and ``stalled`` (messages held because their commit failed).
+    """
 
     def __init__(
         self,
         settings: MqttSettings,
-        decoder: MqttDecoder,
+        decoders: Sequence[TopicDecoder],
         sink: EventSink,
         *,
-        extra: Sequence[tuple[str, RawHandler]] = (),
         on_state: Callable[[bool], None] | None = None,
+        on_stalled: Callable[[bool], None] | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rng: random.Random | None = None,
     ) -> None:
+        """``decoders``: a message goes to the first one with a matching subscription.
+
+        ``on_state(up)`` follows the connection; ``on_stalled(True)`` is called when a
+        first message is held because its commit failed, ``on_stalled(False)`` when
+        the last held one is committed. Raises ValueError without decoders."""
+        if not decoders:
+            raise ValueError("MqttLink needs at least one decoder")
         self._s = settings
-        self._decoder = decoder
+        self._decoders = tuple(decoders)
+        self._routes = [(f, d) for d in self._decoders for f in d.subscriptions()]
+        self._buttons = tuple(d for d in self._decoders if isinstance(d, MqttDecoder))
         self._sink = sink
-        self._extra = list(extra)  # (topic filter, handler) e.g. responder positions
         self._state = LinkState(on_state)
+        self._on_stalled = on_stalled
         self._sleep = sleep
-        self._backoff = Backoff(settings.reconnect_initial_s, settings.reconnect_max_s, rng)
+        self._rng = rng or random.Random()
+        self._backoff = Backoff(settings.reconnect_initial_s, settings.reconnect_max_s,
+                                self._rng)
         self._client: aiomqtt.Client | None = None
         self.connected = self._state.connected
         self.source = f"mqtt:{settings.host}:{settings.port}"
         self.received = 0
         self.acked = 0
+        self.rejected = 0
+        self.crashes = 0
+        self.confirmed = 0
+        self.stalled = 0
+
+    @property
+    def healthy(self) -> bool:
+        """False while any message is held because the journal could not commit it."""
+        return self.stalled == 0
+
+    def subscriptions(self) -> list[str]:
+        """Every topic filter the link subscribes to (QoS 1), in decoder order."""
+        return [f for f, _ in self._routes]
 
     def _tls(self) -> ssl.SSLContext | None:
         s = self._s
@@ -159,8 +227,7 @@ class MqttLink:
                     async with client:
                         self._client = client
                         self._backoff.reset()
-                        topics = [*self._decoder.subscriptions(), *(t for t, _ in self._extra)]
-                        for topic in topics:
+                        for topic in self.subscriptions():
                             await client.subscribe(topic, qos=1)
                             deliver_lost_cancel()
                         await client.publish(self._s.status_topic, b"online", qos=1,
@@ -188,41 +255,132 @@ class MqttLink:
 
     async def _one(self, client: aiomqtt.Client, message: aiomqtt.Message,
                    limit: asyncio.Semaphore, received: float) -> None:
-        topic = message.topic.value
-        try:
-            payload = message.payload if isinstance(message.payload, bytes | bytearray) else (
-                str(message.payload).encode() if message.payload is not None else b"")
-            if await self._handled(topic, bytes(payload), received):
-                # On the connection that delivered it; after a reconnect this is a no-op
-                # and the broker redelivers (the journal dedupes the press).
-                client._client.ack(message.mid, message.qos)  # noqa: SLF001
-                self.acked += 1
-        except Exception:  # a handler bug must not take the link (and the gateway) down
-            log.exception("mqtt.handler_crashed", topic=topic)
-        finally:
-            limit.release()
+        """Take one message to the sink, PUBACK it, then confirm it to its button.
 
-    async def _handled(self, topic: str, payload: bytes, received: float) -> bool:
-        """Process one message; True when it may be acknowledged."""
-        for pattern, handler in self._extra:
-            if paho.topic_matches_sub(pattern, topic):
-                try:
-                    await handler(topic, payload)
-                except Exception:
-                    log.exception("mqtt.handler_failed", topic=topic)
-                return True
+        Never raises but CancelledError: a task failing here would end the TaskGroup
+        of every handler, and the link with it."""
+        raw = message.payload if isinstance(message.payload, bytes | bytearray) else (
+            str(message.payload).encode() if message.payload is not None else b"")
+        pending = _Pending(message.topic.value, bytes(raw))
         try:
-            events = self._decoder.decode(topic, payload)
+            confirmation = await self._deliver(pending, received)
+            # On the connection that delivered it; after a reconnect this is a no-op
+            # and the broker redelivers (the journal dedupes the press).
+            client._client.ack(message.mid, message.qos)  # noqa: SLF001
+            self.acked += 1
+        finally:
+            if pending.held:
+                self._unhold()
+            limit.release()
+        # After the PUBACK: the confirmation is for the button, the broker and the journal
+        # are done. Lost (not connected)? The button resends; the gateway dedupes.
+        if confirmation is not None and await self.publish(*confirmation):
+            self.confirmed += 1
+
+    def _decoder_for(self, topic: str) -> TopicDecoder | None:
+        for pattern, decoder in self._routes:
+            if paho.topic_matches_sub(pattern, topic):
+                return decoder
+        return None
+
+    async def _deliver(self, pending: _Pending, received: float) -> tuple[str, bytes] | None:
+        """Hand one message to the sink until it is committed; the confirmation to send."""
+        topic, raw = pending.topic, pending.raw
+        source = f"mqtt:{topic}"
+        try:
+            decoded = self._decode(topic, raw)
+            if isinstance(decoded, DeviceProtocolError):
+                error = decoded
+                await self._commit(pending, lambda: self._sink.reject(source, error))
+                self.rejected += 1
+                return None
+            if isinstance(decoded, list):
+                return await self._events(pending, decoded, received)
+            command: ResponderCommand = decoded
+            await self._commit(pending, lambda: self._sink.command(command, source))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a handler bug: reported, journaled, acked
+            await self._crashed(pending, source, exc)
+        return None
+
+    def _decode(self, topic: str, raw: bytes) -> (
+            list[DeviceEvent] | ResponderCommand | DeviceProtocolError):
+        decoder = self._decoder_for(topic)
+        if decoder is None:
+            # A subscription of an earlier version lives on in the persistent session:
+            # what it delivers is input we do not understand.
+            return DeviceProtocolError(f"no decoder for topic {topic!r}", raw)
+        try:
+            return decoder.decode(topic, raw)
         except DeviceProtocolError as exc:
-            await self._sink.reject(f"mqtt:{topic}", exc)
-            return True  # acknowledged: redelivering junk forever helps nobody
+            return exc
+
+    async def _events(self, pending: _Pending, events: list[DeviceEvent],
+                      received: float) -> tuple[str, bytes] | None:
+        # One at a time, each until committed: a retry resumes at the event that failed
+        # instead of journaling the ones before it twice.
         for event in events:
+            await self._commit(pending, lambda e=event: self._sink.handle(  # type: ignore[misc]
+                e, "mqtt", received=received))
+        for event in events:
+            for buttons in self._buttons:
+                confirmation = buttons.confirmation(event)
+                if confirmation is not None:
+                    return confirmation
+        return None
+
+    async def _commit(self, pending: _Pending, call: Callable[[], Awaitable[None]]) -> None:
+        """Await ``call`` until it stops raising CommitFailed (or the link is stopped)."""
+        backoff: Backoff | None = None
+        while True:
+            pending.attempts += 1
             try:
-                await self._sink.handle(event, "mqtt", received=received)
-            except Exception as exc:  # noqa: BLE001 - not acked: redelivered
-                log.error("mqtt.not_acknowledged", topic=topic, error=str(exc))
-                return False
-        return True
+                await call()
+            except CommitFailed as exc:
+                if backoff is None:
+                    backoff = Backoff(self._s.commit_retry_initial_s,
+                                      self._s.commit_retry_max_s, self._rng)
+                if not pending.held:
+                    pending.held = True
+                    self._hold()
+                    log.error("mqtt.commit_retry", topic=pending.topic, reason=exc.reason,
+                              stalled=self.stalled,
+                              action="message kept, not acknowledged; retrying")
+                await self._sleep(backoff.next_delay())
+                continue
+            if backoff is not None:
+                log.warning("mqtt.commit_recovered", topic=pending.topic,
+                            attempts=pending.attempts)
+            return
+
+    async def _crashed(self, pending: _Pending, source: str, exc: Exception) -> None:
+        self.crashes += 1
+        log.error("mqtt.handler_crashed", topic=pending.topic, error=repr(exc),
+                  crashes=self.crashes, action="journaled as rejected and acknowledged")
+        try:
+            self._sink.crashed(source, f"handling {pending.topic!r}", pending.raw, exc)
+        except Exception:  # the sink promised not to raise; the link must go on anyway
+            log.exception("mqtt.crash_report_failed", topic=pending.topic)
+        error = DeviceProtocolError(f"handler crashed: {exc!r}", pending.raw)
+        try:
+            await self._commit(pending, lambda: self._sink.reject(source, error))
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # acked anyway: crashed() already turned health red
+            log.exception("mqtt.reject_crashed", topic=pending.topic)
+
+    def _hold(self) -> None:
+        self.stalled += 1
+        if self.stalled == 1 and self._on_stalled is not None:
+            self._on_stalled(True)
+
+    def _unhold(self) -> None:
+        self.stalled -= 1
+        if self.stalled == 0:
+            log.info("mqtt.unstalled")
+            if self._on_stalled is not None:
+                self._on_stalled(False)
 
     async def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> bool:
         """Publish if connected; False (and logged) otherwise. Never raises."""

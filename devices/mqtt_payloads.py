@@ -21,6 +21,7 @@ Pure code: no I/O, no asyncio, no clock.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -245,6 +246,43 @@ class MqttDecoder:
                 return []
             return self._z2m_topic(topic, parts, payload)
         raise DeviceProtocolError(f"topic {topic!r} is outside the configured bases", payload)
+
+    def confirmation(self, event: DeviceEvent) -> tuple[str, bytes] | None:
+        """The end-to-end confirmation of one of our own buttons' messages, or None.
+
+        Published by the transport (QoS 1, not retained) only after ``event`` is
+        committed to the journal, on ``<own_base>/<device_id>/confirm``: the button
+        resends its message until it sees this (``devices/SCHEMA.md``). The payload
+        echoes what the button can match on: ``seq`` and ``ts`` exactly as it sent
+        them (when it sent them) and ``digest``, the first 16 hex digits of the
+        SHA-256 of the message's bytes. Zigbee2MQTT devices get none (None): they
+        cannot listen for it. Never raises.
+        """
+        prefix = f"{self._own_base}/"
+        if event.address.scheme is not AddressScheme.MQTT or not (
+                event.address.value.startswith(prefix)):
+            return None
+        device = event.address.value[len(prefix):]
+        if not _segment_ok(device) or "/" in device:
+            return None
+        body: dict[str, object] = {"v": OWN_SCHEMA_VERSION}
+        try:
+            sent = orjson.loads(event.raw)
+        except orjson.JSONDecodeError:
+            sent = None
+        if isinstance(sent, dict):
+            seq, ts = sent.get("seq"), sent.get("ts")
+            if type(seq) is int:
+                body["seq"] = seq
+            # Echoed as sent (a number or a string), so the button compares like with like.
+            if type(ts) in (int, float, str):
+                body["ts"] = ts
+        body["digest"] = hashlib.sha256(event.raw).hexdigest()[:16]
+        try:
+            payload = orjson.dumps(body)
+        except (orjson.JSONEncodeError, TypeError):  # e.g. seq beyond 64 bits
+            payload = orjson.dumps({"v": OWN_SCHEMA_VERSION, "digest": body["digest"]})
+        return f"{self._own_base}/{device}/confirm", payload
 
     def _check_size(self, payload: bytes) -> None:
         if len(payload) > self._max_payload:

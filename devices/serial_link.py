@@ -3,7 +3,9 @@
 Thin by design: it opens the port, moves bytes into the (pure) decoder, hands each
 decoded event to the gateway and answers the receiver. A Sur-Gard message is
 ACKed only after every event in it is journaled, NAKed when malformed, and left
-unanswered when the journal failed (the receiver resends it). On unplug or any
+unanswered when the journal failed (``CommitFailed``: the receiver resends it). A
+handler bug is reported (``sink.crashed``), the frame journaled as rejected and
+ACKed, so one poison frame cannot hold back every later alarm. On unplug or any
 read error the port is closed and reopened with capped, jittered backoff, forever.
 """
 
@@ -21,8 +23,8 @@ import structlog
 from serial_asyncio_fast import open_serial_connection
 
 from devices.backoff import Backoff
-from devices.events import Frame
-from devices.links import EventSink, LinkState
+from devices.events import DeviceProtocolError, Frame
+from devices.links import CommitFailed, EventSink, LinkState
 from devices.surgard import ACK, NAK
 
 log = structlog.get_logger(__name__)
@@ -67,6 +69,7 @@ class SerialLink:
         self.connected = self._state.connected
         self.frames = 0
         self.reconnects = 0
+        self.crashes = 0
 
     async def run(self) -> None:
         """Serve the port until cancelled, reopening it whenever it fails."""
@@ -119,19 +122,54 @@ class SerialLink:
                      received: float) -> None:
         self.frames += 1
         answer = self._protocol == "surgard"
-        if frame.error is not None:
-            await self._sink.reject(self.source, frame.error)
-            if answer:
-                writer.write(NAK)
-                await writer.drain()
-            return
-        for event in frame.events:
-            try:
-                await self._sink.handle(event, self.source, received=received)
-            except Exception as exc:  # noqa: BLE001 - no ACK: the receiver resends
-                log.error("serial.not_acknowledged", channel=self.source, error=str(exc),
-                          kind=event.kind.value)
+        try:
+            if frame.error is not None:
+                await self._reject(frame.error)
+                if answer:
+                    writer.write(NAK)
+                    await writer.drain()
                 return
+            for event in frame.events:
+                try:
+                    await self._sink.handle(event, self.source, received=received)
+                except CommitFailed as exc:  # no ACK: the receiver resends
+                    log.error("serial.not_acknowledged", channel=self.source,
+                              error=exc.reason, kind=event.kind.value)
+                    return
+        except (serial.SerialException, OSError, asyncio.CancelledError):
+            raise  # the port failed (reopened by run) or we are stopping
+        except Exception as exc:  # noqa: BLE001 - a handler bug, see _crashed
+            await self._crashed(frame, exc)
         if answer:
             writer.write(ACK)
             await writer.drain()
+
+    async def _reject(self, error: DeviceProtocolError) -> None:
+        try:
+            await self._sink.reject(self.source, error)
+        except CommitFailed as exc:
+            # NAK anyway: the receiver resends the frame, which is rejected again and
+            # journaled once the journal takes writes again.
+            log.error("serial.reject_not_journaled", channel=self.source, error=exc.reason)
+
+    async def _crashed(self, frame: Frame, exc: Exception) -> None:
+        """A handler bug: report it (notice, health red), journal the frame, ACK it.
+
+        Left unanswered, the receiver would resend the same frame forever and every
+        later alarm would queue behind it."""
+        self.crashes += 1
+        log.error("serial.handler_crashed", channel=self.source, error=repr(exc),
+                  action="journaled as rejected and acknowledged")
+        try:
+            self._sink.crashed(self.source, "handling a frame", frame.raw, exc)
+        except Exception:  # the sink promised not to raise; the port must go on anyway
+            log.exception("serial.crash_report_failed", channel=self.source)
+        error = DeviceProtocolError(f"handler crashed: {exc!r}", frame.raw)
+        try:
+            await self._sink.reject(self.source, error)
+        except CommitFailed as failed:  # acknowledged anyway: health is already red
+            log.error("serial.reject_not_journaled", channel=self.source, error=failed.reason)
+        except (serial.SerialException, OSError, asyncio.CancelledError):
+            raise
+        except Exception:  # acknowledged anyway: health is already red
+            log.exception("serial.reject_crashed", channel=self.source)
