@@ -17,10 +17,12 @@ import structlog
 from aiohttp import web
 
 from gateway.dispatch import Dispatcher
-from gateway.journal import Journal, UnknownAlarm
+from gateway.journal import Journal, JournalError, UnknownAlarm
 from gateway.lifecycle import IllegalTransition
 from gateway.metrics import Metrics
+from gateway.notices import NoticeBoard
 from gateway.redact import mask_phone
+from gateway.responders import ResponderDesk, UnknownResponder
 
 log = structlog.get_logger(__name__)
 
@@ -30,6 +32,18 @@ MAX_BODY = 16 * 1024
 def _json(data: Any, status: int = 200) -> web.Response:
     return web.json_response(data, status=status,
                              dumps=lambda d: json.dumps(d, ensure_ascii=False, default=str))
+
+
+@web.middleware
+async def _journal_unavailable(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """An action the journal cannot record did not happen: say so (503), never 500."""
+    try:
+        return await handler(request)
+    except JournalError as exc:
+        log.error("control.journal_unavailable", path=request.path, error=str(exc))
+        return _json({"error": f"journal unavailable, not done: {exc}"}, 503)
 
 
 class ControlServer:
@@ -46,8 +60,8 @@ class ControlServer:
         extra_routes: list[web.RouteDef] | None = None,
         on_reload: Callable[[], Awaitable[bool]] | None = None,
         devices: Callable[[], list[dict[str, Any]]] | None = None,
-        ack_notice: Callable[[int, str], Awaitable[bool]] | None = None,
-        set_duty: Callable[[str, bool, str], Awaitable[bool]] | None = None,
+        notices: NoticeBoard | None = None,
+        desk: ResponderDesk | None = None,
     ) -> None:
         self._host = host
         self._port = port
@@ -59,8 +73,8 @@ class ControlServer:
         self._extra = extra_routes or []
         self._on_reload = on_reload
         self._devices = devices
-        self._ack_notice = ack_notice
-        self._set_duty = set_duty
+        self._notices = notices
+        self._desk = desk
         self._runner: web.AppRunner | None = None
         self.url = ""
 
@@ -80,6 +94,7 @@ class ControlServer:
             web.post("/notices/{notice_id}/ack", self._post_notice_ack),
             *self._extra,
         ])
+        app.middlewares.append(_journal_unavailable)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self._host, self._port)
@@ -181,7 +196,7 @@ class ControlServer:
             return _json({"error": "notice id must be a number"}, 400)
         body = await self._body(request)
         by = str(body.get("by") or "operator")[:64]
-        if self._ack_notice is None or not await self._ack_notice(notice_id, by):
+        if self._notices is None or not await self._notices.acknowledge(notice_id, by):
             return _json({"error": f"no open notice {notice_id}"}, 404)
         return _json({"notice_id": notice_id, "acknowledged_by": by})
 
@@ -191,10 +206,12 @@ class ControlServer:
         on_duty = body.get("on_duty")
         if not isinstance(on_duty, bool):
             return _json({"error": "on_duty must be true or false"}, 400)
-        if self._set_duty is None:
+        if self._desk is None:
             return _json({"error": "duty changes not supported"}, 501)
         by = str(body.get("by") or "operator")[:64]
-        if not await self._set_duty(responder_id, on_duty, f"operator:{by}"):
+        try:
+            await self._desk.set_duty(responder_id, on_duty, by=f"operator:{by}")
+        except UnknownResponder:
             return _json({"error": f"unknown responder {responder_id}"}, 404)
         return _json({"responder_id": responder_id, "on_duty": on_duty})
 

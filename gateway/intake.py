@@ -1,28 +1,39 @@
-"""Intake: every decoded device event passes here on its way to the journal.
+"""Intake: the gateway's sink for every transport (``devices.links.EventSink``).
 
 :meth:`Intake.handle` returns only after the event is committed to the journal;
 transports acknowledge the device (Sur-Gard ACK, MQTT PUBACK) only after it
 returns. If the journal cannot commit, an emergency is still dispatched from
-memory (the operator hears it and SMS go out) and :class:`JournalError` is raised
-so that the device is *not* acknowledged and sends again later.
+memory (the operator hears it and SMS go out) and :class:`CommitFailed` is raised
+so that the device is *not* acknowledged: the receiver resends, the MQTT link
+retries, and the press is journaled under the id it was alerted with.
+
+Responder-app commands go to the responder desk (:meth:`command`), malformed input is
+journaled (:meth:`reject`), and a handler bug is reported to the operator
+(:meth:`crashed`). What follows a commit (supervision's notices, the alarm's own
+dispatch task) is queued, never awaited here: the device is acknowledged right after
+its own commit.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import structlog
 
 from devices.events import DeviceEvent, DeviceProtocolError, EventKind, Qualifier
+from devices.links import CommitFailed
+from devices.responder_app import ResponderCommand
 from gateway.dispatch import ActiveAlarm, Dispatcher
 from gateway.journal import Journal, JournalError, new_alarm_id
 from gateway.lifecycle import IllegalTransition
 from gateway.metrics import Metrics
 from gateway.model import Device, Registry
+from gateway.notices import NoticeBoard
 from gateway.redact import mask_phone
 from gateway.supervision import Supervisor
+from gateway.world import WorldRef
 
 log = structlog.get_logger(__name__)
 
@@ -43,17 +54,22 @@ class Intake:
     def __init__(
         self,
         *,
+        world: WorldRef,
         journal: Journal,
-        registry: Callable[[], Registry],
         dispatcher: Dispatcher,
         metrics: Metrics,
         dedupe_window_s: float,
+        notices: NoticeBoard,
+        commands: Callable[[ResponderCommand, str], Awaitable[None]] | None = None,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
         supervisor: Supervisor | None = None,
     ) -> None:
         self._journal = journal
-        self._registry = registry
+        self._world = world
+        self._notices = notices
+        self._commands = commands
+        self.crashes = 0
         self._dispatcher = dispatcher
         self._metrics = metrics
         self._window = dedupe_window_s
@@ -72,14 +88,16 @@ class Intake:
         t0 = self._monotonic() if received is None else received
         now = self._clock()
         self._metrics.device_messages.labels(source, event.kind.value).inc()
-        reg = self._registry()
+        reg = self._world.registry
         device = reg.device_by_address(event.address)
         try:
             await self._handle(event, source, device, reg, now, t0)
+        except JournalError as exc:
+            raise CommitFailed(str(exc)) from exc
         finally:
             # After the journal: supervision never delays an alarm.
             if self._supervisor is not None:
-                await self._supervisor.publish(self._supervisor.observe(
+                self._supervisor.publish(self._supervisor.observe(
                     source, event, device.device_id if device else None, now))
 
     async def _handle(self, event: DeviceEvent, source: str, device: Device | None,
@@ -181,7 +199,9 @@ class Intake:
             kind=event.kind.value, code=event.code, error="unknown device")
 
     async def reject(self, source: str, error: DeviceProtocolError) -> None:
-        """Journal malformed input (best effort) so ops can see what a device sent."""
+        """Journal malformed input so ops can see what a device sent.
+
+        Raises CommitFailed when the journal cannot take it (the transport keeps it)."""
         self._metrics.protocol_errors.labels(source).inc()
         log.warning("device.malformed", source=source, reason=error.reason,
                     raw=error.raw[:64].hex(), size=len(error.raw))
@@ -191,3 +211,24 @@ class Intake:
                 error=error.reason)
         except JournalError as exc:
             log.error("journal.write_failed", what="malformed input", error=str(exc))
+            raise CommitFailed(str(exc)) from exc
+
+    async def command(self, command: ResponderCommand, source: str) -> None:
+        """A responder-app command; returns once its effect is committed."""
+        if self._commands is None:
+            log.warning("intake.command_ignored", command=type(command).__name__,
+                        source=source)
+            return
+        await self._commands(command, source)
+
+    def crashed(self, source: str, detail: str, raw: bytes, error: BaseException) -> None:
+        """A handler bug on ``raw``: the operator hears it (a critical notice, health
+        degraded until acknowledged); the transport journals the message as rejected."""
+        self.crashes += 1
+        self._metrics.intake_crashes.inc()
+        log.critical("intake.crashed", source=source, detail=detail, error=repr(error),
+                     raw=raw[:64].hex(), size=len(raw), exc_info=error)
+        self._notices.notify(
+            "intake.crashed", source,
+            f"网关无法处理来自 {source} 的一条消息（{type(error).__name__}），"
+            "原始数据已记录。若为紧急呼叫，请立即核实。", severity="critical")

@@ -15,6 +15,8 @@ class Metrics:
             "gateway_device_messages", "Device messages received", ["source", "kind"], registry=r)
         self.protocol_errors = Counter(
             "gateway_protocol_errors", "Malformed device input", ["source"], registry=r)
+        self.intake_crashes = Counter(
+            "gateway_intake_crashes", "Device messages a handler failed on (a bug)", registry=r)
         self.unknown_devices = Counter(
             "gateway_unknown_devices", "Messages from devices not in the registry", registry=r)
         self.alarms = Counter("gateway_alarms", "Alarms opened", ["source"], registry=r)

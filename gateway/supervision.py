@@ -28,23 +28,12 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
-import structlog
-
 from devices.events import DeviceEvent, EventKind
-from gateway.model import Registry
+from gateway.config import SupervisionSection
+from gateway.notices import Notice
+from gateway.world import WorldRef
 
-log = structlog.get_logger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class Notice:
-    """Something the operator must see that is not an alarm."""
-
-    kind: str  # device.offline | device.online | device.low_battery | receiver.down | receiver.up
-    subject: str  # device id or channel name
-    text: str
-    at: float
-    severity: str = "warning"  # warning | critical | info
+__all__ = ["DeviceHealth", "Notice", "Supervisor"]
 
 
 @dataclass(slots=True)
@@ -77,12 +66,13 @@ class DeviceHealth:
 
 @dataclass(slots=True)
 class Supervisor:
-    registry: Callable[[], Registry]
-    on_notice: Callable[[Notice], Awaitable[None]]
+    """Watches devices and receivers; hands notices to ``on_notice`` (synchronous and
+    cheap: the notice board queues them), never in the way of an alarm."""
+
+    world: WorldRef
+    on_notice: Callable[[Notice], None]
+    settings: SupervisionSection = field(default_factory=SupervisionSection)
     clock: Callable[[], float] = time.time
-    grace: float = 1.5  # a check-in may be this many intervals late before it counts
-    low_battery_pct: float = 20.0
-    check_every_s: float = 60.0
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
     _devices: dict[str, _DeviceState] = field(default_factory=dict)
     _channels: dict[str, _Channel] = field(default_factory=dict)
@@ -133,14 +123,14 @@ class Supervisor:
         if event.battery_pct is not None:
             state.battery_pct = event.battery_pct
         low = event.kind is EventKind.LOW_BATTERY or (
-            event.battery_pct is not None and event.battery_pct < self.low_battery_pct)
+            event.battery_pct is not None and event.battery_pct < self.settings.low_battery_pct)
         if low and not state.low_battery:
             state.low_battery = True
             level = f"{event.battery_pct:.0f}%" if event.battery_pct is not None else "低"
             notices.append(Notice("device.low_battery", device_id,
                                   f"设备 {device_id} 电量{level}，请安排更换电池", at))
         elif (not low and event.battery_pct is not None
-              and event.battery_pct >= self.low_battery_pct):
+              and event.battery_pct >= self.settings.low_battery_pct):
             state.low_battery = False
         return notices
 
@@ -149,8 +139,8 @@ class Supervisor:
         kind = event.kind
         if kind not in (EventKind.INACTIVITY, EventKind.TAMPER, EventKind.POWER_LOSS):
             return []
-        device = self.registry().devices.get(device_id)
-        elder = self.registry().elders.get(device.elder_id) if device else None
+        device = self.world.registry.devices.get(device_id)
+        elder = self.world.registry.elders.get(device.elder_id) if device else None
         who = f"{elder.name}（{elder.address}）" if elder else f"设备 {device_id}"
         if kind is EventKind.INACTIVITY:
             # The elder may have fallen and be unable to press: call now, and it sounds.
@@ -191,13 +181,13 @@ class Supervisor:
                     "receiver.down", ch_name,
                     f"接收机 {ch_name} 已 {now - ch.last_seen:.0f} 秒无心跳，报警可能无法接收",
                     now, "critical"))
-        reg = self.registry()
+        reg = self.world.registry
         for device in reg.devices.values():
             if device.test_interval_h is None:
                 continue
             state = self._devices.get(device.device_id)
             last = state.last_seen if state is not None else self._started
-            if now - last > device.test_interval_h * 3600 * self.grace:
+            if now - last > device.test_interval_h * 3600 * self.settings.grace:
                 if state is None:
                     state = self._devices[device.device_id] = _DeviceState(last)
                 if not state.offline:
@@ -209,30 +199,30 @@ class Supervisor:
                         f"（应每 {device.test_interval_h:g} 小时）", now))
         return notices
 
-    async def publish(self, notices: Iterable[Notice]) -> None:
+    def publish(self, notices: Iterable[Notice]) -> None:
         for notice in notices:
-            try:
-                await self.on_notice(notice)
-            except Exception:
-                log.exception("supervision.notice_failed", kind=notice.kind,
-                              subject=notice.subject)
+            self.on_notice(notice)
+
+    def link_changed(self, channel: str, up: bool) -> None:
+        """A transport's state callback: a receiver's port opened or failed."""
+        self.publish(self.link_state(channel, up))
 
     async def run(self) -> None:
         """Check periodically until cancelled."""
         while True:
-            await self.sleep(self.check_every_s)
-            await self.publish(self.check())
+            await self.sleep(self.settings.check_every_s)
+            self.publish(self.check())
 
     def health(self) -> list[DeviceHealth]:
         now = self.clock()
         out = []
-        for device in sorted(self.registry().devices.values(), key=lambda d: d.device_id):
+        for device in sorted(self.world.registry.devices.values(), key=lambda d: d.device_id):
             state = self._devices.get(device.device_id)
             last = state.last_seen if state is not None else None
             basis = last if last is not None else self._started
             overdue = bool(state is not None and state.offline) or (
                 device.test_interval_h is not None
-                and now - basis > device.test_interval_h * 3600 * self.grace)
+                and now - basis > device.test_interval_h * 3600 * self.settings.grace)
             out.append(DeviceHealth(
                 device.device_id, device.elder_id, last,
                 state.battery_pct if state else None, device.test_interval_h, overdue,

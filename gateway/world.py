@@ -8,10 +8,19 @@ back up into the daemon. An alarm in flight keeps the :class:`World` it started 
 
 from __future__ import annotations
 
+import asyncio
+import gc
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from gateway.geo import GeoService
+import structlog
+
+from gateway.config import Config
+from gateway.geo import GeoError, GeoService, Projector
 from gateway.model import Registry
+from gateway.registry import RegistryError, RegistryFingerprint, load_registry, registry_fingerprint
+
+log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,3 +53,99 @@ class WorldRef:
         """Put ``world`` in use; returns the one it replaced."""
         old, self._world = self._world, world
         return old
+
+
+def load_world(cfg: Config) -> World:
+    """Registry and geo indexes, validated. Raises RegistryError / GeoError / OSError."""
+    m = cfg.model
+    registry = load_registry(cfg.registry_dir, default_region=m.registry.default_region,
+                             bbox=m.registry.bbox)
+    projector = Projector(m.geo.crs, m.geo.source_crs, m.registry.bbox)
+    return World(registry, GeoService(registry, projector, stale_after_s=m.geo.stale_after_s))
+
+
+class WorldKeeper:
+    """Loads the world at start and reloads it when asked or when its files change.
+
+    A reload parses and indexes in a worker thread, then swaps the result in on the
+    loop thread: alarms in flight keep the objects they hold; live responder positions
+    and duty overrides carry over; a broken registry is refused and the running one
+    kept. One reload at a time (SIGHUP, POST /reload and the file watch may coincide).
+    """
+
+    def __init__(self, config: Config,
+                 on_reloaded: Callable[[], Awaitable[None]] | None = None) -> None:
+        self._config = config
+        self._on_reloaded = on_reloaded
+        self._lock = asyncio.Lock()
+        self._seen: RegistryFingerprint | None = None  # files of the registry in use
+        self._failed: RegistryFingerprint | None = None  # files a reload refused
+        self.ref: WorldRef | None = None
+
+    def on_reloaded(self, callback: Callable[[], Awaitable[None]]) -> None:
+        self._on_reloaded = callback
+
+    async def load(self) -> WorldRef:
+        """The first load (raises RegistryError / GeoError)."""
+        self._seen = registry_fingerprint(self._config.registry_dir)
+        world = await asyncio.to_thread(load_world, self._config)
+        gc.freeze()  # the registry and indexes live until a reload: keep them out of GC passes
+        self.ref = WorldRef(world)
+        return self.ref
+
+    async def reload(self) -> bool:
+        """Reload now; False (logged) when the new files were refused."""
+        if self.ref is None:
+            raise RuntimeError("world not loaded")
+        ref = self.ref
+        async with self._lock:
+            # Taken before reading: a write during the load shows up as a change later.
+            files = registry_fingerprint(self._config.registry_dir)
+            try:
+                fresh = await asyncio.to_thread(load_world, self._config)
+            except (RegistryError, GeoError, OSError) as exc:
+                self._failed = files
+                log.error("registry.reload_failed", error=str(exc),
+                          action="kept the old registry")
+                return False
+            fresh.geo.adopt_live_state(ref.geo)  # on the loop thread: the old index is live
+            ref.swap(fresh)
+            self._seen, self._failed = files, None
+            gc.freeze()
+            registry = fresh.registry
+            log.info("registry.reloaded", elders=len(registry.elders),
+                     devices=len(registry.devices), responders=len(registry.responders))
+            if self._on_reloaded is not None:
+                await self._on_reloaded()
+            return True
+
+    async def watch(self, interval_s: float) -> None:
+        """Reload when the registry's files change, once they have stopped changing.
+
+        Looks every ``interval_s``; a change is acted on when the next look finds the
+        files as they were (an editor or a copy may take a while to finish), so a
+        reload follows a save within one to two intervals. A version a reload refused
+        is not tried again until the files change once more."""
+        directory = self._config.registry_dir
+        settling: RegistryFingerprint | None = None
+        while True:
+            # Real time, not an injected sleep: files change in real time, and a test
+            # driving alarm timers with a fake clock must not see this loop spin it.
+            await asyncio.sleep(interval_s)
+            files = registry_fingerprint(directory)
+            if files in (self._seen, self._failed):
+                settling = None
+                continue
+            if files != settling:
+                if settling is None:
+                    before = {f[0]: f for f in self._seen or ()}
+                    log.info("registry.changed", directory=str(directory),
+                             files=[f[0] for f in files if before.get(f[0]) != f])
+                settling = files
+                continue
+            settling = None
+            try:
+                await self.reload()
+            except Exception:  # a watcher must never take the gateway down
+                self._failed = files
+                log.exception("registry.reload_crashed", action="kept the old registry")

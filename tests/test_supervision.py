@@ -12,9 +12,11 @@ import pytest
 
 from devices.events import AddressScheme, DeviceAddress, DeviceEvent, EventKind
 from gateway.daemon import Gateway
+from gateway.geo import GeoService, Projector
 from gateway.registry import load_registry
 from gateway.sandbox.twilio_double import TwilioDouble
 from gateway.supervision import Notice, Supervisor
+from gateway.world import World, WorldRef
 from tests.helpers import (
     SAMPLE,
     Mosquitto,
@@ -27,6 +29,7 @@ from tests.helpers import (
 )
 
 REGISTRY = load_registry(SAMPLE)
+WORLD = WorldRef(World(REGISTRY, GeoService(REGISTRY, Projector("EPSG:32650"))))
 
 
 class Clock:
@@ -41,12 +44,12 @@ def event(kind: EventKind, battery: float | None = None) -> DeviceEvent:
     return DeviceEvent(kind, DeviceAddress(AddressScheme.MQTT, "x"), b"", battery_pct=battery)
 
 
-async def _sink(_n: Notice) -> None:
+def _sink(_n: Notice) -> None:
     return None
 
 
 def make(clock: Clock) -> Supervisor:
-    return Supervisor(registry=lambda: REGISTRY, on_notice=_sink, clock=clock)
+    return Supervisor(world=WORLD, on_notice=_sink, clock=clock)
 
 
 def test_a_device_missing_its_check_in_is_reported_once_and_back_online() -> None:
