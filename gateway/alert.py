@@ -45,11 +45,11 @@ import numpy as np
 import numpy.typing as npt
 import structlog
 
+from gateway.config import AlertSection
+
 __all__ = [
-    "BACKENDS",
     "AlertError",
     "AlertPlayer",
-    "AlertSettings",
     "RenderInfo",
     "render_alert_wav",
 ]
@@ -57,7 +57,6 @@ __all__ = [
 log = structlog.get_logger(__name__)
 
 Backend = Literal["aplay", "paplay", "file", "none"]
-BACKENDS: Final[frozenset[str]] = frozenset({"auto", "aplay", "paplay", "file", "none"})
 
 # Alternating tone segments; ~2 switches per second is the classic "hi-lo" alarm cadence.
 _TONE_SEGMENT_S: Final = 0.25
@@ -320,42 +319,6 @@ def _write_wav_atomically(path: Path, pcm: bytes, rate: int) -> None:
         raise AlertError(f"cannot write alert WAV: {exc}", path=path) from exc
 
 
-@dataclass(frozen=True, slots=True)
-class AlertSettings:
-    """How and where the command center's alert is played. Validated on construction.
-
-    ``backend``: "auto" (paplay if ``pactl info`` works, else aplay if ``aplay -l``
-    lists a card, else "file"), "aplay", "paplay", "file" (record plays and keep
-    the WAVs in ``output_dir``; a temporary directory if None) or "none" (log only).
-    ``device`` is the ALSA device for aplay (``-D``) or the sink for paplay.
-    ``playback_margin_s`` is added to a WAV's duration to time out a stuck player;
-    ``espeak`` is the espeak-ng binary (name on PATH or absolute path).
-    """
-
-    backend: str = "auto"
-    output_dir: Path | None = None
-    repeat_interval_s: float = 10.0
-    voice: str = "cmn"
-    device: str | None = None
-    max_render_s: float = 10.0
-    playback_margin_s: float = 3.0
-    espeak: str = "espeak-ng"
-
-    def __post_init__(self) -> None:
-        if self.backend not in BACKENDS:
-            raise AlertError(f"backend {self.backend!r} not one of {sorted(BACKENDS)}")
-        if not (math.isfinite(self.repeat_interval_s) and self.repeat_interval_s >= 0):
-            raise AlertError(f"repeat_interval_s {self.repeat_interval_s} must be >= 0")
-        if not (math.isfinite(self.max_render_s) and self.max_render_s > 0):
-            raise AlertError(f"max_render_s {self.max_render_s} must be > 0")
-        if not (math.isfinite(self.playback_margin_s) and self.playback_margin_s >= 0):
-            raise AlertError(f"playback_margin_s {self.playback_margin_s} must be >= 0")
-        if not self.voice:
-            raise AlertError("voice must not be empty")
-        if self.device is not None and not self.device:
-            raise AlertError("device must be None or a non-empty name")
-
-
 class _PlaybackError(Exception):
     def __init__(self, reason: str, *, returncode: int | None = None, stderr: str = "") -> None:
         super().__init__(reason)
@@ -377,13 +340,15 @@ class _Alert:
 class AlertPlayer:
     """Plays every active alarm's WAV round robin until each one is acknowledged.
 
-    Use as ``async with AlertPlayer(settings) as player:``. ``sleep`` is the pause
-    between rounds (inject a fast one in tests). Single use: it cannot be re-entered.
+    Use as ``async with AlertPlayer(settings) as player:`` with the validated
+    ``[alert]`` section (:class:`gateway.config.AlertSection`: backend, device,
+    pauses, espeak-ng). ``sleep`` is the pause between rounds (inject a fast one in
+    tests). Single use: it cannot be re-entered.
     """
 
     def __init__(
         self,
-        settings: AlertSettings,
+        settings: AlertSection,
         *,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:

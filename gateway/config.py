@@ -142,11 +142,26 @@ class SerialPortSection(_Section):
 
 
 class AlertSection(_Section):
+    """The command center's audible alert, as :class:`gateway.alert.AlertPlayer` reads it.
+
+    ``backend``: "auto" (paplay if ``pactl info`` works, else aplay if ``aplay -l``
+    lists a card, else "file"), "aplay", "paplay", "file" (record plays and keep
+    the WAVs in ``output_dir``; a temporary directory if None) or "none" (log only).
+    ``device`` is the ALSA device for aplay (``-D``) or the sink for paplay.
+    ``repeat_interval_s`` is the pause between rounds (0: back to back);
+    ``max_render_s`` bounds espeak-ng per announcement (the tone plays alone past it);
+    ``playback_margin_s`` is added to a WAV's duration to time out a stuck player;
+    ``espeak`` is the espeak-ng binary (name on PATH or absolute path).
+    """
+
     backend: Literal["auto", "aplay", "paplay", "file", "none"] = "auto"
     output_dir: Path | None = None
-    repeat_interval_s: PositiveFloat = 10.0
-    voice: str = "cmn"
-    device: str | None = None
+    repeat_interval_s: float = Field(10.0, ge=0, allow_inf_nan=False)
+    voice: str = Field("cmn", min_length=1)
+    device: str | None = Field(None, min_length=1)
+    max_render_s: PositiveFloat = 10.0
+    playback_margin_s: float = Field(3.0, ge=0, allow_inf_nan=False)
+    espeak: str = Field("espeak-ng", min_length=1)
 
 
 class SmsSection(_Section):
@@ -195,13 +210,33 @@ class SmsSection(_Section):
 
 
 class GsmSection(_Section):
-    """SMS fallback through a GSM modem when Twilio is unreachable or failing."""
+    """SMS fallback through a GSM modem when Twilio is unreachable or failing,
+    as :class:`gateway.gsm.GsmModemSender` reads it.
 
-    port: str
+    ``port`` is a pyserial URL or device path (in production a stable
+    ``/dev/serial/by-id/...`` link). ``command_timeout_s`` bounds each command
+    and the wait for the ``> `` prompt; ``send_timeout_s`` the wait for
+    ``+CMGS`` after the PDU. ``smsc`` (``+`` and digits) overrides the SIM's
+    service centre; ``validity_minutes`` ``None`` leaves the validity to it.
+    Failed attempts back off with full jitter between ``backoff_initial_s``
+    and ``backoff_max_s``.
+    """
+
+    port: str = Field(min_length=1)
     baudrate: int = Field(115200, ge=300, le=921600)
     command_timeout_s: PositiveFloat = 10.0
     send_timeout_s: PositiveFloat = 60.0
     max_attempts: int = Field(3, ge=1, le=10)
+    smsc: str | None = Field(None, pattern=r"^\+[0-9]{1,20}$")
+    validity_minutes: int | None = Field(1440, ge=1)
+    backoff_initial_s: float = Field(0.5, ge=0, allow_inf_nan=False)
+    backoff_max_s: float = Field(5.0, ge=0, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _backoff_ordered(self) -> GsmSection:
+        if self.backoff_max_s < self.backoff_initial_s:
+            raise ValueError("need backoff_initial_s <= backoff_max_s")
+        return self
 
 
 class WaveSection(_Section):

@@ -94,6 +94,7 @@ from serial_asyncio_fast import open_serial_connection
 
 from devices.backoff import full_jitter
 from devices.gsm_pdu import Pdu, PduError, encode_submit
+from gateway.config import GsmSection
 from gateway.redact import mask_phone
 from gateway.sms import Attempt, AttemptOutcome, SendResult, SmsSendError
 
@@ -101,7 +102,6 @@ __all__ = [
     "CmsErrorKind",
     "GsmModemError",
     "GsmModemSender",
-    "GsmSettings",
     "ModemStatus",
     "cms_error_kind",
 ]
@@ -139,47 +139,6 @@ def cms_error_kind(code: int) -> CmsErrorKind:
 
 
 # ----------------------------------------------------------------------------- values
-
-
-@dataclass(frozen=True)
-class GsmSettings:
-    """Validated, immutable GSM modem configuration.
-
-    ``port`` is a pyserial URL or device path (in production a stable
-    ``/dev/serial/by-id/...`` link). ``command_timeout_s`` bounds each command
-    and the wait for the ``> `` prompt; ``send_timeout_s`` the wait for
-    ``+CMGS`` after the PDU. ``smsc`` (``+`` and digits) overrides the SIM's
-    service centre; ``validity_minutes`` ``None`` leaves the validity to it.
-    """
-
-    port: str
-    baudrate: int = 115200
-    command_timeout_s: float = 10.0
-    send_timeout_s: float = 60.0
-    max_attempts: int = 3
-    smsc: str | None = None
-    validity_minutes: int | None = 1440
-    backoff_initial_s: float = 0.5
-    backoff_max_s: float = 5.0
-
-    def __post_init__(self) -> None:
-        problems: list[str] = []
-        if not self.port:
-            problems.append("port is empty")
-        if self.baudrate <= 0:
-            problems.append("baudrate must be > 0")
-        if self.command_timeout_s <= 0 or self.send_timeout_s <= 0:
-            problems.append("command_timeout_s and send_timeout_s must be > 0")
-        if self.max_attempts < 1:
-            problems.append("max_attempts must be >= 1")
-        if self.validity_minutes is not None and self.validity_minutes < 1:
-            problems.append("validity_minutes must be >= 1")
-        if self.backoff_initial_s < 0 or self.backoff_max_s < self.backoff_initial_s:
-            problems.append("need 0 <= backoff_initial_s <= backoff_max_s")
-        if self.smsc is not None and re.fullmatch(r"\+[0-9]{1,20}", self.smsc) is None:
-            problems.append("smsc must be '+' and digits")
-        if problems:
-            raise ValueError("invalid GsmSettings: " + "; ".join(problems))
 
 
 @dataclass(frozen=True)
@@ -383,7 +342,7 @@ class GsmModemSender:
 
     def __init__(
         self,
-        settings: GsmSettings,
+        settings: GsmSection,
         *,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rng: random.Random | None = None,
@@ -398,8 +357,8 @@ class GsmModemSender:
         self.opens = 0
 
     @property
-    def settings(self) -> GsmSettings:
-        """The settings this sender was built with."""
+    def settings(self) -> GsmSection:
+        """The validated ``[gsm]`` section this sender was built with."""
         return self._settings
 
     @property

@@ -21,15 +21,16 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import pytest
+from pydantic import ValidationError
 from structlog.testing import capture_logs
 
 from gateway.alert import (
     AlertError,
     AlertPlayer,
-    AlertSettings,
     RenderInfo,
     render_alert_wav,
 )
+from gateway.config import AlertSection, ConfigError, parse_config
 
 SENTENCE = "紧急呼叫。张秀英，建设社区，胜利路12号3单元。"
 SHORT = "紧急呼叫。张秀英。"
@@ -297,8 +298,23 @@ def test_render_that_cannot_replace_the_target_is_an_alert_error(tmp_path: Path)
     ],
 )
 def test_settings_are_validated(kwargs: dict[str, Any]) -> None:
-    with pytest.raises(AlertError):
-        AlertSettings(**kwargs)
+    with pytest.raises(ValidationError, match=next(iter(kwargs))):
+        AlertSection(**kwargs)
+
+
+def test_settings_come_from_the_config_file(tmp_path: Path) -> None:
+    data = {
+        "sms": {"from_number": "+15005550006"},
+        "alert": {"repeat_interval_s": 0, "max_render_s": 4, "playback_margin_s": 1.5,
+                  "espeak": "/opt/espeak-ng/bin/espeak-ng", "device": "plughw:1,0"},
+    }
+    alert = parse_config(data, tmp_path / "gateway.toml").model.alert
+    assert alert == AlertSection(repeat_interval_s=0.0, max_render_s=4.0, playback_margin_s=1.5,
+                                 espeak="/opt/espeak-ng/bin/espeak-ng", device="plughw:1,0")
+    assert (alert.backend, alert.voice) == ("auto", "cmn")
+    with pytest.raises(ConfigError) as caught:
+        parse_config({**data, "alert": {"max_render_s": 0}}, tmp_path / "gateway.toml")
+    assert caught.value.key == "alert.max_render_s"
 
 
 # -- player: rotation --------------------------------------------------------------------
@@ -307,7 +323,7 @@ def test_settings_are_validated(kwargs: dict[str, Any]) -> None:
 @pytest.mark.integration
 @needs_espeak
 async def test_file_backend_repeats_an_alarm_until_it_is_stopped(out: Path) -> None:
-    settings = AlertSettings(backend="file", output_dir=out, repeat_interval_s=0.5)
+    settings = AlertSection(backend="file", output_dir=out, repeat_interval_s=0.5)
     sleep = FastSleep()
     with capture_logs() as logs:
         async with AlertPlayer(settings, sleep=sleep) as player:
@@ -344,7 +360,7 @@ async def test_file_backend_repeats_an_alarm_until_it_is_stopped(out: Path) -> N
 @pytest.mark.integration
 @needs_espeak
 async def test_two_alarms_alternate_and_stopping_one_leaves_the_other(out: Path) -> None:
-    settings = AlertSettings(backend="file", output_dir=out, repeat_interval_s=0.0)
+    settings = AlertSection(backend="file", output_dir=out, repeat_interval_s=0.0)
     async with AlertPlayer(settings, sleep=FastSleep()) as player:
         await player.start("A", SHORT)
         await player.wait_played("A", 1)
@@ -374,7 +390,7 @@ async def test_two_alarms_alternate_and_stopping_one_leaves_the_other(out: Path)
 async def test_each_round_plays_every_alarm_in_the_rotation_once_oldest_first(
     out: Path,
 ) -> None:
-    settings = AlertSettings(backend="file", output_dir=out, repeat_interval_s=0.0)
+    settings = AlertSection(backend="file", output_dir=out, repeat_interval_s=0.0)
     order = ["A", "B", "C", "D", "E"]
     async with AlertPlayer(settings, sleep=FastSleep()) as player:
         for alarm in order[:4]:
@@ -403,7 +419,7 @@ async def test_each_round_plays_every_alarm_in_the_rotation_once_oldest_first(
 @pytest.mark.integration
 @needs_espeak
 async def test_a_new_alarm_cuts_the_pause_between_rounds_short(out: Path) -> None:
-    settings = AlertSettings(backend="file", output_dir=out, repeat_interval_s=600.0)
+    settings = AlertSection(backend="file", output_dir=out, repeat_interval_s=600.0)
     sleep = BlockingSleep()
     async with AlertPlayer(settings, sleep=sleep) as player:
         await player.start("A", SHORT)
@@ -420,7 +436,7 @@ async def test_a_new_alarm_cuts_the_pause_between_rounds_short(out: Path) -> Non
 @pytest.mark.integration
 @needs_espeak
 async def test_start_is_idempotent_per_alarm_id(out: Path) -> None:
-    settings = AlertSettings(backend="file", output_dir=out, repeat_interval_s=600.0)
+    settings = AlertSection(backend="file", output_dir=out, repeat_interval_s=600.0)
     with capture_logs() as logs:
         async with AlertPlayer(settings, sleep=BlockingSleep()) as player:
             await asyncio.gather(player.start("A", SHORT), player.start("A", SHORT))
@@ -434,7 +450,7 @@ async def test_start_is_idempotent_per_alarm_id(out: Path) -> None:
 
 @pytest.mark.integration
 async def test_stop_reports_unknown_alarms_and_is_idempotent(out: Path) -> None:
-    settings = AlertSettings(backend="file", output_dir=out, espeak="/nonexistent/espeak-ng")
+    settings = AlertSection(backend="file", output_dir=out, espeak="/nonexistent/espeak-ng")
     with capture_logs() as logs:
         async with AlertPlayer(settings, sleep=BlockingSleep()) as player:
             assert await player.stop("nope") is False
@@ -447,7 +463,7 @@ async def test_stop_reports_unknown_alarms_and_is_idempotent(out: Path) -> None:
 
 @pytest.mark.integration
 async def test_wait_played_errors_are_typed(out: Path) -> None:
-    settings = AlertSettings(backend="file", output_dir=out, espeak="/nonexistent/espeak-ng")
+    settings = AlertSection(backend="file", output_dir=out, espeak="/nonexistent/espeak-ng")
     async with AlertPlayer(settings, sleep=BlockingSleep()) as player:
         with pytest.raises(AlertError) as unknown:
             await player.wait_played("nope")
@@ -474,7 +490,7 @@ async def test_stop_while_rendering_means_it_never_plays(tmp_path: Path, out: Pa
         tmp_path / "bin" / "slow-espeak",
         f'touch "{started}"\nwhile [ ! -e "{release}" ]; do sleep 0.01; done\nexit 1\n',
     )
-    settings = AlertSettings(backend="file", output_dir=out, espeak=str(slow_espeak))
+    settings = AlertSection(backend="file", output_dir=out, espeak=str(slow_espeak))
     with capture_logs() as logs:
         async with AlertPlayer(settings, sleep=BlockingSleep()) as player:
             starting = asyncio.create_task(player.start("A", SHORT))
@@ -490,7 +506,7 @@ async def test_stop_while_rendering_means_it_never_plays(tmp_path: Path, out: Pa
 
 
 async def test_start_needs_a_running_player(out: Path) -> None:
-    player = AlertPlayer(AlertSettings(backend="none"))
+    player = AlertPlayer(AlertSection(backend="none"))
     with pytest.raises(AlertError, match="not running"):
         await player.start("A", SHORT)
     async with player:
@@ -503,7 +519,7 @@ async def test_start_needs_a_running_player(out: Path) -> None:
 
 @pytest.mark.integration
 async def test_alarm_ids_cannot_escape_the_output_dir(out: Path) -> None:
-    settings = AlertSettings(backend="file", output_dir=out, espeak="/nonexistent/espeak-ng")
+    settings = AlertSection(backend="file", output_dir=out, espeak="/nonexistent/espeak-ng")
     async with AlertPlayer(settings, sleep=BlockingSleep()) as player:
         await player.start("../../evil/x", SHORT)
         await player.wait_played("../../evil/x", 1)
@@ -516,7 +532,7 @@ async def test_alarm_ids_cannot_escape_the_output_dir(out: Path) -> None:
 
 @pytest.mark.integration
 async def test_none_backend_only_logs(tmp_path: Path) -> None:
-    settings = AlertSettings(backend="none", espeak="/nonexistent/espeak-ng")
+    settings = AlertSection(backend="none", espeak="/nonexistent/espeak-ng")
     with capture_logs() as logs:
         async with AlertPlayer(settings, sleep=FastSleep()) as player:
             await player.start("A", SHORT)
@@ -538,7 +554,7 @@ async def test_loop_survives_an_unexpected_error(out: Path) -> None:
             raise RuntimeError("clock broke")
         await asyncio.sleep(0)
 
-    settings = AlertSettings(backend="file", output_dir=out, espeak="/nonexistent/espeak-ng")
+    settings = AlertSection(backend="file", output_dir=out, espeak="/nonexistent/espeak-ng")
     with capture_logs() as logs:
         async with AlertPlayer(settings, sleep=flaky_sleep) as player:
             await player.start("A", SHORT)
@@ -553,7 +569,7 @@ async def test_loop_survives_an_unexpected_error(out: Path) -> None:
 @pytest.mark.integration
 @needs_aplay
 async def test_aplay_backend_plays_through_a_working_device(out: Path) -> None:
-    settings = AlertSettings(backend="aplay", device="null", repeat_interval_s=0.0,
+    settings = AlertSection(backend="aplay", device="null", repeat_interval_s=0.0,
                              espeak="/nonexistent/espeak-ng")
     with capture_logs() as logs:
         async with AlertPlayer(settings, sleep=FastSleep()) as player:
@@ -566,7 +582,7 @@ async def test_aplay_backend_plays_through_a_working_device(out: Path) -> None:
 @pytest.mark.integration
 @needs_aplay
 async def test_failing_audio_device_is_logged_retried_and_never_raises(out: Path) -> None:
-    settings = AlertSettings(backend="aplay", device="no_such_device", repeat_interval_s=0.0,
+    settings = AlertSection(backend="aplay", device="no_such_device", repeat_interval_s=0.0,
                              espeak="/nonexistent/espeak-ng")
     sleep = FastSleep()
     with capture_logs() as logs:
@@ -597,7 +613,7 @@ async def test_missing_player_binary_is_logged_not_raised(
     empty.mkdir()
     monkeypatch.setenv("PATH", str(empty))
     assert ESPEAK is not None
-    settings = AlertSettings(backend="aplay", repeat_interval_s=0.0, espeak=ESPEAK)
+    settings = AlertSection(backend="aplay", repeat_interval_s=0.0, espeak=ESPEAK)
     sleep = FastSleep()
     with capture_logs() as logs:
         async with AlertPlayer(settings, sleep=sleep) as player:
@@ -614,7 +630,7 @@ async def test_missing_player_binary_is_logged_not_raised(
 async def test_stop_cuts_the_alarm_on_the_speaker_and_the_next_one_plays(
     hanging_aplay: Path,
 ) -> None:
-    settings = AlertSettings(backend="aplay", playback_margin_s=60.0,
+    settings = AlertSection(backend="aplay", playback_margin_s=60.0,
                              espeak="/nonexistent/espeak-ng")
     with capture_logs() as logs:
         async with AlertPlayer(settings, sleep=FastSleep()) as player:
@@ -636,7 +652,7 @@ async def test_stop_cuts_the_alarm_on_the_speaker_and_the_next_one_plays(
 async def test_concurrent_acknowledgements_of_a_playing_alarm_both_succeed(
     hanging_aplay: Path,
 ) -> None:
-    settings = AlertSettings(backend="aplay", playback_margin_s=60.0,
+    settings = AlertSection(backend="aplay", playback_margin_s=60.0,
                              espeak="/nonexistent/espeak-ng")
     with capture_logs() as logs:
         async with AlertPlayer(settings, sleep=FastSleep()) as player:
@@ -653,7 +669,7 @@ async def test_concurrent_acknowledgements_of_a_playing_alarm_both_succeed(
 
 @pytest.mark.integration
 async def test_exit_kills_playback_and_leaves_no_task_behind(hanging_aplay: Path) -> None:
-    settings = AlertSettings(backend="aplay", playback_margin_s=60.0,
+    settings = AlertSection(backend="aplay", playback_margin_s=60.0,
                              espeak="/nonexistent/espeak-ng")
     with capture_logs() as logs:
         async with AlertPlayer(settings) as player:
@@ -672,7 +688,7 @@ async def test_exit_kills_playback_and_leaves_no_task_behind(hanging_aplay: Path
 @pytest.mark.integration
 async def test_a_player_that_hangs_is_timed_out_and_retried(hanging_aplay: Path) -> None:
     # Tone-only WAV (~1.4 s) and no margin: the timeout is the WAV's own length.
-    settings = AlertSettings(backend="aplay", playback_margin_s=0.0, repeat_interval_s=0.0,
+    settings = AlertSection(backend="aplay", playback_margin_s=0.0, repeat_interval_s=0.0,
                              espeak="/nonexistent/espeak-ng")
     with capture_logs() as logs:
         async with AlertPlayer(settings, sleep=FastSleep()) as player:
@@ -705,7 +721,7 @@ async def test_player_command_line(
     bindir = tmp_path / "bin"
     write_script(bindir / backend, f'for a in "$@"; do echo "$a" >> "{argsfile}"; done\n')
     monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
-    settings = AlertSettings(backend=backend, device=device, espeak="/nonexistent/espeak-ng")
+    settings = AlertSection(backend=backend, device=device, espeak="/nonexistent/espeak-ng")
     async with AlertPlayer(settings, sleep=BlockingSleep()) as player:
         await player.start("A", SHORT)
         await player.wait_played("A", 1)
@@ -724,7 +740,7 @@ async def test_auto_falls_back_to_file_without_sound_system(
     empty = tmp_path / "empty-bin"
     empty.mkdir()
     monkeypatch.setenv("PATH", str(empty))
-    settings = AlertSettings(output_dir=out, espeak="/nonexistent/espeak-ng")
+    settings = AlertSection(output_dir=out, espeak="/nonexistent/espeak-ng")
     with capture_logs() as logs:
         async with AlertPlayer(settings, sleep=BlockingSleep()) as player:
             assert player.backend == "file"
@@ -744,7 +760,7 @@ async def test_auto_without_output_dir_uses_a_private_temp_dir(
     empty = tmp_path / "empty-bin"
     empty.mkdir()
     monkeypatch.setenv("PATH", str(empty))
-    settings = AlertSettings(espeak="/nonexistent/espeak-ng")
+    settings = AlertSection(espeak="/nonexistent/espeak-ng")
     async with AlertPlayer(settings, sleep=BlockingSleep()) as player:
         await player.start("A", SHORT)
         await player.wait_played("A", 1)
@@ -790,7 +806,7 @@ async def test_auto_probes_pulseaudio_then_alsa(
     # Only the fakes: the machine's own sound tools must not decide the outcome.
     monkeypatch.setenv("PATH", str(bindir))
     with capture_logs() as logs:
-        async with AlertPlayer(AlertSettings(output_dir=tmp_path / "out")) as player:
+        async with AlertPlayer(AlertSection(output_dir=tmp_path / "out")) as player:
             assert player.backend == expected
     [chosen] = events(logs, "alert.backend")
     assert chosen["backend"] == expected

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections.abc import AsyncIterator
-from dataclasses import replace
+from typing import Any
 
 import pytest
+from pydantic import ValidationError
 from serial_asyncio_fast import open_serial_connection
 
 from devices.gsm_pdu import decode_submit, encode_submit
-from gateway.gsm import GsmModemError, GsmModemSender, GsmSettings, cms_error_kind
+from gateway.config import GsmSection
+from gateway.gsm import GsmModemError, GsmModemSender, cms_error_kind
 from gateway.sms import Attempt, SmsSendError
 from tests.helpers import eventually
 from tests.support.gsm_modem_sim import SimulatedModem
@@ -38,10 +41,10 @@ class Sleeps:
         self.delays.append(delay)
 
 
-def gsm_settings(modem: SimulatedModem, **overrides: object) -> GsmSettings:
+def gsm_settings(modem: SimulatedModem, **overrides: Any) -> GsmSection:
     # Generous timeouts unless a test is about a timeout: the machine is shared.
-    base = GsmSettings(port=modem.port_path, command_timeout_s=5.0, send_timeout_s=5.0)
-    return replace(base, **overrides)  # type: ignore[arg-type]
+    fields: dict[str, Any] = {"command_timeout_s": 5.0, "send_timeout_s": 5.0, **overrides}
+    return GsmSection(port=modem.port_path, **fields)
 
 
 @pytest.fixture
@@ -79,7 +82,7 @@ async def test_missing_modem_does_not_stop_start_and_is_opened_by_a_send(
     path = modem.port_path
     modem.unplug()
     sleeps = Sleeps()
-    settings = replace(gsm_settings(modem), max_attempts=2)
+    settings = gsm_settings(modem, max_attempts=2)
     async with GsmModemSender(settings, sleep=sleeps) as sender:
         assert not sender.connected
         with pytest.raises(SmsSendError) as info:
@@ -100,7 +103,7 @@ async def test_missing_modem_does_not_stop_start_and_is_opened_by_a_send(
 
 async def test_sim_not_ready_then_inserted(modem: SimulatedModem) -> None:
     modem.set_sim_ready(False)
-    settings = replace(gsm_settings(modem), max_attempts=1)
+    settings = gsm_settings(modem, max_attempts=1)
     async with GsmModemSender(settings, sleep=Sleeps()) as sender:
         assert not sender.connected
         with pytest.raises(SmsSendError) as info:
@@ -303,7 +306,7 @@ async def test_transient_errors_exhaust_the_attempts(modem: SimulatedModem) -> N
 
 
 async def test_partial_delivery_is_reported_as_outcome_unknown(modem: SimulatedModem) -> None:
-    settings = replace(gsm_settings(modem), max_attempts=1)
+    settings = gsm_settings(modem, max_attempts=1)
     async with GsmModemSender(settings, sleep=Sleeps()) as sender:
         sent = asyncio.create_task(sender.send(TO, ALARM_ZH))
         await modem.wait_for_sms(1)
@@ -318,7 +321,7 @@ async def test_partial_delivery_is_reported_as_outcome_unknown(modem: SimulatedM
 async def test_no_answer_times_out_without_sending(modem: SimulatedModem) -> None:
     modem.no_answer(True)
     sleeps = Sleeps()
-    settings = replace(gsm_settings(modem), command_timeout_s=0.2, max_attempts=2)
+    settings = gsm_settings(modem, command_timeout_s=0.2, max_attempts=2)
     async with GsmModemSender(settings, sleep=sleeps) as sender:
         assert not sender.connected
         with pytest.raises(SmsSendError) as info:
@@ -333,7 +336,7 @@ async def test_no_answer_times_out_without_sending(modem: SimulatedModem) -> Non
 
 async def test_lost_answer_after_the_pdu_is_outcome_unknown(modem: SimulatedModem) -> None:
     modem.lose_next_answer()
-    settings = replace(gsm_settings(modem), send_timeout_s=0.2, max_attempts=1)
+    settings = gsm_settings(modem, send_timeout_s=0.2, max_attempts=1)
     async with GsmModemSender(settings, sleep=Sleeps()) as sender:
         with pytest.raises(SmsSendError) as info:
             await sender.send(TO, "alarm")
@@ -351,7 +354,7 @@ async def test_lost_answer_is_retried_duplicate_rather_than_missing(
     modem: SimulatedModem,
 ) -> None:
     modem.lose_next_answer()
-    settings = replace(gsm_settings(modem), send_timeout_s=0.2)
+    settings = gsm_settings(modem, send_timeout_s=0.2)
     async with GsmModemSender(settings, sleep=Sleeps()) as sender:
         result = await sender.send(TO, "alarm")
         assert sender.opens == 2  # reopened and re-initialised after the timeout
@@ -444,13 +447,30 @@ def test_cms_error_table(code: int, kind: str) -> None:
     assert cms_error_kind(code) == kind
 
 
-def test_settings_are_validated() -> None:
-    with pytest.raises(ValueError, match="max_attempts"):
-        GsmSettings(port="/dev/null", max_attempts=0)
-    with pytest.raises(ValueError, match="smsc"):
-        GsmSettings(port="/dev/null", smsc="13800000000")
-    with pytest.raises(ValueError, match="timeout"):
-        GsmSettings(port="/dev/null", send_timeout_s=0)
+@pytest.mark.parametrize(
+    ("fields", "key"),
+    [
+        ({"max_attempts": 0}, "max_attempts"),
+        ({"smsc": "13800000000"}, "smsc"),
+        ({"send_timeout_s": 0}, "send_timeout_s"),
+        ({"command_timeout_s": float("nan")}, "command_timeout_s"),
+        ({"validity_minutes": 0}, "validity_minutes"),
+        ({"backoff_initial_s": -1.0}, "backoff_initial_s"),
+        ({"backoff_initial_s": 6.0, "backoff_max_s": 5.0}, "backoff_initial_s <= backoff_max_s"),
+        ({"port": ""}, "port"),
+    ],
+)
+def test_settings_are_validated(fields: dict[str, Any], key: str) -> None:
+    fields = {"port": "/dev/null", **fields}
+    with pytest.raises(ValidationError, match=re.escape(key)):
+        GsmSection(**fields)
+
+
+def test_settings_defaults_and_optional_validity() -> None:
+    section = GsmSection(port="/dev/null", smsc="+8613800100500", validity_minutes=None)
+    assert (section.baudrate, section.max_attempts, section.validity_minutes) == (115200, 3, None)
+    assert (section.backoff_initial_s, section.backoff_max_s) == (0.5, 5.0)
+    assert GsmSection(port="/dev/null").validity_minutes == 1440
 
 
 # ----------------------------------------------------------------------------- the simulator
