@@ -56,13 +56,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from gateway.daemon import load_world
+    from gateway.world import load_world
     from gateway.geo import GeoError
     from gateway.registry import RegistryError, registry_summary
 
     cfg = _config(args)
     try:
-        registry, _ = load_world(cfg)
+        registry = load_world(cfg).registry
     except (RegistryError, GeoError) as exc:
         print(f"registry {cfg.registry_dir}: {exc}", file=sys.stderr)
         return EXIT_CONFIG
