@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.sandbox.twilio_double import TwilioDouble
 from tests.helpers import Mosquitto, Pty, open_pty
+from tests.support.twilio_faults import FaultyTwilioDouble
 
 
 @pytest.fixture
@@ -33,6 +33,6 @@ def pty() -> Iterator[Pty]:
 
 
 @pytest.fixture
-async def twilio() -> AsyncIterator[TwilioDouble]:
-    async with TwilioDouble() as double:
+async def twilio() -> AsyncIterator[FaultyTwilioDouble]:
+    async with FaultyTwilioDouble() as double:
         yield double

@@ -192,7 +192,7 @@ async def test_restart_rebuilds_the_escalation_timer_from_the_journal(
 async def test_a_permanent_twilio_error_is_not_retried_and_the_operator_is_told(
     tmp_path: Path, pty: Pty, twilio: TwilioDouble
 ) -> None:
-    from gateway.sandbox.twilio_double import Fault
+    from tests.support.twilio_faults import Fault
 
     gw = Gateway(serial_cfg(tmp_path, pty, twilio), secrets_for(twilio))  # type: ignore[arg-type]
     async with running(gw):

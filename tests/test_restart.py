@@ -160,7 +160,7 @@ async def test_sigkill_between_journal_and_sms_then_restart_sends_missing_sms(
 async def test_sigkill_after_twilio_took_the_request_reconciles_without_a_second_sms(
     tmp_path: Path, mosquitto: Mosquitto, twilio: TwilioDouble, daemons: list[Daemon]
 ) -> None:
-    from gateway.sandbox.twilio_double import Fault
+    from tests.support.twilio_faults import Fault
 
     config = write_config(tmp_path, mosquitto, twilio, request_timeout_s=60)
     db = tmp_path / "state" / "journal.sqlite3"

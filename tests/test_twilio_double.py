@@ -25,12 +25,10 @@ from aiohttp import web
 from twilio.base.exceptions import TwilioException, TwilioRestException
 from twilio.request_validator import RequestValidator
 
-from gateway.sandbox.twilio_double import (
-    DEFAULT_ACCOUNT_SID,
-    Fault,
-    TwilioDouble,
-)
-from gateway.sms import TwilioSender, TwilioSettings
+from gateway.config import SmsSection
+from gateway.sandbox.twilio_double import DEFAULT_ACCOUNT_SID, TwilioDouble
+from gateway.sms import TwilioAccount, TwilioSender
+from tests.support.twilio_faults import Fault, FaultyTwilioDouble
 
 pytestmark = pytest.mark.integration
 
@@ -59,9 +57,9 @@ def clock() -> FakeClock:
 
 
 @pytest.fixture
-async def double(clock: FakeClock) -> AsyncIterator[TwilioDouble]:
+async def double(clock: FakeClock) -> AsyncIterator[FaultyTwilioDouble]:
     # No automatic progression: tests move statuses with advance().
-    async with TwilioDouble(clock=clock, sent_delay=None, delivered_delay=None) as d:
+    async with FaultyTwilioDouble(clock=clock, sent_delay=None, delivered_delay=None) as d:
         yield d
 
 
@@ -89,18 +87,14 @@ async def post_message(
         return resp.status, await resp.json(), resp
 
 
+def sender_for(d: TwilioDouble, **sms: object) -> TwilioSender:
+    section = SmsSection.model_validate({"from_number": SENDER, "base_url": d.base_url, **sms})
+    return TwilioSender(section, TwilioAccount(d.account_sid, d.auth_token))
+
+
 @pytest.fixture
-async def sender(double: TwilioDouble) -> AsyncIterator[TwilioSender]:
-    settings = TwilioSettings(
-        account_sid=double.account_sid,
-        auth_token=double.auth_token,
-        from_number=SENDER,
-        messaging_service_sid=None,
-        base_url=double.base_url,
-        request_timeout_s=2.0,
-        max_attempts=1,
-    )
-    async with TwilioSender(settings) as s:
+async def sender(double: FaultyTwilioDouble) -> AsyncIterator[TwilioSender]:
+    async with sender_for(double, request_timeout_s=2.0, max_attempts=1) as s:
         yield s
 
 
@@ -113,7 +107,7 @@ def twilio_client(sender: TwilioSender) -> Any:
 
 
 async def test_create_answers_201_with_twilio_shaped_json(
-    double: TwilioDouble, http: aiohttp.ClientSession, clock: FakeClock
+    double: FaultyTwilioDouble, http: aiohttp.ClientSession, clock: FakeClock
 ) -> None:
     body = "张大爷按下了求助按钮" * 8  # 80 Chinese characters: UCS-2, 2 segments
     status, payload, _ = await post_message(
@@ -144,7 +138,7 @@ async def test_create_answers_201_with_twilio_shaped_json(
 
 
 async def test_real_twilio_client_creates_and_fetches(
-    double: TwilioDouble, sender: TwilioSender
+    double: FaultyTwilioDouble, sender: TwilioSender
 ) -> None:
     client = twilio_client(sender)
     created = await client.messages.create_async(to=ELDER_SON, from_=SENDER, body="hello")
@@ -157,7 +151,7 @@ async def test_real_twilio_client_creates_and_fetches(
 
 
 async def test_messaging_service_instead_of_from(
-    double: TwilioDouble, http: aiohttp.ClientSession
+    double: FaultyTwilioDouble, http: aiohttp.ClientSession
 ) -> None:
     service = "MG" + "ab" * 16
     status, payload, _ = await post_message(
@@ -187,7 +181,7 @@ async def test_messaging_service_instead_of_from(
     ],
 )
 async def test_validation_errors_like_twilio(
-    double: TwilioDouble, http: aiohttp.ClientSession, form: dict[str, str], code: int
+    double: FaultyTwilioDouble, http: aiohttp.ClientSession, form: dict[str, str], code: int
 ) -> None:
     status, payload, _ = await post_message(http, double, form)
 
@@ -200,7 +194,7 @@ async def test_validation_errors_like_twilio(
 
 
 async def test_body_of_exactly_1600_chars_is_accepted(
-    double: TwilioDouble, http: aiohttp.ClientSession
+    double: FaultyTwilioDouble, http: aiohttp.ClientSession
 ) -> None:
     status, payload, _ = await post_message(
         http, double, {"To": ELDER_SON, "From": SENDER, "Body": "中" * 1600}
@@ -211,7 +205,7 @@ async def test_body_of_exactly_1600_chars_is_accepted(
 
 
 async def test_validity_period_is_recorded(
-    double: TwilioDouble, http: aiohttp.ClientSession
+    double: FaultyTwilioDouble, http: aiohttp.ClientSession
 ) -> None:
     form = {"To": ELDER_SON, "From": SENDER, "Body": "x", "ValidityPeriod": "600"}
     status, _, _ = await post_message(http, double, form)
@@ -234,7 +228,7 @@ async def test_validity_period_is_recorded(
     ],
 )
 async def test_basic_auth_is_enforced(
-    double: TwilioDouble, http: aiohttp.ClientSession, headers: dict[str, str]
+    double: FaultyTwilioDouble, http: aiohttp.ClientSession, headers: dict[str, str]
 ) -> None:
     status, payload, resp = await post_message(
         http, double, {"To": ELDER_SON, "From": SENDER, "Body": "x"}, headers=headers
@@ -248,7 +242,7 @@ async def test_basic_auth_is_enforced(
 
 
 async def test_wrong_account_in_path_is_404(
-    double: TwilioDouble, http: aiohttp.ClientSession
+    double: FaultyTwilioDouble, http: aiohttp.ClientSession
 ) -> None:
     other = "AC" + "22" * 16
     status, payload, _ = await post_message(
@@ -276,7 +270,7 @@ async def test_fetch_unknown_message_is_404_20404(sender: TwilioSender) -> None:
 
 
 async def test_list_filters_by_to_from_and_date_sent(
-    double: TwilioDouble, sender: TwilioSender, clock: FakeClock, http: aiohttp.ClientSession
+    double: FaultyTwilioDouble, sender: TwilioSender, clock: FakeClock, http: aiohttp.ClientSession
 ) -> None:
     client = twilio_client(sender)
     start = datetime.fromtimestamp(clock.now, UTC)
@@ -309,7 +303,7 @@ async def test_list_filters_by_to_from_and_date_sent(
 
 
 async def test_date_sent_filter_uses_date_sent_once_sent(
-    double: TwilioDouble, sender: TwilioSender, clock: FakeClock
+    double: FaultyTwilioDouble, sender: TwilioSender, clock: FakeClock
 ) -> None:
     client = twilio_client(sender)
     created = await client.messages.create_async(to=ELDER_SON, from_=SENDER, body="x")
@@ -337,7 +331,7 @@ async def test_list_pages_are_followed_by_the_client(sender: TwilioSender) -> No
 
 
 async def test_list_rejects_a_bad_date_filter(
-    double: TwilioDouble, http: aiohttp.ClientSession
+    double: FaultyTwilioDouble, http: aiohttp.ClientSession
 ) -> None:
     async with http.get(
         messages_url(double),
@@ -386,7 +380,7 @@ async def receiver() -> AsyncIterator[CallbackReceiver]:
 
 
 async def test_advance_walks_statuses_and_posts_signed_callbacks(
-    double: TwilioDouble, sender: TwilioSender, receiver: CallbackReceiver
+    double: FaultyTwilioDouble, sender: TwilioSender, receiver: CallbackReceiver
 ) -> None:
     client = twilio_client(sender)
     created = await client.messages.create_async(
@@ -420,7 +414,7 @@ async def test_advance_walks_statuses_and_posts_signed_callbacks(
     ],
 )
 async def test_scripted_final_status_per_number(
-    double: TwilioDouble,
+    double: FaultyTwilioDouble,
     sender: TwilioSender,
     receiver: CallbackReceiver,
     final: str,
@@ -443,7 +437,7 @@ async def test_scripted_final_status_per_number(
     assert double.message(normal.sid).status == "delivered"
 
 
-async def test_set_final_status_rejects_unknown_status(double: TwilioDouble) -> None:
+async def test_set_final_status_rejects_unknown_status(double: FaultyTwilioDouble) -> None:
     with pytest.raises(ValueError, match="final status"):
         double.set_final_status(ELDER_SON, "teleported")
 
@@ -451,27 +445,22 @@ async def test_set_final_status_rejects_unknown_status(double: TwilioDouble) -> 
 async def test_automatic_progression_after_delays(
     receiver: CallbackReceiver, clock: FakeClock
 ) -> None:
-    async with TwilioDouble(clock=clock, sent_delay=0.01, delivered_delay=0.01) as d:
-        settings = TwilioSettings(
-            account_sid=d.account_sid,
-            auth_token=d.auth_token,
-            from_number=SENDER,
-            messaging_service_sid=None,
-            base_url=d.base_url,
-        )
-        async with TwilioSender(settings) as s:
-            result = await s.send(ELDER_SON, "x", status_callback=receiver.url)
-            async with asyncio.timeout(5):
-                while len(receiver.received) < 2:
-                    receiver.arrived.clear()
-                    await receiver.arrived.wait()
+    async with (
+        TwilioDouble(clock=clock, sent_delay=0.01, delivered_delay=0.01) as d,
+        sender_for(d) as s,
+    ):
+        result = await s.send(ELDER_SON, "x", status_callback=receiver.url)
+        async with asyncio.timeout(5):
+            while len(receiver.received) < 2:
+                receiver.arrived.clear()
+                await receiver.arrived.wait()
 
     assert [form["MessageStatus"] for _, form, _ in receiver.received] == ["sent", "delivered"]
     assert d.message(result.sid).status == "delivered"
 
 
 async def test_unreachable_callback_is_recorded_not_raised(
-    double: TwilioDouble, sender: TwilioSender
+    double: FaultyTwilioDouble, sender: TwilioSender
 ) -> None:
     client = twilio_client(sender)
     # A port nobody listens on: bind one, then close it.
@@ -493,7 +482,7 @@ async def test_unreachable_callback_is_recorded_not_raised(
 
 
 async def test_faults_are_fifo_and_can_be_scoped_to_a_number(
-    double: TwilioDouble, http: aiohttp.ClientSession
+    double: FaultyTwilioDouble, http: aiohttp.ClientSession
 ) -> None:
     double.inject(Fault.status(500), to=GRID_LEADER)
     double.inject(Fault.status(429, code=20429, retry_after=1), Fault.error(code=21610))
@@ -517,7 +506,7 @@ async def test_faults_are_fifo_and_can_be_scoped_to_a_number(
 
 
 async def test_delay_holds_the_answer_then_answers_normally(
-    double: TwilioDouble, http: aiohttp.ClientSession
+    double: FaultyTwilioDouble, http: aiohttp.ClientSession
 ) -> None:
     double.inject(Fault.delay(0.2))
     status, _, _ = await post_message(http, double, {"To": ELDER_SON, "From": SENDER, "Body": "x"})
@@ -530,7 +519,7 @@ async def test_delay_holds_the_answer_then_answers_normally(
 
 
 async def test_drop_after_receive_creates_the_message_but_never_answers(
-    double: TwilioDouble, http: aiohttp.ClientSession
+    double: FaultyTwilioDouble, http: aiohttp.ClientSession
 ) -> None:
     double.inject(Fault.drop_after_receive())
     with pytest.raises(aiohttp.ServerDisconnectedError):
@@ -543,7 +532,9 @@ async def test_drop_after_receive_creates_the_message_but_never_answers(
     assert request.answered_at is None
 
 
-async def test_outage_503_then_recovery(double: TwilioDouble, http: aiohttp.ClientSession) -> None:
+async def test_outage_503_then_recovery(
+    double: FaultyTwilioDouble, http: aiohttp.ClientSession
+) -> None:
     await double.outage(True)
     down, payload, _ = await post_message(
         http, double, {"To": ELDER_SON, "From": SENDER, "Body": "x"}
@@ -556,7 +547,7 @@ async def test_outage_503_then_recovery(double: TwilioDouble, http: aiohttp.Clie
     assert [m.body for m in double.messages] == ["y"]
 
 
-async def test_outage_refusing_connections_then_recovery(double: TwilioDouble) -> None:
+async def test_outage_refusing_connections_then_recovery(double: FaultyTwilioDouble) -> None:
     port = double.port
     await double.outage(True, refuse=True)
     async with aiohttp.ClientSession() as fresh:
@@ -574,7 +565,7 @@ async def test_outage_refusing_connections_then_recovery(double: TwilioDouble) -
 
 
 async def test_switching_from_refusing_to_503_listens_again(
-    double: TwilioDouble, http: aiohttp.ClientSession
+    double: FaultyTwilioDouble, http: aiohttp.ClientSession
 ) -> None:
     await double.outage(True, refuse=True)
     await double.outage(True)
@@ -585,13 +576,13 @@ async def test_switching_from_refusing_to_503_listens_again(
     assert (status, payload["code"]) == (503, 20503)
 
 
-async def test_wait_for_messages_times_out(double: TwilioDouble) -> None:
+async def test_wait_for_messages_times_out(double: FaultyTwilioDouble) -> None:
     with pytest.raises(TimeoutError):
         await double.wait_for_messages(1, timeout=0.05)
 
 
 async def test_unknown_route_answers_twilio_json_404(
-    double: TwilioDouble, http: aiohttp.ClientSession
+    double: FaultyTwilioDouble, http: aiohttp.ClientSession
 ) -> None:
     async with http.get(
         f"{double.base_url}/2010-04-01/Accounts/{double.account_sid}/Calls.json",
@@ -603,7 +594,7 @@ async def test_unknown_route_answers_twilio_json_404(
     assert payload["code"] == 20404
 
 
-async def test_start_on_a_taken_port_fails_cleanly(double: TwilioDouble) -> None:
+async def test_start_on_a_taken_port_fails_cleanly(double: FaultyTwilioDouble) -> None:
     # filterwarnings=error would turn a leaked callback session into a failure.
     with pytest.raises(OSError):
         async with TwilioDouble(port=double.port):
@@ -616,7 +607,7 @@ async def test_rejects_malformed_account_sid() -> None:
 
 
 async def test_list_error_surfaces_as_twilio_exception(
-    double: TwilioDouble, sender: TwilioSender
+    double: FaultyTwilioDouble, sender: TwilioSender
 ) -> None:
     await double.outage(True)
     with pytest.raises(TwilioException):
@@ -707,7 +698,7 @@ async def inbound_server() -> AsyncIterator[InboundReceiver]:
 
 
 async def test_inbound_message_is_listed_and_fetched_with_direction_inbound(
-    double: TwilioDouble, sender: TwilioSender, clock: FakeClock
+    double: FaultyTwilioDouble, sender: TwilioSender, clock: FakeClock
 ) -> None:
     client = twilio_client(sender)
     outgoing = await client.messages.create_async(to=GRID_LEADER, from_=OUR_NUMBER, body="alarm")
@@ -736,7 +727,7 @@ async def test_inbound_message_is_listed_and_fetched_with_direction_inbound(
 
 
 async def test_inbound_date_filter_and_explicit_to(
-    double: TwilioDouble, sender: TwilioSender, clock: FakeClock
+    double: FaultyTwilioDouble, sender: TwilioSender, clock: FakeClock
 ) -> None:
     client = twilio_client(sender)
     early = await double.inject_inbound(GRID_LEADER, "早", to=OUR_NUMBER)
@@ -751,14 +742,14 @@ async def test_inbound_date_filter_and_explicit_to(
     assert [m.sid for m in from_leader] == [early.sid]
 
 
-async def test_inbound_needs_a_known_or_explicit_number(double: TwilioDouble) -> None:
+async def test_inbound_needs_a_known_or_explicit_number(double: FaultyTwilioDouble) -> None:
     with pytest.raises(ValueError, match="pass to="):
         await double.inject_inbound(GRID_LEADER, "1")
     assert double.inbound == []
 
 
 async def test_inbound_webhook_is_signed_and_twiml_reply_is_sent(
-    double: TwilioDouble, inbound_server: InboundReceiver
+    double: FaultyTwilioDouble, inbound_server: InboundReceiver
 ) -> None:
     inbound_server.answer = (
         '<?xml version="1.0" encoding="UTF-8"?><Response>'
@@ -796,7 +787,7 @@ async def test_inbound_webhook_is_signed_and_twiml_reply_is_sent(
     ],
 )
 async def test_inbound_webhook_without_a_usable_reply_sends_nothing(
-    double: TwilioDouble, inbound_server: InboundReceiver, answer: str, status: int
+    double: FaultyTwilioDouble, inbound_server: InboundReceiver, answer: str, status: int
 ) -> None:
     inbound_server.answer = answer
     inbound_server.status = status
@@ -809,7 +800,7 @@ async def test_inbound_webhook_without_a_usable_reply_sends_nothing(
 
 
 async def test_unreachable_inbound_webhook_is_recorded_and_the_message_kept(
-    double: TwilioDouble, sender: TwilioSender
+    double: FaultyTwilioDouble, sender: TwilioSender
 ) -> None:
     probe = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
     port = probe.sockets[0].getsockname()[1]
@@ -825,11 +816,58 @@ async def test_unreachable_inbound_webhook_is_recorded_and_the_message_kept(
     assert [m.sid for m in listed] == [message.sid]
 
 
+async def test_faults_wait_for_an_authenticated_request(
+    double: FaultyTwilioDouble, http: aiohttp.ClientSession
+) -> None:
+    double.inject(Fault.status(500))
+    form = {"To": ELDER_SON, "From": SENDER, "Body": "x"}
+
+    refused, refusal, _ = await post_message(http, double, form, headers=basic("ACx", "nope"))
+    faulted, _, _ = await post_message(http, double, form)
+    created, _, _ = await post_message(http, double, form)
+
+    assert (refused, refusal["code"]) == (401, 20003)
+    assert (faulted, created) == (500, 201)
+
+
+async def test_drop_of_a_refused_create_answers_the_refusal(
+    double: FaultyTwilioDouble, http: aiohttp.ClientSession
+) -> None:
+    # Twilio never created the message, so there is no answer to lose.
+    double.inject(Fault.drop_after_receive())
+    form = {"To": "12345", "From": SENDER, "Body": "x"}
+    status, payload, _ = await post_message(http, double, form)
+
+    assert (status, payload["code"]) == (400, 21211)
+    assert double.messages == []
+
+
+async def test_stopping_wakes_a_held_request(http: aiohttp.ClientSession) -> None:
+    double = FaultyTwilioDouble(sent_delay=None, delivered_delay=None)
+    await double.start()
+    double.inject(Fault.hang_after_receive(60))
+    form = {"To": ELDER_SON, "From": SENDER, "Body": "x"}
+    held = asyncio.create_task(post_message(http, double, form))
+    await double.wait_for_messages(1)
+
+    async with asyncio.timeout(5):
+        await double.stop()
+        with pytest.raises(aiohttp.ClientError):
+            await held
+
+
+def test_the_shipped_double_has_no_fault_api() -> None:
+    # gateway demo runs TwilioDouble: nothing there can make it misbehave.
+    for name in ("inject", "outage", "pending_faults"):
+        assert not hasattr(TwilioDouble, name)
+        assert hasattr(FaultyTwilioDouble, name)
+
+
 # ----------------------------------------------------------------------------- read faults
 
 
 async def test_list_fault_applies_once_and_leaves_creates_alone(
-    double: TwilioDouble, sender: TwilioSender
+    double: FaultyTwilioDouble, sender: TwilioSender
 ) -> None:
     client = twilio_client(sender)
     double.inject(Fault.status(500), target="list")
@@ -849,7 +887,7 @@ async def test_list_fault_applies_once_and_leaves_creates_alone(
 
 
 async def test_list_fault_scoped_to_a_number(
-    double: TwilioDouble, http: aiohttp.ClientSession
+    double: FaultyTwilioDouble, http: aiohttp.ClientSession
 ) -> None:
     double.inject(Fault.error(code=20001, status=400), to=GRID_LEADER, target="list")
     auth = basic(double.account_sid, double.auth_token)
@@ -862,7 +900,7 @@ async def test_list_fault_scoped_to_a_number(
 
 
 async def test_fetch_fault_and_dropped_list(
-    double: TwilioDouble, sender: TwilioSender, http: aiohttp.ClientSession
+    double: FaultyTwilioDouble, sender: TwilioSender, http: aiohttp.ClientSession
 ) -> None:
     client = twilio_client(sender)
     created = await client.messages.create_async(to=ELDER_SON, from_=SENDER, body="x")

@@ -16,9 +16,6 @@ on it:
 * the status progression ``queued -> sent -> delivered`` (or a scripted
   ``undelivered``/``failed`` per number), with signed ``StatusCallback``
   webhooks;
-* faults injected one request at a time (HTTP 429/5xx, slow answers, a
-  message created but its answer lost), on message creation by default or on
-  list/fetch requests, and whole outages;
 * inbound messages (a person replying to our number): injected with
   :meth:`TwilioDouble.inject_inbound`, listed and fetched with ``direction``
   ``inbound``, and POSTed, signed, to ``inbound_webhook_url`` when it is set;
@@ -27,6 +24,13 @@ on it:
 
 Every request is recorded with its arrival time, so tests can count attempts
 and check that requests overlapped.
+
+Fault injection (HTTP 429/5xx, slow answers, a message created but its answer
+lost, whole outages) is not part of this module, which ``gateway demo`` ships
+and runs: the tests' ``FaultyTwilioDouble`` (``tests/support/twilio_faults.py``)
+is a subclass that plugs in through the one request hook,
+:meth:`TwilioDouble._intercept`, which sees every authenticated API call
+(:class:`ApiCall`) and may answer it itself, hold it, or drop the connection.
 
 Run it by hand with ``python -m gateway.sandbox.twilio_double --port 8099``.
 """
@@ -61,13 +65,14 @@ from gateway.smstext import segments
 
 __all__ = [
     "DEFAULT_ACCOUNT_SID",
+    "ApiCall",
+    "ApiTarget",
     "CallbackDelivery",
     "Direction",
-    "Fault",
-    "FaultTarget",
     "RecordedRequest",
     "SentMessage",
     "TwilioDouble",
+    "error_response",
     "main",
 ]
 
@@ -114,12 +119,6 @@ _ERROR_MESSAGES: Final[Mapping[int, str]] = {
     21617: "The concatenated message body exceeds the 1600 character limit.",
     21624: "Invalid validity period value",
     21701: "The Messaging Service Sid is invalid.",
-}
-_DEFAULT_CODE_FOR_STATUS: Final[Mapping[int, int]] = {
-    429: 20429,
-    500: 20500,
-    502: 20502,
-    503: 20503,
 }
 
 
@@ -186,80 +185,30 @@ class CallbackDelivery:
     answer: str | None = None
 
 
-FaultKind = Literal["status", "delay", "drop", "error", "hang"]
-#: Which requests a queued fault applies to: message creation (the default),
-#: the Messages list, or fetching one message.
-FaultTarget = Literal["create", "list", "fetch"]
+#: Which API call a request is: message creation, the Messages list, or
+#: fetching one message.
+ApiTarget = Literal["create", "list", "fetch"]
 
 
 @dataclass(frozen=True, slots=True)
-class Fault:
-    """A misbehaviour applied to exactly one request (a message create unless
-    queued for ``list`` or ``fetch``, see :meth:`TwilioDouble.inject`).
+class ApiCall:
+    """A request, as :meth:`TwilioDouble._intercept` sees it.
 
-    Build them with the class methods; queue them with :meth:`TwilioDouble.inject`.
+    ``target`` is ``None`` for a request no API route matches. ``to`` is the
+    request's ``To`` field (create) or filter (list), or the fetched message's
+    recipient (fetch); ``None`` when there is none. ``authorized``: its Basic
+    credentials are the account's.
     """
 
-    kind: FaultKind
-    http_status: int = 0
-    code: int | None = None
-    retry_after: float | str | None = None
-    seconds: float = 0.0
-
-    @classmethod
-    def status(
-        cls, http_status: int, *, code: int | None = None, retry_after: float | str | None = None
-    ) -> Fault:
-        """Answer ``http_status`` with a Twilio error body; the message is not created.
-
-        ``retry_after`` adds a ``Retry-After`` header: seconds, or a string sent
-        verbatim (e.g. an HTTP date).
-        """
-        return cls(
-            "status",
-            http_status=http_status,
-            code=code if code is not None else _DEFAULT_CODE_FOR_STATUS.get(http_status),
-            retry_after=retry_after,
-        )
-
-    @classmethod
-    def delay(cls, seconds: float) -> Fault:
-        """Hold the request ``seconds`` before handling it normally."""
-        return cls("delay", seconds=seconds)
-
-    @classmethod
-    def hang_after_receive(cls, seconds: float) -> Fault:
-        """Create the message, then hold the answer ``seconds``: Twilio has the message
-        but the client does not know yet (the window a crash leaves unknown)."""
-        return cls("hang", seconds=seconds)
-
-    @classmethod
-    def drop_after_receive(cls) -> Fault:
-        """Create the message, then close the connection without answering
-        (on a list or fetch: close it without answering)."""
-        return cls("drop")
-
-    @classmethod
-    def error(cls, *, code: int, status: int = 400) -> Fault:
-        """Answer a Twilio API error such as 21211, 21610 or 21408; nothing is created."""
-        return cls("error", http_status=status, code=code)
+    target: ApiTarget | None
+    to: str | None
+    authorized: bool
 
 
 @dataclass(frozen=True, slots=True)
 class _Outcome:
     status: str
     error_code: int | None
-
-
-class _DropConnection(Exception):
-    """Internal: the handler closed the connection on purpose; there is no answer."""
-
-
-@dataclass(slots=True)
-class _QueuedFault:
-    fault: Fault
-    to: str | None
-    target: FaultTarget = "create"
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -287,9 +236,11 @@ def _error_body(code: int, status: int, **fields: str) -> dict[str, Any]:
     }
 
 
-def _error_response(
+def error_response(
     code: int, status: int, headers: Mapping[str, str] | None = None, **fields: str
 ) -> web.Response:
+    """Twilio's JSON error answer (``code``, ``message``, ``more_info``, ``status``);
+    ``fields`` fill the message template of ``code`` (``to``, ``path``)."""
     return web.json_response(_error_body(code, status, **fields), status=status, headers=headers)
 
 
@@ -390,13 +341,12 @@ class TwilioDouble:
         self._inbound_index: dict[str, int] = {}
         # Creation order across both directions, for Twilio's newest-first listing.
         self._sequence: dict[str, int] = {}
-        self._faults: list[_QueuedFault] = []
         self._final_by_number: dict[str, _Outcome] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._progressions: set[asyncio.Task[None]] = set()
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        # Set by stop(): whatever holds a request wakes on it and lets go.
         self._closing: asyncio.Event | None = None
-        self._outage: Literal["503", "refuse"] | None = None
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
         self._session: aiohttp.ClientSession | None = None
@@ -424,9 +374,9 @@ class TwilioDouble:
         self._session = aiohttp.ClientSession()
         app = web.Application(middlewares=[self._middleware])
         base = f"/{API_VERSION}/Accounts/{{account_sid}}"
-        app.router.add_post(f"{base}/Messages.json", self._create)
-        app.router.add_get(f"{base}/Messages.json", self._list)
-        app.router.add_get(f"{base}/Messages/{{message_sid}}.json", self._fetch)
+        app.router.add_post(f"{base}/Messages.json", self._create, name="create")
+        app.router.add_get(f"{base}/Messages.json", self._list, name="list")
+        app.router.add_get(f"{base}/Messages/{{message_sid}}.json", self._fetch, name="fetch")
         # Short shutdown timeout: held requests wake on the closing event, so
         # nothing legitimate is still running when the runner stops.
         self._runner = web.AppRunner(
@@ -495,47 +445,12 @@ class TwilioDouble:
 
     # -- scripting -----------------------------------------------------------------
 
-    def inject(self, *faults: Fault, to: str | None = None, target: FaultTarget = "create") -> None:
-        """Queue faults (FIFO per target). Each is consumed by one request of
-        ``target`` (message create by default; ``list`` or ``fetch``), only by one
-        concerning ``to`` when given (the ``To`` field or filter, or the fetched
-        message's recipient)."""
-        self._faults.extend(_QueuedFault(f, to, target) for f in faults)
-
-    @property
-    def pending_faults(self) -> int:
-        """Faults not consumed yet."""
-        return len(self._faults)
-
     def set_final_status(self, to: str, status: str, *, error_code: int | None = None) -> None:
         """Script where messages to ``to`` end: ``delivered`` (default), ``sent``
         (no delivery report), ``undelivered`` or ``failed`` (with ``error_code``)."""
         if status not in _SCRIPTABLE_FINALS:
             raise ValueError(f"final status must be one of {sorted(_SCRIPTABLE_FINALS)}")
         self._final_by_number[to] = _Outcome(status, error_code)
-
-    async def outage(self, on: bool, *, refuse: bool = False) -> None:
-        """Start or end an outage.
-
-        By default every request is answered 503 (error 20503). With
-        ``refuse=True`` the listening socket is closed and open connections are
-        cut, so clients see "connection refused" until the outage ends (the same
-        port is bound again).
-        """
-        refusing = self._outage == "refuse"
-        if on and refuse:
-            if not refusing:
-                if self._site is not None:
-                    await self._site.stop()
-                    self._site = None
-                if self._runner is not None and self._runner.server is not None:
-                    for connection in self._runner.server.connections:
-                        connection.force_close()
-        elif refusing and self._runner is not None:
-            # Leaving the refusing mode (ending the outage or switching to 503s).
-            await self._bind(self.port)
-        self._outage = ("refuse" if refuse else "503") if on else None
-        log.info("twilio_double.outage", on=on, refuse=refuse)
 
     # The timeout parameter is the documented test-helper API (a bounded wait
     # that reports a clear failure), not a substitute for asyncio.timeout.
@@ -785,26 +700,51 @@ class TwilioDouble:
             form=form,
         )
         self.requests.append(record)
-        if self._outage == "refuse":
-            # A keep-alive connection that outlived the listening socket.
-            return self._drop(request)
-        if self._outage == "503":
-            response: web.StreamResponse = _error_response(20503, 503)
-        elif not self._authorized(request):
-            response = _error_response(
-                20003, 401, headers={"WWW-Authenticate": 'Basic realm="Twilio API"'}
-            )
-        else:
+        authorized = self._authorized(request)
+
+        async def proceed() -> web.StreamResponse:
+            if not authorized:
+                return error_response(
+                    20003, 401, headers={"WWW-Authenticate": 'Basic realm="Twilio API"'}
+                )
             try:
-                response = await handler(request)
+                return await handler(request)
             except web.HTTPException as exc:
                 # Unknown routes and methods, answered in Twilio's JSON shape.
-                response = _error_response(20404, exc.status, path=request.path)
-            except _DropConnection:
-                return self._drop(request)
+                return error_response(20404, exc.status, path=request.path)
+
+        response = await self._intercept(self._api_call(request, form, authorized), proceed)
+        if response is None:
+            return self._drop(request)
         record.answered_at = loop.time()
         record.status = response.status
         return response
+
+    async def _intercept(
+        self, call: ApiCall, proceed: Callable[[], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse | None:
+        """The request hook: the answer to ``call``, or ``None`` to close the
+        connection without one (the request stays recorded as unanswered).
+
+        This double answers every request as Twilio would: ``proceed()``
+        handles it (checking the credentials first). A subclass that injects
+        faults overrides this to answer instead, hold the request (waking when
+        the double stops), or drop the connection, before or after
+        ``proceed()``.
+        """
+        return await proceed()
+
+    def _api_call(self, request: web.Request, form: Mapping[str, str], authorized: bool) -> ApiCall:
+        target = request.match_info.route.name
+        if target == "create":
+            return ApiCall("create", form.get("To"), authorized)
+        if target == "list":
+            return ApiCall("list", request.query.get("To"), authorized)
+        if target == "fetch":
+            sid = request.match_info.get("message_sid", "")
+            to = self.message(sid).to if sid in self._index or sid in self._inbound_index else None
+            return ApiCall("fetch", to, authorized)
+        return ApiCall(None, None, authorized)
 
     @staticmethod
     def _drop(request: web.Request) -> web.StreamResponse:
@@ -831,66 +771,17 @@ class TwilioDouble:
 
     def _wrong_account(self, request: web.Request) -> web.Response | None:
         if request.match_info["account_sid"] != self.account_sid:
-            return _error_response(20404, 404, path=request.path)
+            return error_response(20404, 404, path=request.path)
         return None
-
-    def _take_fault(self, to: str | None, target: FaultTarget = "create") -> Fault | None:
-        for position, queued in enumerate(self._faults):
-            if queued.target == target and (queued.to is None or queued.to == to):
-                del self._faults[position]
-                return queued.fault
-        return None
-
-    async def _apply_fault(self, fault: Fault, to: str | None) -> web.Response | None:
-        """The answer a fault imposes, or ``None`` to go on handling the request
-        (after a delay; a drop is up to the caller)."""
-        log.info("twilio_double.fault", kind=fault.kind, status=fault.http_status)
-        if fault.kind == "status":
-            headers: dict[str, str] | None = None
-            if isinstance(fault.retry_after, str):
-                headers = {"Retry-After": fault.retry_after}
-            elif fault.retry_after is not None:
-                headers = {"Retry-After": f"{fault.retry_after:g}"}
-            code = fault.code if fault.code is not None else fault.http_status
-            return _error_response(code, fault.http_status, headers=headers)
-        if fault.kind == "error":
-            code = fault.code if fault.code is not None else fault.http_status
-            return _error_response(code, fault.http_status, to=to or "")
-        if fault.kind in ("delay", "hang"):
-            closing = self._started(self._closing)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(closing.wait(), fault.seconds)
-            if closing.is_set():
-                raise _DropConnection
-        return None
-
-    async def _read_fault(self, target: FaultTarget, to: str | None) -> web.Response | None:
-        """Apply the next queued fault of a list or fetch request, if any."""
-        fault = self._take_fault(to, target)
-        if fault is None:
-            return None
-        if fault.kind == "drop":
-            raise _DropConnection
-        return await self._apply_fault(fault, to)
 
     async def _create(self, request: web.Request) -> web.StreamResponse:
         if (wrong := self._wrong_account(request)) is not None:
             return wrong
         form = await _form(request)
-        to = form.get("To")
-        fault = self._take_fault(to)
-        if fault is not None and fault.kind != "hang" and (
-                answer := await self._apply_fault(fault, to)) is not None:
-            return answer
-
         invalid = self._validate(form)
         if invalid is not None:
             return invalid
         message = self._record_message(form)
-        if fault is not None and fault.kind == "drop":
-            raise _DropConnection
-        if fault is not None and fault.kind == "hang":
-            await self._apply_fault(fault, to)
         return web.json_response(self._message_json(message), status=201)
 
     def _validate(self, form: Mapping[str, str]) -> web.Response | None:
@@ -900,21 +791,21 @@ class TwilioDouble:
         body = form.get("Body")
         validity = form.get("ValidityPeriod")
         if not to:
-            return _error_response(21604, 400)
+            return error_response(21604, 400)
         if not _E164.fullmatch(to):
-            return _error_response(21211, 400, to=to)
+            return error_response(21211, 400, to=to)
         if not sender and not service:
-            return _error_response(21603, 400)
+            return error_response(21603, 400)
         if sender and not (_E164.fullmatch(sender) or _ALPHANUMERIC_SENDER.fullmatch(sender)):
-            return _error_response(21606, 400)
+            return error_response(21606, 400)
         if service and not _SERVICE_SID.fullmatch(service):
-            return _error_response(21701, 400)
+            return error_response(21701, 400)
         if not body:
-            return _error_response(21602, 400)
+            return error_response(21602, 400)
         if len(body) > MAX_BODY_CHARS:
-            return _error_response(21617, 400)
+            return error_response(21617, 400)
         if validity is not None and not (validity.isdigit() and 1 <= int(validity) <= 36000):
-            return _error_response(21624, 400)
+            return error_response(21624, 400)
         return None
 
     def _record_message(
@@ -995,13 +886,9 @@ class TwilioDouble:
             message: SentMessage | None = self.message(request.match_info["message_sid"])
         except KeyError:
             message = None
-        faulted = await self._read_fault("fetch", message.to if message is not None else None)
-        if faulted is not None:
-            return faulted
         if message is None:
-            return _error_response(20404, 404, path=request.path)
-        # Read again: a delay fault may have let the status move on meanwhile.
-        return web.json_response(self._message_json(self.message(message.sid)))
+            return error_response(20404, 404, path=request.path)
+        return web.json_response(self._message_json(message))
 
     async def _list(self, request: web.Request) -> web.StreamResponse:
         if (wrong := self._wrong_account(request)) is not None:
@@ -1025,9 +912,6 @@ class TwilioDouble:
                 },
                 status=400,
             )
-        faulted = await self._read_fault("list", query.get("To"))
-        if faulted is not None:
-            return faulted
         # Twilio clamps rather than rejects out-of-range paging.
         page_size = min(max(page_size, 1), 1000)
         page = max(page, 0)
