@@ -174,6 +174,9 @@ class SmsSection(_Section):
     auth_token_secret: str = "twilio_auth_token"  # noqa: S105 - a credential name
     request_timeout_s: PositiveFloat = 5.0
     max_attempts: int = Field(5, ge=1, le=20)  # per round of retries
+    # Capped full-jitter backoff between the attempts of one round.
+    backoff_initial_s: float = Field(0.2, ge=0, allow_inf_nan=False)
+    backoff_max_s: PositiveFloat = 5.0
     # Twilio down and no fallback: pause between rounds, and give up this long after the press.
     retry_later_s: PositiveFloat = 30.0
     give_up_after_s: PositiveFloat = 1800.0
@@ -194,6 +197,8 @@ class SmsSection(_Section):
     def _one_sender(self) -> SmsSection:
         if bool(self.from_number) == bool(self.messaging_service_sid):
             raise ValueError("set exactly one of from_number or messaging_service_sid")
+        if self.backoff_max_s < self.backoff_initial_s:
+            raise ValueError("backoff_max_s must be >= backoff_initial_s")
         if self.map_url_template and ("{lon}" not in self.map_url_template
                                       or "{lat}" not in self.map_url_template):
             raise ValueError("map_url_template needs {lon} and {lat}")

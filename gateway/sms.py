@@ -27,6 +27,18 @@ request runs under ``asyncio.timeout``. Backoff is capped, full-jitter
 exponential; the sleep and the random source are injected so tests are fast
 and deterministic. A semaphore bounds requests in flight (not sends waiting in
 backoff, which hold no connection).
+
+The sender also owns every other call the gateway makes to the Messages API,
+so that they all share its timeout, its semaphore and its error
+classification: one listing with filters and a bounded number of pages
+(:meth:`TwilioSender.list_messages`, used by :meth:`~TwilioSender.find_sent`
+and by the inbound poller of :mod:`gateway.twilio_poll`), one status fetch
+(:meth:`~TwilioSender.fetch_status`) and a one-attempt answer to an inbound
+message (:meth:`~TwilioSender.send_reply`).
+
+It is built from the validated ``[sms]`` section (:class:`gateway.config.SmsSection`)
+plus the account's secrets (:class:`TwilioAccount`) and the status callback
+URL the wiring derives from ``sms.public_url``.
 """
 
 from __future__ import annotations
@@ -37,6 +49,7 @@ import contextvars
 import json
 import logging
 import random
+import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -55,16 +68,19 @@ from twilio.http.async_http_client import AsyncTwilioHttpClient
 from twilio.rest import Client
 
 from devices.backoff import full_jitter
+from gateway.config import SmsSection
 from gateway.redact import mask_phone
 from gateway.smstext import segments
 
 __all__ = [
     "Attempt",
     "AttemptOutcome",
+    "ListedMessage",
+    "Listing",
     "SendResult",
     "SmsSendError",
+    "TwilioAccount",
     "TwilioSender",
-    "TwilioSettings",
     "segments",
 ]
 
@@ -80,6 +96,7 @@ _RETRY_AFTER_CAP_S: Final = 60.0
 _PAGE_SIZE: Final = 100
 # Reconciliation reads at most this many pages; a miss only costs a duplicate.
 _MAX_RECONCILE_PAGES: Final = 20
+_ACCOUNT_SID = re.compile(r"AC[0-9a-fA-F]{32}")
 
 # twilio-python logs query strings (phone numbers) at INFO through this logger;
 # raising its level keeps numbers out of the logs whatever the root config is.
@@ -91,55 +108,20 @@ _twilio_http_log.setLevel(logging.WARNING)
 
 
 @dataclass(frozen=True, repr=False)
-class TwilioSettings:
-    """Validated, immutable Twilio configuration. ``repr`` masks the auth token.
-
-    ``base_url`` ``None`` means the real Twilio; set it only to reach the local
-    test double. At least one of ``from_number`` and ``messaging_service_sid``
-    is required.
-    """
+class TwilioAccount:
+    """The Twilio account's secrets, checked once. ``repr`` masks the auth token."""
 
     account_sid: str
     auth_token: str
-    from_number: str | None
-    messaging_service_sid: str | None
-    base_url: str | None = None
-    request_timeout_s: float = 5.0
-    max_attempts: int = 5
-    backoff_initial_s: float = 0.2
-    backoff_max_s: float = 5.0
-    concurrency: int = 16
-    status_callback_url: str | None = None
 
     def __post_init__(self) -> None:
-        problems: list[str] = []
-        if not self.account_sid.startswith("AC"):
-            problems.append("account_sid must start with 'AC'")
+        if not _ACCOUNT_SID.fullmatch(self.account_sid):
+            raise ValueError("account_sid must be 'AC' followed by 32 hex digits")
         if not self.auth_token:
-            problems.append("auth_token is empty")
-        if not self.from_number and not self.messaging_service_sid:
-            problems.append("one of from_number or messaging_service_sid is required")
-        if self.request_timeout_s <= 0:
-            problems.append("request_timeout_s must be > 0")
-        if self.max_attempts < 1:
-            problems.append("max_attempts must be >= 1")
-        if self.backoff_initial_s < 0 or self.backoff_max_s < self.backoff_initial_s:
-            problems.append("need 0 <= backoff_initial_s <= backoff_max_s")
-        if self.concurrency < 1:
-            problems.append("concurrency must be >= 1")
-        if problems:
-            raise ValueError("invalid TwilioSettings: " + "; ".join(problems))
+            raise ValueError("auth_token is empty")
 
     def __repr__(self) -> str:
-        return (
-            f"TwilioSettings(account_sid={self.account_sid!r}, auth_token='***', "
-            f"from_number={self.from_number!r}, "
-            f"messaging_service_sid={self.messaging_service_sid!r}, "
-            f"base_url={self.base_url!r}, request_timeout_s={self.request_timeout_s!r}, "
-            f"max_attempts={self.max_attempts!r}, backoff_initial_s={self.backoff_initial_s!r}, "
-            f"backoff_max_s={self.backoff_max_s!r}, concurrency={self.concurrency!r}, "
-            f"status_callback_url={self.status_callback_url!r})"
-        )
+        return f"TwilioAccount(account_sid={self.account_sid!r}, auth_token='***')"
 
 
 @dataclass(frozen=True)
@@ -167,6 +149,34 @@ class Attempt:
     code: int | None
     delay_s: float | None
     error: str | None
+
+
+@dataclass(frozen=True)
+class ListedMessage:
+    """One message of a Messages listing, in either direction.
+
+    ``direction`` is Twilio's: ``inbound`` for a message a person sent to one of
+    our numbers, ``outbound-api``/``outbound-reply`` for ours. ``when`` is
+    Twilio's ``date_sent``, or ``date_created`` while the message has none yet.
+    """
+
+    sid: str
+    to: str
+    from_: str
+    body: str
+    status: str
+    direction: str
+    when: datetime | None
+
+
+@dataclass(frozen=True)
+class Listing:
+    """The messages of one listing, newest first, and how it went: ``pages``
+    requests were made, and ``truncated`` when pages were left unread."""
+
+    messages: tuple[ListedMessage, ...]
+    pages: int
+    truncated: bool
 
 
 class SmsSendError(Exception):
@@ -369,6 +379,7 @@ _CLASSIFIED: Final = (
     TwilioException,  # base of TwilioRestException and TwilioServiceException
     aiohttp.ClientError,
     json.JSONDecodeError,
+    OSError,  # a socket error aiohttp did not wrap: the request may have gone out
 )
 
 
@@ -380,26 +391,40 @@ class TwilioSender:
 
     An async context manager: the aiohttp-based Twilio HTTP client is created on
     entry, inside the running loop, and closed on exit.
+
+    ``sms`` is the validated ``[sms]`` section: sender number or Messaging
+    Service, ``base_url`` (``None`` means the real Twilio; set it only to reach
+    the local test double), request timeout, attempts per send, backoff and
+    concurrency. ``account`` holds the secrets. ``status_callback_url`` is
+    given to Twilio as ``StatusCallback`` of every message (``None``: no
+    delivery reports).
     """
 
     def __init__(
         self,
-        settings: TwilioSettings,
+        sms: SmsSection,
+        account: TwilioAccount,
         *,
+        status_callback_url: str | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rng: random.Random | None = None,
     ) -> None:
-        self._settings = settings
+        self._sms = sms
+        self._account = account
+        self._status_callback_url = status_callback_url
         self._sleep = sleep
         self._rng = rng if rng is not None else random.Random()
         self._http: AsyncTwilioHttpClient | None = None
         self._client: Any = None
         self._semaphore: asyncio.Semaphore | None = None
 
-    @property
-    def settings(self) -> TwilioSettings:
-        """The settings this sender was built with."""
-        return self._settings
+    def __repr__(self) -> str:
+        return (
+            f"TwilioSender({self._account!r}, base_url={self._sms.base_url!r}, "
+            f"from_number={self._sms.from_number!r}, "
+            f"messaging_service_sid={self._sms.messaging_service_sid!r}, "
+            f"status_callback_url={self._status_callback_url!r})"
+        )
 
     @property
     def client(self) -> Any:
@@ -411,31 +436,28 @@ class TwilioSender:
     async def __aenter__(self) -> Self:
         if self._http is not None:
             raise RuntimeError("TwilioSender is already open")
-        settings = self._settings
+        sms, account = self._sms, self._account
         trace = aiohttp.TraceConfig()
         trace.on_request_end.append(_on_request_end)
         http = AsyncTwilioHttpClient(logger=_twilio_http_log, trace_configs=[trace])
         client = Client(
-            settings.account_sid,
-            settings.auth_token,
+            account.account_sid,
+            account.auth_token,
             http_client=http,
-            credential_provider=_BasicCredentials(settings.account_sid, settings.auth_token),
+            credential_provider=_BasicCredentials(account.account_sid, account.auth_token),
         )
-        if settings.base_url is not None:
+        if sms.base_url is not None:
             # URLs are built per request from the domain's base_url. Edge and
             # region (possibly from TWILIO_EDGE/TWILIO_REGION) would rewrite the
             # host name, which must stay the one configured here.
-            client.api.base_url = settings.base_url.rstrip("/")
+            client.api.base_url = sms.base_url.rstrip("/")
             client.edge = None
             client.region = None
         self._http = http
         self._client = client
-        self._semaphore = asyncio.Semaphore(settings.concurrency)
-        log.info(
-            "sms.sender_opened",
-            base_url=settings.base_url or "twilio",
-            concurrency=settings.concurrency,
-        )
+        self._semaphore = asyncio.Semaphore(sms.concurrency)
+        log.info("sms.sender_opened", base_url=sms.base_url or "twilio",
+                 concurrency=sms.concurrency)
         return self
 
     async def __aexit__(
@@ -458,7 +480,7 @@ class TwilioSender:
         _, semaphore = self._open()
         token = _capture.set(capture)
         try:
-            async with semaphore, asyncio.timeout(self._settings.request_timeout_s):
+            async with semaphore, asyncio.timeout(self._sms.request_timeout_s):
                 return await call()
         finally:
             _capture.reset(token)
@@ -466,8 +488,8 @@ class TwilioSender:
     def _backoff(self, number: int, retry_after: float | None) -> float:
         if retry_after is not None:
             return min(retry_after, _RETRY_AFTER_CAP_S)
-        settings = self._settings
-        return full_jitter(number, settings.backoff_initial_s, settings.backoff_max_s, self._rng)
+        sms = self._sms
+        return full_jitter(number, sms.backoff_initial_s, sms.backoff_max_s, self._rng)
 
     async def send(
         self,
@@ -480,18 +502,18 @@ class TwilioSender:
         """Send one SMS, retrying transient failures; return once Twilio accepted it.
 
         ``on_attempt`` is awaited after every HTTP attempt, before any backoff.
-        ``status_callback`` overrides ``settings.status_callback_url``.
+        ``status_callback`` overrides the sender's ``status_callback_url``.
         Raises :class:`SmsSendError` (``permanent`` or ``retryable``, and
         ``outcome_unknown`` when a duplicate may already exist).
         """
         client, _ = self._open()
-        settings = self._settings
-        callback = status_callback or settings.status_callback_url
+        sms = self._sms
+        callback = status_callback or self._status_callback_url
         kwargs: dict[str, Any] = {"to": to, "body": body}
-        if settings.messaging_service_sid:
-            kwargs["messaging_service_sid"] = settings.messaging_service_sid
-        if settings.from_number:
-            kwargs["from_"] = settings.from_number
+        if sms.messaging_service_sid:
+            kwargs["messaging_service_sid"] = sms.messaging_service_sid
+        if sms.from_number:
+            kwargs["from_"] = sms.from_number
         if callback:
             kwargs["status_callback"] = callback
         masked = mask_phone(to)
@@ -514,16 +536,16 @@ class TwilioSender:
             if on_attempt is not None:
                 await on_attempt(attempt)
 
-        for number in range(1, settings.max_attempts + 1):
+        for number in range(1, sms.max_attempts + 1):
             capture = _ResponseCapture()
             try:
                 message = await self._request(
                     lambda: client.messages.create_async(**kwargs), capture
                 )
             except _CLASSIFIED as exc:
-                failure = _classify(exc, capture, settings.request_timeout_s, to)
+                failure = _classify(exc, capture, sms.request_timeout_s, to)
                 unknown_before = any(a.outcome == "unknown" for a in attempts)
-                if failure.kind == "permanent" or number == settings.max_attempts:
+                if failure.kind == "permanent" or number == sms.max_attempts:
                     outcome: AttemptOutcome = "unknown" if failure.kind == "unknown" else "failed"
                     await report(
                         Attempt(number, outcome, failure.status, failure.code, None, failure.error)
@@ -586,12 +608,12 @@ class TwilioSender:
         # max_attempts >= 1 is validated, so the loop always returns or raises.
         raise RuntimeError("unreachable: send loop ended without a result")
 
-    async def _query(self, what: str, call: Callable[[], Awaitable[_T]]) -> _T:
+    async def _query(self, what: str, call: Callable[[], Awaitable[_T]], to: str = "") -> _T:
         capture = _ResponseCapture()
         try:
             return await self._request(call, capture)
         except _CLASSIFIED as exc:
-            failure = _classify(exc, capture, self._settings.request_timeout_s, "")
+            failure = _classify(exc, capture, self._sms.request_timeout_s, to)
             permanent = failure.kind == "permanent"
             raise SmsSendError(
                 f"Twilio {what} failed: {failure.error}",
@@ -602,6 +624,46 @@ class TwilioSender:
                 timed_out=failure.timed_out,
             ) from exc
 
+    async def list_messages(
+        self,
+        *,
+        since: datetime,
+        to: str | None = None,
+        from_: str | None = None,
+        max_pages: int = _MAX_RECONCILE_PAGES,
+    ) -> Listing:
+        """Messages (both directions) sent since ``since``, newest first, to
+        ``to`` and from ``from_`` when given; at most ``max_pages`` requests of
+        100 messages, each under the request timeout.
+
+        ``since`` must be timezone-aware; it is compared with Twilio's clock.
+        Raises :class:`SmsSendError` when a page cannot be read.
+        """
+        client, _ = self._open()
+        if since.tzinfo is None:
+            raise ValueError("since must be timezone-aware")
+        if max_pages < 1:
+            raise ValueError("max_pages must be >= 1")
+        # twilio-python formats the filter with a literal 'Z', so it must be UTC.
+        filters: dict[str, Any] = {"date_sent_after": since.astimezone(UTC)}
+        if to is not None:
+            filters["to"] = to
+        if from_ is not None:
+            filters["from_"] = from_
+        page = await self._query(
+            "list", lambda: client.messages.page_async(page_size=_PAGE_SIZE, **filters)
+        )
+        messages: list[ListedMessage] = []
+        pages = 1
+        while True:
+            messages.extend(_listed(record) for record in page)
+            if not page.next_page_url:
+                return Listing(tuple(messages), pages, truncated=False)
+            if pages >= max_pages:
+                return Listing(tuple(messages), pages, truncated=True)
+            page = await self._query("list", page.next_page_async)
+            pages += 1
+
     async def find_sent(self, to: str, *, since: datetime, marker: str) -> list[tuple[str, str]]:
         """Messages to ``to`` sent since ``since`` whose body contains ``marker``,
         newest first, as ``(sid, status)``.
@@ -611,29 +673,11 @@ class TwilioSender:
         some slack, it is compared with Twilio's clock. Raises
         :class:`SmsSendError` when Twilio cannot be queried.
         """
-        client, _ = self._open()
-        if since.tzinfo is None:
-            raise ValueError("since must be timezone-aware")
-        # twilio-python formats the filter with a literal 'Z', so it must be UTC.
-        since_utc = since.astimezone(UTC)
-        found: list[tuple[str, str]] = []
-        page = await self._query(
-            "list",
-            lambda: client.messages.page_async(
-                to=to, date_sent_after=since_utc, page_size=_PAGE_SIZE
-            ),
-        )
-        pages = 1
-        while page is not None:
-            for record in page:
-                if record.body is not None and marker in record.body:
-                    found.append((str(record.sid), str(record.status)))
-            if pages >= _MAX_RECONCILE_PAGES:
-                log.warning("sms.find_sent_truncated", to=mask_phone(to), requests=pages)
-                break
-            page = await self._query("list", page.next_page_async)
-            pages += 1
-        log.info("sms.find_sent", to=mask_phone(to), found=len(found), requests=pages)
+        listing = await self.list_messages(since=since, to=to, max_pages=_MAX_RECONCILE_PAGES)
+        if listing.truncated:
+            log.warning("sms.find_sent_truncated", to=mask_phone(to), requests=listing.pages)
+        found = [(m.sid, m.status) for m in listing.messages if marker in m.body]
+        log.info("sms.find_sent", to=mask_phone(to), found=len(found), requests=listing.pages)
         return found
 
     async def fetch_status(self, sid: str) -> tuple[str, int | None]:
@@ -645,3 +689,30 @@ class TwilioSender:
         message = await self._query("fetch", lambda: client.messages(sid).fetch_async())
         error_code = int(message.error_code) if message.error_code is not None else None
         return str(message.status), error_code
+
+    async def send_reply(self, to: str, body: str, *, from_number: str) -> str:
+        """Answer an inbound message: ``body`` to ``to`` from our number
+        ``from_number``, in one attempt (a courtesy confirmation: a retry after
+        a lost answer could text the person twice). Returns the message SID.
+
+        Raises :class:`SmsSendError`.
+        """
+        client, _ = self._open()
+        message = await self._query(
+            "reply",
+            lambda: client.messages.create_async(to=to, from_=from_number, body=body),
+            to,
+        )
+        return str(message.sid)
+
+
+def _listed(record: Any) -> ListedMessage:
+    return ListedMessage(
+        sid=str(record.sid or ""),
+        to=str(record.to or ""),
+        from_=str(record.from_ or ""),
+        body=str(record.body or ""),
+        status=str(record.status),
+        direction=str(record.direction),
+        when=record.date_sent or record.date_created,
+    )

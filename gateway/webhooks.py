@@ -1,78 +1,52 @@
-"""Inbound Twilio traffic: staff replies to alarm SMS, and the delivery status of ours.
+"""Twilio's webhooks: staff replies to alarm SMS, and the delivery status of ours.
 
-Theory of operation
--------------------
-A staff member who receives an alarm SMS answers it, e.g. ``K7QM-3XRD 1`` or
-just ``收到``, and Twilio reports every status change of every message we send.
-Both reach the gateway one of two ways:
+Twilio POSTs a form to ``<public_url>/twilio/inbound`` (a message came in) and
+``<public_url>/twilio/status`` (the ``StatusCallback`` of our messages). The
+routes of :class:`TwilioWebhooks` are mounted on the gateway's control server.
+Every request must carry a valid ``X-Twilio-Signature`` (an HMAC of the public
+URL and the form, keyed with the auth token): a public URL can be reached by
+anybody, and an unsigned "1" must never acknowledge an alarm. A forged request
+is refused with 403 before any callback runs. The answer to an inbound message
+is TwiML; Twilio sends its ``<Message>`` back to the sender.
 
-* **Webhooks** (:class:`TwilioWebhooks`). Twilio POSTs a form to
-  ``<public_url>/twilio/inbound`` (a message came in) and
-  ``<public_url>/twilio/status`` (the ``StatusCallback`` of our messages). The
-  routes are mounted on the gateway's control server. Every request must carry
-  a valid ``X-Twilio-Signature`` (an HMAC of the public URL and the form, keyed
-  with the auth token): a public URL can be reached by anybody, and an unsigned
-  "1" must never acknowledge an alarm. A forged request is refused with 403
-  before any callback runs. The answer to an inbound message is TwiML; Twilio
-  sends its ``<Message>`` back to the sender.
-* **Polling**, for a center behind NAT that Twilio cannot reach:
-  :class:`InboundPoller` reads the Messages list every few seconds for inbound
-  messages to our numbers (de-duplicated by SID, oldest first, each API call
-  under its own timeout, backing off on errors), and :class:`StatusPoller`
-  fetches the messages whose final status is still unknown.
-
-Replies are parsed by :func:`parse_reply` (pure, never raises) into an alarm
-reference, if the text holds one, and an intent. What a reply *means* (which
-alarm, whether this sender may take it) is the ``on_reply`` callback's
-decision, not this module's: a reference found here is only syntactically
-valid.
+A center behind NAT, which Twilio cannot reach, polls instead
+(:mod:`gateway.twilio_poll`). Either way replies are parsed by
+:func:`gateway.replies.parse_reply`.
 """
 
 from __future__ import annotations
 
-import asyncio
-import random
 import re
 import time
-import unicodedata
-from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from typing import Any, Final, Literal
+from collections.abc import Callable
+from typing import Final
 from urllib.parse import parse_qsl, urlsplit
 from xml.sax.saxutils import escape
 
-import aiohttp
 import structlog
 from aiohttp import web
 from multidict import MultiDict
-from twilio.base.exceptions import TwilioException
 from twilio.request_validator import RequestValidator
-from twilio.rest import Client
 
-from devices.backoff import Backoff
 from gateway.redact import mask_phone
+from gateway.replies import (
+    MAX_REPLY_CHARS,
+    InboundReply,
+    ReplyHandler,
+    StatusHandler,
+    StatusUpdate,
+    is_e164,
+)
 
 __all__ = [
     "INBOUND_PATH",
-    "MAX_REPLY_CHARS",
     "MAX_WEBHOOK_BODY",
     "STATUS_PATH",
-    "InboundPoller",
-    "InboundReply",
-    "Intent",
-    "ReplyHandler",
-    "StatusHandler",
-    "StatusPoller",
-    "StatusUpdate",
     "TwilioWebhooks",
-    "parse_reply",
     "twiml_response",
 ]
 
 log = structlog.get_logger(__name__)
-
-Intent = Literal["ack", "decline", "unknown"]
 
 #: Route of Twilio's "a message comes in" webhook, below the public URL.
 INBOUND_PATH: Final = "/twilio/inbound"
@@ -81,196 +55,15 @@ STATUS_PATH: Final = "/twilio/status"
 #: Largest webhook body accepted. A 1,600-character Chinese reply is about 15 KB
 #: once form-encoded; the rest is headroom, not an invitation.
 MAX_WEBHOOK_BODY: Final = 64 * 1024
-#: Twilio refuses longer message bodies (error 21617).
-MAX_REPLY_CHARS: Final = 1600
 
 _MAX_FORM_FIELDS: Final = 200
 _SIGNATURE_HEADER: Final = "X-Twilio-Signature"
 # Present when a Twilio Webhook Rule signs with a SharedKey instead of the
 # account auth token: "key=<id>,algorithm=HMAC_SHA256".
 _SIGNATURE_SETTINGS_HEADER: Final = "X-Twilio-Webhooks-Signature-Settings"
-_E164 = re.compile(r"\+[1-9][0-9]{1,14}")
 # Characters XML 1.0 cannot carry at all, even escaped.
 _XML_INVALID = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 _TWIML_HEAD: Final = '<?xml version="1.0" encoding="UTF-8"?>'
-
-ReplyHandler = Callable[["InboundReply"], Awaitable[str | None]]
-StatusHandler = Callable[["StatusUpdate"], Awaitable[None]]
-
-
-# ----------------------------------------------------------------------------- values
-
-
-@dataclass(frozen=True)
-class InboundReply:
-    """One SMS a person sent to one of our numbers.
-
-    ``from_phone`` is the sender (E.164), ``to_phone`` our number.
-    ``alarm_ref`` is the reference found in the text (``"K7QM-3XRD"``), not yet
-    checked against the journal. ``received_at`` is wall-clock seconds.
-    """
-
-    message_sid: str
-    from_phone: str
-    to_phone: str
-    body: str
-    alarm_ref: str | None
-    intent: Intent
-    received_at: float
-
-
-@dataclass(frozen=True)
-class StatusUpdate:
-    """A status of one of our outgoing messages (``queued``, ``sent``,
-    ``delivered``, ``undelivered``, ``failed``, ...) and its Twilio error code."""
-
-    message_sid: str
-    status: str
-    error_code: int | None
-    to_phone: str | None
-
-
-# ----------------------------------------------------------------------------- parsing
-
-# Crockford base32 plus I, L and O, which Crockford reads as 1, 1 and 0; never U.
-_REF_CHAR = "[0-9A-TV-Z]"
-_REF_START = "(?<![0-9A-Z])"
-# A reference may be followed directly by the intent digit: "K7QM-3XRD1".
-_REF_END = "(?=[12]?(?![0-9A-Z]))"
-_DASHES = "-‐‑‒–—―−_.·・~"
-_FLAGS = re.ASCII | re.IGNORECASE
-_REF_DASHED = re.compile(
-    rf"{_REF_START}({_REF_CHAR}{{4}}) ?[{re.escape(_DASHES)}]{{1,2}} ?({_REF_CHAR}{{4}}){_REF_END}",
-    _FLAGS,
-)
-_REF_GLUED = re.compile(rf"{_REF_START}({_REF_CHAR}{{4}})({_REF_CHAR}{{4}}){_REF_END}", _FLAGS)
-_REF_SPACED = re.compile(rf"{_REF_START}({_REF_CHAR}{{4}}) ({_REF_CHAR}{{4}}){_REF_END}", _FLAGS)
-_CROCKFORD_READING = str.maketrans("ILO", "110")
-_ASCII_DIGIT = re.compile("[0-9]")
-_ASCII_LETTER = re.compile("[A-Za-z]")
-
-_ACK_WORDS: Final = frozenset({"1", "ok", "okay", "yes", "y", "sure"})
-_DECLINE_WORDS: Final = frozenset({"2", "no", "n", "nope", "busy"})
-# English phrases are folded into one of the words above before splitting.
-_DECLINE_PHRASES = re.compile(r"\b(?:can ?not|can[’']t|unable|not available)\b")
-_ACK_PHRASES = re.compile(r"\b(?:no problem|on my way|omw)\b")
-_FILLERS: Final = ("回复", "编号", "单号")
-_DECLINE_PREFIXES: Final = ("不",)
-# Checked before the acknowledgements: "我去不了" holds "我去" but declines.
-_DECLINE_INFIXES: Final = (
-    "不了", "不行", "不能", "不去", "不到", "不方便", "没空", "没时间", "没法", "没办法",
-)  # fmt: skip
-_ACK_INFIXES: Final = ("收到", "好的", "我去", "接单", "确认", "马上", "没问题", "在路上", "出发")
-# One-character answers count only alone or repeated ("好", "嗯嗯"), with
-# trailing particles ("好吧", "到了"): "到时候再说" is not an acknowledgement.
-_ACK_SINGLE: Final = frozenset("好到接行嗯👍👌✅🆗🙆")
-_DECLINE_SINGLE: Final = frozenset("不❌🙅")
-_PARTICLES: Final = "了的啦吧啊呀嘞哒滴哈"
-_ASCII_WORD = re.compile("[a-z0-9]+")
-
-
-def _normalise(text: str) -> str:
-    # NFKC folds full-width letters, digits and punctuation ("ＫＱ７Ｍ－１") and
-    # circled digits to ASCII; whitespace of any script becomes one space.
-    return re.sub(r"\s+", " ", unicodedata.normalize("NFKC", text))
-
-
-def _plausible(raw: str, *, need_digit: bool) -> bool:
-    # An all-digit group is a phone number or a date, not a random reference;
-    # without a dash, a digit also rules out two English words ("GOOD NEWS").
-    if _ASCII_LETTER.search(raw) is None:
-        return False
-    return not need_digit or _ASCII_DIGIT.search(raw) is not None
-
-
-def _find_ref(text: str) -> tuple[str | None, str]:
-    """The first alarm reference in ``text`` and the text without it."""
-    for pattern, need_digit in ((_REF_DASHED, False), (_REF_GLUED, True), (_REF_SPACED, True)):
-        for match in pattern.finditer(text):
-            first, second = match.group(1), match.group(2)
-            if _plausible(first + second, need_digit=need_digit):
-                ref = f"{first}-{second}".upper().translate(_CROCKFORD_READING)
-                return ref, f"{text[: match.start()]} {text[match.end() :]}"
-    return None, text
-
-
-def _is_separator(char: str) -> bool:
-    category = unicodedata.category(char)
-    return category[0] in "PZC" or category in ("Sm", "Sk", "Sc")
-
-
-def _clauses(text: str) -> list[str]:
-    clauses: list[str] = []
-    current: list[str] = []
-    for char in text:
-        if unicodedata.category(char) in ("Mn", "Me"):
-            continue  # emoji variation selectors, combining marks
-        if _is_separator(char):
-            if current:
-                clauses.append("".join(current))
-                current = []
-        else:
-            current.append(char)
-    if current:
-        clauses.append("".join(current))
-    return clauses
-
-
-def _clause_intent(clause: str) -> Intent | None:
-    for filler in _FILLERS:
-        clause = clause.removeprefix(filler)
-    if not clause:
-        return None
-    head = _ASCII_WORD.match(clause)
-    if head is not None:
-        if head.group() in _ACK_WORDS:
-            return "ack"
-        if head.group() in _DECLINE_WORDS:
-            return "decline"
-    if clause.startswith(_DECLINE_PREFIXES) or any(w in clause for w in _DECLINE_INFIXES):
-        return "decline"
-    if any(word in clause for word in _ACK_INFIXES):
-        return "ack"
-    if head is not None:
-        return None  # "10分钟" is a number of minutes, not an answer
-    core = clause.rstrip(_PARTICLES)
-    if core and all(char in _ACK_SINGLE for char in core):
-        return "ack"
-    if core and all(char in _DECLINE_SINGLE for char in core):
-        return "decline"
-    return None
-
-
-def _intent(text: str) -> Intent:
-    folded = _DECLINE_PHRASES.sub(" no ", text.casefold())
-    folded = _ACK_PHRASES.sub(" ok ", folded)
-    # The first clause that says something decides: "王强，收到" acknowledges,
-    # "收到，不过要二十分钟" too.
-    for clause in _clauses(folded):
-        intent = _clause_intent(clause)
-        if intent is not None:
-            return intent
-    return "unknown"
-
-
-def parse_reply(body: str) -> tuple[str | None, Intent]:
-    """The alarm reference and the intent of an SMS reply; never raises.
-
-    The reference is four and four Crockford base32 characters, found
-    case-insensitively in full- or half-width text, with a dash (or a dash-like
-    character), nothing, or a space between the halves; I and L read as 1 and O
-    as 0. It is returned as ``"K7QM-3XRD"``, or ``None``. Digits alone
-    (``0531-8888``) read as a phone number or a date, not a reference, and
-    without a dash the halves must mix letters and digits, so that two English
-    words ("GOOD NEWS") are not taken for one; the first reference wins.
-
-    The intent is ``"ack"`` ("1", "ok", "yes", "y", "好", "好的", "收到", "到",
-    "我去", "接", "接单", "确认", ...), ``"decline"`` ("2", "no", "n", "不",
-    "不行", "去不了", "没空", ...) or ``"unknown"``.
-    """
-    text = _normalise(body)
-    ref, rest = _find_ref(text)
-    return ref, _intent(rest)
 
 
 def twiml_response(message: str | None) -> str:
@@ -299,14 +92,6 @@ def _signature_algorithm(settings: str) -> str:
 
 
 # ----------------------------------------------------------------------------- webhooks
-
-
-def _reply(event: str, sid: str, sender: str, to: str, body: str, at: float) -> InboundReply:
-    """Parse and log one inbound message, however it reached us (webhook or polling)."""
-    ref, intent = parse_reply(body)
-    log.info(event, sid=sid, sender=mask_phone(sender), alarm_ref=ref, intent=intent,
-             chars=len(body))
-    return InboundReply(sid, sender, to, body, ref, intent, at)
 
 
 class TwilioWebhooks:
@@ -442,13 +227,14 @@ class TwilioWebhooks:
         to = form.get("To", "").strip()
         if not sid or not sender or not to:
             raise self._reject(request, 400, "MessageSid, From and To are required")
-        if not _E164.fullmatch(sender):
+        if not is_e164(sender):
             # A short code or an alphanumeric sender (a carrier notice) is nobody
             # who can take an alarm; Twilio gets an empty answer.
             log.warning("webhook.inbound_sender_not_e164", sid=sid, sender=mask_phone(sender))
             return _twiml(None)
-        body = form.get("Body", "")
-        reply = _reply("webhook.inbound", sid, sender, to, body, self._clock())
+        reply = InboundReply.read(sid, sender, to, form.get("Body", ""), self._clock())
+        log.info("webhook.inbound", sid=sid, sender=mask_phone(sender),
+                 alarm_ref=reply.alarm_ref, intent=reply.intent, chars=len(reply.body))
         ref = reply.alarm_ref
         try:
             answer = await self._on_reply(reply)
@@ -482,256 +268,3 @@ class TwilioWebhooks:
 
 def _twiml(message: str | None) -> web.Response:
     return web.Response(text=twiml_response(message), content_type="text/xml", charset="utf-8")
-
-
-# ----------------------------------------------------------------------------- polling
-
-# What a Twilio API call can fail with: error answers, transport errors, our
-# own timeout, unparsable answers (json.JSONDecodeError is a ValueError).
-_API_ERRORS: Final = (TwilioException, aiohttp.ClientError, TimeoutError, OSError, ValueError)
-_MAX_PAGES: Final = 50
-_PAGE_SIZE: Final = 100
-
-
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
-
-
-class InboundPoller:
-    """Reads inbound messages to ``our_numbers`` from Twilio's REST API, for a
-    center that cannot receive webhooks.
-
-    ``client`` is an async-capable twilio-python ``Client`` (e.g.
-    ``TwilioSender.client``). Each poll lists the messages sent to each of our
-    numbers since the watermark :attr:`since` (less ``overlap_s``, for Twilio's
-    indexing delay), skips the SIDs in :attr:`seen`, and calls ``on_reply`` for
-    each new one, oldest first. The text ``on_reply`` returns is texted back to
-    the sender from the number it wrote to (as TwiML does for webhooks) unless
-    ``send_replies`` is false. Nothing is persisted here: the daemon may save
-    :attr:`since` and :attr:`seen` and pass them back after a restart. Without
-    them, polling starts at ``clock()`` less ``overlap_s``: older messages are
-    not replayed, and a local clock ahead of Twilio's by more than ``overlap_s``
-    would skip the replies of that first moment, so a restarted daemon should
-    pass ``since`` (e.g. when it texted the oldest open alarm). The watermark
-    then only moves with Twilio's own timestamps, never with the local clock.
-
-    A failing ``on_reply`` is retried on the next polls, up to
-    ``max_handler_attempts`` calls, then the message is given up (logged).
-    """
-
-    def __init__(
-        self,
-        client: Client,
-        *,
-        our_numbers: Sequence[str],
-        on_reply: ReplyHandler,
-        interval_s: float = 5.0,
-        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-        clock: Callable[[], float] = time.time,
-        since: datetime | None = None,
-        seen: Iterable[str] = (),
-        request_timeout_s: float = 10.0,
-        overlap_s: float = 120.0,
-        max_backoff_s: float = 60.0,
-        send_replies: bool = True,
-        max_handler_attempts: int = 3,
-        rng: random.Random | None = None,
-    ) -> None:
-        if not our_numbers:
-            raise ValueError("our_numbers is empty")
-        if interval_s <= 0 or request_timeout_s <= 0 or overlap_s < 0:
-            raise ValueError("need interval_s > 0, request_timeout_s > 0, overlap_s >= 0")
-        if max_handler_attempts < 1:
-            raise ValueError("max_handler_attempts must be >= 1")
-        if since is not None and since.tzinfo is None:
-            raise ValueError("since must be timezone-aware")
-        self._client = client
-        self._numbers = tuple(dict.fromkeys(our_numbers))
-        self._on_reply = on_reply
-        self._interval = interval_s
-        self._sleep = sleep
-        self._clock = clock
-        self._timeout = request_timeout_s
-        self._overlap = timedelta(seconds=overlap_s)
-        self._send_replies = send_replies
-        self._max_attempts = max_handler_attempts
-        self._backoff = Backoff(interval_s, max(max_backoff_s, interval_s), rng)
-        self._since = (
-            since.astimezone(UTC) if since is not None else datetime.fromtimestamp(clock(), UTC)
-        )
-        # SID -> Twilio's date of the message; None for SIDs restored by the
-        # caller, until a listing shows them (or shows they are too old).
-        self._seen: dict[str, datetime | None] = dict.fromkeys(seen)
-        self._failures: dict[str, int] = {}
-
-    @property
-    def since(self) -> datetime:
-        """The watermark (UTC): the newest Twilio date of a message listed so far."""
-        return self._since
-
-    @property
-    def seen(self) -> frozenset[str]:
-        """SIDs already handled that a coming poll could still list."""
-        return frozenset(self._seen)
-
-    async def run(self) -> None:
-        """Poll until cancelled. API errors are logged and backed off (capped,
-        jittered); nothing but cancellation ends the loop."""
-        log.info("inbound_poll.started", numbers=len(self._numbers), interval_s=self._interval)
-        while True:
-            try:
-                await self.poll_once()
-            except _API_ERRORS as exc:
-                delay = self._backoff.next_delay()
-                log.warning(
-                    "inbound_poll.failed",
-                    error=_describe(exc),
-                    failures=self._backoff.failures,
-                    retry_in_s=round(delay, 3),
-                )
-            else:
-                self._backoff.reset()
-                delay = self._interval
-            await self._sleep(delay)
-
-    async def poll_once(self) -> list[InboundReply]:
-        """One poll of every number; the replies handed to ``on_reply``.
-
-        Raises the API's error (``TwilioException``, ``aiohttp.ClientError``,
-        ``TimeoutError``, ...) when a listing fails; the watermark then stays.
-        """
-        floor = self._since - self._overlap
-        records: list[Any] = []
-        for number in self._numbers:
-            # Twilio lists newest first; reversed, messages of the same second
-            # stay in the order they arrived.
-            records.extend(reversed(await self._list(number, floor)))
-        newest = self._since
-        fresh: list[tuple[datetime, str, Any]] = []
-        for record in records:
-            when = record.date_sent or record.date_created
-            sid = record.sid
-            if not sid or when is None or record.direction != "inbound" or when < floor:
-                continue
-            newest = max(newest, when)
-            if sid in self._seen:
-                self._seen[sid] = when
-            else:
-                fresh.append((when, str(sid), record))
-        handled: list[InboundReply] = []
-        # Stable: equal dates keep the arrival order established above.
-        for when, sid, record in sorted(fresh, key=lambda item: item[0]):
-            reply = await self._handle(sid, when, record)
-            if reply is not None:
-                handled.append(reply)
-        self._since = newest
-        self._prune()
-        return handled
-
-    async def _list(self, number: str, floor: datetime) -> list[Any]:
-        async with asyncio.timeout(self._timeout):
-            page = await self._client.messages.page_async(
-                to=number, date_sent_after=floor, page_size=_PAGE_SIZE
-            )
-        records: list[Any] = []
-        pages = 1
-        while page is not None:
-            records.extend(page)
-            if pages >= _MAX_PAGES:
-                log.warning("inbound_poll.truncated", to=mask_phone(number), pages=pages)
-                break
-            async with asyncio.timeout(self._timeout):
-                page = await page.next_page_async()
-            pages += 1
-        return records
-
-    def _prune(self) -> None:
-        floor = self._since - self._overlap
-        # Listings never return anything older than the floor again, and a
-        # restored SID absent from a complete listing is outside its window.
-        self._seen = {sid: when for sid, when in self._seen.items() if when and when >= floor}
-        self._failures = {sid: n for sid, n in self._failures.items() if sid not in self._seen}
-
-    async def _handle(self, sid: str, when: datetime, record: Any) -> InboundReply | None:
-        sender = str(record.from_ or "")
-        to = str(record.to or "")
-        if not _E164.fullmatch(sender) or not to:
-            log.warning("inbound_poll.sender_not_e164", sid=sid, sender=mask_phone(sender))
-            self._seen[sid] = when
-            return None
-        body = str(record.body or "")
-        reply = _reply("inbound_poll.reply", sid, sender, to, body, when.timestamp())
-        try:
-            answer = await self._on_reply(reply)
-        # The callback is the daemon's code: whatever it raises must not stop
-        # the intake of the replies behind this one.
-        except Exception:
-            attempts = self._failures.get(sid, 0) + 1
-            self._failures[sid] = attempts
-            if attempts < self._max_attempts:
-                log.exception("inbound_poll.handler_failed", sid=sid, attempt=attempts)
-                return None
-            log.exception("inbound_poll.handler_gave_up", sid=sid, attempts=attempts)
-            self._seen[sid] = when
-            return None
-        self._seen[sid] = when
-        self._failures.pop(sid, None)
-        if answer and self._send_replies:
-            await self._send_answer(reply, answer)
-        return reply
-
-    async def _send_answer(self, reply: InboundReply, answer: str) -> None:
-        # One attempt only: this is a courtesy confirmation, and a retry after
-        # a lost answer could text the sender twice.
-        try:
-            async with asyncio.timeout(self._timeout):
-                message = await self._client.messages.create_async(
-                    to=reply.from_phone, from_=reply.to_phone, body=answer[:MAX_REPLY_CHARS]
-                )
-        except _API_ERRORS as exc:
-            log.warning("inbound_poll.answer_failed", sid=reply.message_sid, error=_describe(exc))
-            return
-        log.info("inbound_poll.answered", sid=reply.message_sid, answer_sid=str(message.sid))
-
-
-class StatusPoller:
-    """Fetches the current status of our messages, for a center that no status
-    callback can reach. ``client`` is an async-capable twilio-python ``Client``."""
-
-    def __init__(
-        self, client: Client, *, request_timeout_s: float = 10.0, concurrency: int = 4
-    ) -> None:
-        if request_timeout_s <= 0 or concurrency < 1:
-            raise ValueError("need request_timeout_s > 0 and concurrency >= 1")
-        self._client = client
-        self._timeout = request_timeout_s
-        self._concurrency = concurrency
-
-    async def poll_once(self, sids: Iterable[str]) -> list[StatusUpdate]:
-        """The current status of each message in ``sids`` (in that order, each
-        once). A message that cannot be fetched now (API error, timeout, unknown
-        SID) is logged and left out; ask again on the next round."""
-        unique = list(dict.fromkeys(sids))
-        semaphore = asyncio.Semaphore(self._concurrency)
-
-        async def fetch(sid: str) -> StatusUpdate | None:
-            try:
-                async with semaphore, asyncio.timeout(self._timeout):
-                    message = await self._client.messages(sid).fetch_async()
-            except _API_ERRORS as exc:
-                log.warning("status_poll.fetch_failed", sid=sid, error=_describe(exc))
-                return None
-            error_code = message.error_code
-            to = message.to
-            return StatusUpdate(
-                str(message.sid or sid),
-                str(message.status),
-                int(error_code) if error_code is not None else None,
-                str(to) if to else None,
-            )
-
-        async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(fetch(sid), name=f"status_poll.{sid}") for sid in unique]
-        updates = [update for task in tasks if (update := task.result()) is not None]
-        log.info("status_poll.done", asked=len(unique), answered=len(updates))
-        return updates

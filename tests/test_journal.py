@@ -189,7 +189,7 @@ def test_alarm_ids_are_short_unambiguous_and_distinct() -> None:
 
 
 def test_alarm_ids_always_contain_a_letter_so_replies_can_quote_them() -> None:
-    from gateway.webhooks import parse_reply
+    from gateway.replies import parse_reply
 
     for _ in range(20_000):
         alarm_id = new_alarm_id()

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator
-from dataclasses import replace
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from typing import Any
@@ -18,19 +17,22 @@ from zoneinfo import ZoneInfo
 
 import pytest
 from aiohttp import web
+from pydantic import ValidationError
 from structlog.testing import capture_logs
 from twilio.request_validator import RequestValidator
 
+from gateway.config import SmsSection
 from gateway.redact import mask_phone
-from gateway.sandbox.twilio_double import Fault, TwilioDouble
+from gateway.sandbox.twilio_double import TwilioDouble
 from gateway.sms import (
     Attempt,
     SendResult,
     SmsSendError,
+    TwilioAccount,
     TwilioSender,
-    TwilioSettings,
     segments,
 )
+from tests.support.twilio_faults import Fault, FaultyTwilioDouble
 
 SENDER = "+15005550006"
 ELDER_SON = "+8613800000001"
@@ -69,24 +71,36 @@ class AttemptLog:
 
 
 @pytest.fixture
-async def double() -> AsyncIterator[TwilioDouble]:
-    async with TwilioDouble(sent_delay=None, delivered_delay=None) as d:
+async def double() -> AsyncIterator[FaultyTwilioDouble]:
+    async with FaultyTwilioDouble(sent_delay=None, delivered_delay=None) as d:
         yield d
 
 
-def settings_for(double: TwilioDouble, **overrides: Any) -> TwilioSettings:
-    base = TwilioSettings(
-        account_sid=double.account_sid,
-        auth_token=double.auth_token,
-        from_number=SENDER,
-        messaging_service_sid=None,
-        base_url=double.base_url,
-        request_timeout_s=2.0,
-        max_attempts=5,
-        backoff_initial_s=0.2,
-        backoff_max_s=5.0,
+def sender_for(
+    double: FaultyTwilioDouble,
+    *,
+    auth_token: str | None = None,
+    status_callback_url: str | None = None,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    rng: random.Random | None = None,
+    **sms: Any,
+) -> TwilioSender:
+    """A sender for ``double`` from an ``[sms]`` section as the config validates it."""
+    section = SmsSection.model_validate(
+        {
+            "from_number": SENDER,
+            "base_url": double.base_url,
+            "request_timeout_s": 2.0,
+            "max_attempts": 5,
+            "backoff_initial_s": 0.2,
+            "backoff_max_s": 5.0,
+            **sms,
+        }
     )
-    return replace(base, **overrides)
+    account = TwilioAccount(double.account_sid, auth_token or double.auth_token)
+    return TwilioSender(
+        section, account, status_callback_url=status_callback_url, sleep=sleep, rng=rng
+    )
 
 
 @pytest.fixture
@@ -100,8 +114,8 @@ def log() -> AttemptLog:
 
 
 @pytest.fixture
-async def sender(double: TwilioDouble, sleep: RecordingSleep) -> AsyncIterator[TwilioSender]:
-    async with TwilioSender(settings_for(double), sleep=sleep, rng=random.Random(7)) as s:
+async def sender(double: FaultyTwilioDouble, sleep: RecordingSleep) -> AsyncIterator[TwilioSender]:
+    async with sender_for(double, sleep=sleep, rng=random.Random(7)) as s:
         yield s
 
 
@@ -110,7 +124,7 @@ async def sender(double: TwilioDouble, sleep: RecordingSleep) -> AsyncIterator[T
 
 @integration
 async def test_send_returns_the_accepted_message(
-    double: TwilioDouble, sender: TwilioSender, log: AttemptLog, sleep: RecordingSleep
+    double: FaultyTwilioDouble, sender: TwilioSender, log: AttemptLog, sleep: RecordingSleep
 ) -> None:
     result = await sender.send(ELDER_SON, ALARM_TEXT, on_attempt=log)
 
@@ -129,10 +143,9 @@ async def test_send_returns_the_accepted_message(
 
 
 @integration
-async def test_send_through_a_messaging_service(double: TwilioDouble) -> None:
+async def test_send_through_a_messaging_service(double: FaultyTwilioDouble) -> None:
     service = "MG" + "ab" * 16
-    settings = settings_for(double, from_number=None, messaging_service_sid=service)
-    async with TwilioSender(settings) as s:
+    async with sender_for(double, from_number=None, messaging_service_sid=service) as s:
         await s.send(ELDER_SON, "hi")
 
     [message] = double.messages
@@ -142,10 +155,9 @@ async def test_send_through_a_messaging_service(double: TwilioDouble) -> None:
 
 @integration
 async def test_wrong_auth_token_is_a_permanent_failure(
-    double: TwilioDouble, sleep: RecordingSleep, log: AttemptLog
+    double: FaultyTwilioDouble, sleep: RecordingSleep, log: AttemptLog
 ) -> None:
-    settings = settings_for(double, auth_token="not-the-token")
-    async with TwilioSender(settings, sleep=sleep) as s:
+    async with sender_for(double, auth_token="not-the-token", sleep=sleep) as s:
         with pytest.raises(SmsSendError) as caught:
             await s.send(ELDER_SON, "x", on_attempt=log)
 
@@ -165,7 +177,7 @@ async def test_wrong_auth_token_is_a_permanent_failure(
 
 @integration
 async def test_concurrent_sends_overlap_at_twilio(
-    double: TwilioDouble, sender: TwilioSender
+    double: FaultyTwilioDouble, sender: TwilioSender
 ) -> None:
     # Each answer is held, so every request must have arrived before any answer
     # if (and only if) the sends really run concurrently.
@@ -181,9 +193,9 @@ async def test_concurrent_sends_overlap_at_twilio(
 
 
 @integration
-async def test_concurrency_is_bounded_by_the_semaphore(double: TwilioDouble) -> None:
+async def test_concurrency_is_bounded_by_the_semaphore(double: FaultyTwilioDouble) -> None:
     double.inject(*[Fault.delay(0.3)] * 4)
-    async with TwilioSender(settings_for(double, concurrency=2)) as s:
+    async with sender_for(double, concurrency=2) as s:
         await asyncio.gather(*(s.send(ELDER_SON, f"alarm {n}") for n in range(4)))
 
     spans = [(r.arrived_at, r.answered_at) for r in double.requests]
@@ -198,7 +210,7 @@ async def test_concurrency_is_bounded_by_the_semaphore(double: TwilioDouble) -> 
 
 @integration
 async def test_429_with_retry_after_then_success(
-    double: TwilioDouble, sender: TwilioSender, sleep: RecordingSleep, log: AttemptLog
+    double: FaultyTwilioDouble, sender: TwilioSender, sleep: RecordingSleep, log: AttemptLog
 ) -> None:
     double.inject(Fault.status(429, code=20429, retry_after=1))
     result = await sender.send(ELDER_SON, "x", on_attempt=log)
@@ -213,7 +225,7 @@ async def test_429_with_retry_after_then_success(
 
 @integration
 async def test_retry_after_as_http_date_and_its_cap(
-    double: TwilioDouble, sender: TwilioSender, sleep: RecordingSleep
+    double: FaultyTwilioDouble, sender: TwilioSender, sleep: RecordingSleep
 ) -> None:
     in_30s = format_datetime(datetime.now(UTC) + timedelta(seconds=30), usegmt=True)
     double.inject(Fault.status(429, retry_after=in_30s), Fault.status(429, retry_after=600))
@@ -227,7 +239,7 @@ async def test_retry_after_as_http_date_and_its_cap(
 
 @integration
 async def test_429_without_retry_after_uses_backoff(
-    double: TwilioDouble, sender: TwilioSender, sleep: RecordingSleep
+    double: FaultyTwilioDouble, sender: TwilioSender, sleep: RecordingSleep
 ) -> None:
     double.inject(Fault.status(429))
     await sender.send(ELDER_SON, "x")
@@ -238,7 +250,7 @@ async def test_429_without_retry_after_uses_backoff(
 
 @integration
 async def test_500_then_success_sends_one_message(
-    double: TwilioDouble, sender: TwilioSender, sleep: RecordingSleep, log: AttemptLog
+    double: FaultyTwilioDouble, sender: TwilioSender, sleep: RecordingSleep, log: AttemptLog
 ) -> None:
     double.inject(Fault.status(500))
     result = await sender.send(ELDER_SON, "x", on_attempt=log)
@@ -257,7 +269,11 @@ async def test_500_then_success_sends_one_message(
 @integration
 @pytest.mark.parametrize("code", [21211, 21610, 21408, 21614, 21612])
 async def test_permanent_errors_are_not_retried(
-    double: TwilioDouble, sender: TwilioSender, sleep: RecordingSleep, log: AttemptLog, code: int
+    double: FaultyTwilioDouble,
+    sender: TwilioSender,
+    sleep: RecordingSleep,
+    log: AttemptLog,
+    code: int,
 ) -> None:
     double.inject(Fault.error(code=code))
     with pytest.raises(SmsSendError) as caught:
@@ -274,7 +290,7 @@ async def test_permanent_errors_are_not_retried(
 
 @integration
 async def test_invalid_number_rejected_by_twilio_is_permanent_and_not_logged_in_full(
-    double: TwilioDouble, sender: TwilioSender, log: AttemptLog
+    double: FaultyTwilioDouble, sender: TwilioSender, log: AttemptLog
 ) -> None:
     bad = "8613800000001"  # missing '+': Twilio answers 21211 and echoes the number
     with capture_logs() as logs, pytest.raises(SmsSendError) as caught:
@@ -289,7 +305,7 @@ async def test_invalid_number_rejected_by_twilio_is_permanent_and_not_logged_in_
 
 @integration
 async def test_dropped_answer_is_unknown_then_retried_and_found_by_marker(
-    double: TwilioDouble, sender: TwilioSender, log: AttemptLog
+    double: FaultyTwilioDouble, sender: TwilioSender, log: AttemptLog
 ) -> None:
     since = datetime.now(UTC) - timedelta(minutes=1)
     double.inject(Fault.drop_after_receive())
@@ -306,11 +322,10 @@ async def test_dropped_answer_is_unknown_then_retried_and_found_by_marker(
 
 @integration
 async def test_slow_answer_beyond_timeout_is_an_unknown_attempt(
-    double: TwilioDouble, sleep: RecordingSleep, log: AttemptLog
+    double: FaultyTwilioDouble, sleep: RecordingSleep, log: AttemptLog
 ) -> None:
     double.inject(Fault.delay(5.0))
-    settings = settings_for(double, request_timeout_s=0.2)
-    async with TwilioSender(settings, sleep=sleep, rng=random.Random(1)) as s:
+    async with sender_for(double, request_timeout_s=0.2, sleep=sleep, rng=random.Random(1)) as s:
         result = await s.send(ELDER_SON, "x", on_attempt=log)
 
     assert log.outcomes == ["unknown", "accepted"]
@@ -323,11 +338,10 @@ async def test_slow_answer_beyond_timeout_is_an_unknown_attempt(
 
 @integration
 async def test_timeout_on_last_attempt_sets_timed_out_and_outcome_unknown(
-    double: TwilioDouble, sleep: RecordingSleep
+    double: FaultyTwilioDouble, sleep: RecordingSleep
 ) -> None:
     double.inject(Fault.delay(5.0))
-    settings = settings_for(double, request_timeout_s=0.2, max_attempts=1)
-    async with TwilioSender(settings, sleep=sleep) as s:
+    async with sender_for(double, request_timeout_s=0.2, max_attempts=1, sleep=sleep) as s:
         with pytest.raises(SmsSendError) as caught:
             await s.send(ELDER_SON, "x")
 
@@ -341,11 +355,17 @@ async def test_timeout_on_last_attempt_sets_timed_out_and_outcome_unknown(
 
 @integration
 async def test_outage_gives_up_after_max_attempts(
-    double: TwilioDouble, sleep: RecordingSleep, log: AttemptLog
+    double: FaultyTwilioDouble, sleep: RecordingSleep, log: AttemptLog
 ) -> None:
     await double.outage(True)
-    settings = settings_for(double, max_attempts=6, backoff_initial_s=0.1, backoff_max_s=0.5)
-    async with TwilioSender(settings, sleep=sleep, rng=random.Random(3)) as s:
+    async with sender_for(
+        double,
+        max_attempts=6,
+        backoff_initial_s=0.1,
+        backoff_max_s=0.5,
+        sleep=sleep,
+        rng=random.Random(3),
+    ) as s:
         with pytest.raises(SmsSendError) as caught:
             await s.send(ELDER_SON, "x", on_attempt=log)
 
@@ -366,10 +386,10 @@ async def test_outage_gives_up_after_max_attempts(
 
 @integration
 async def test_refused_connections_are_clean_retries(
-    double: TwilioDouble, sleep: RecordingSleep, log: AttemptLog
+    double: FaultyTwilioDouble, sleep: RecordingSleep, log: AttemptLog
 ) -> None:
     await double.outage(True, refuse=True)
-    async with TwilioSender(settings_for(double, max_attempts=3), sleep=sleep) as s:
+    async with sender_for(double, max_attempts=3, sleep=sleep) as s:
         with pytest.raises(SmsSendError) as caught:
             await s.send(ELDER_SON, "x", on_attempt=log)
 
@@ -382,15 +402,14 @@ async def test_refused_connections_are_clean_retries(
 
 @integration
 async def test_recovers_when_outage_ends_during_backoff(
-    double: TwilioDouble, log: AttemptLog
+    double: FaultyTwilioDouble, log: AttemptLog
 ) -> None:
     await double.outage(True)
 
     async def end_outage_while_sleeping(seconds: float) -> None:
         await double.outage(False)
 
-    settings = settings_for(double, max_attempts=3)
-    async with TwilioSender(settings, sleep=end_outage_while_sleeping) as s:
+    async with sender_for(double, max_attempts=3, sleep=end_outage_while_sleeping) as s:
         result = await s.send(ELDER_SON, "x", on_attempt=log)
 
     assert log.outcomes == ["unknown", "accepted"]
@@ -401,7 +420,7 @@ async def test_recovers_when_outage_ends_during_backoff(
 
 
 @integration
-async def test_status_progression_reaches_a_signed_callback(double: TwilioDouble) -> None:
+async def test_status_progression_reaches_a_signed_callback(double: FaultyTwilioDouble) -> None:
     received: list[tuple[str, dict[str, str], str]] = []
 
     async def status_hook(request: web.Request) -> web.Response:
@@ -417,9 +436,8 @@ async def test_status_progression_reaches_a_signed_callback(double: TwilioDouble
     await site.start()
     callback_url = f"http://127.0.0.1:{runner.addresses[0][1]}/twilio/status"
     try:
-        settings = settings_for(double, status_callback_url=callback_url)
         double.set_final_status(GRID_LEADER, "undelivered", error_code=30003)
-        async with TwilioSender(settings) as s:
+        async with sender_for(double, status_callback_url=callback_url) as s:
             ok = await s.send(ELDER_SON, "x")
             bad = await s.send(GRID_LEADER, "y")
             await double.advance()
@@ -440,7 +458,7 @@ async def test_status_progression_reaches_a_signed_callback(double: TwilioDouble
 
 @integration
 async def test_per_send_status_callback_overrides_settings(
-    double: TwilioDouble, sender: TwilioSender
+    double: FaultyTwilioDouble, sender: TwilioSender
 ) -> None:
     await sender.send(ELDER_SON, "x", status_callback="http://127.0.0.1:9/override")
 
@@ -464,7 +482,7 @@ async def test_find_sent_filters_by_number_time_and_marker() -> None:
     now = [datetime(2025, 3, 1, 8, 0, 0, tzinfo=UTC).timestamp()]
     async with (
         TwilioDouble(clock=lambda: now[0], sent_delay=None, delivered_delay=None) as d,
-        TwilioSender(settings_for(d)) as s,
+        sender_for(d) as s,
     ):
         old = await s.send(ELDER_SON, "alarm A1001 old")
         now[0] += 3600
@@ -484,7 +502,7 @@ async def test_find_sent_filters_by_number_time_and_marker() -> None:
 
 
 @integration
-async def test_find_sent_follows_pages(double: TwilioDouble, sender: TwilioSender) -> None:
+async def test_find_sent_follows_pages(double: FaultyTwilioDouble, sender: TwilioSender) -> None:
     since = datetime.now(UTC) - timedelta(minutes=1)
     for n in range(105):  # more than one page of 100
         await sender.send(ELDER_SON, f"A{n:04d}")
@@ -496,6 +514,60 @@ async def test_find_sent_follows_pages(double: TwilioDouble, sender: TwilioSende
 
 
 @integration
+async def test_list_messages_filters_by_sender_and_stops_at_max_pages(
+    double: FaultyTwilioDouble, sender: TwilioSender
+) -> None:
+    since = datetime.now(UTC) - timedelta(minutes=1)
+    for n in range(250):
+        await sender.send(ELDER_SON, f"alarm {n}")
+    reply = await double.inject_inbound(ELDER_SON, "收到", to=SENDER)
+
+    with capture_logs() as logs:
+        from_son = await sender.list_messages(since=since, from_=ELDER_SON)
+        capped = await sender.list_messages(since=since, to=ELDER_SON, max_pages=2)
+        found = await sender.find_sent(ELDER_SON, since=since, marker="alarm 1")
+
+    assert [(m.sid, m.direction, m.from_, m.to) for m in from_son.messages] == [
+        (reply.sid, "inbound", ELDER_SON, SENDER)
+    ]
+    assert (from_son.pages, from_son.truncated) == (1, False)
+    assert (len(capped.messages), capped.pages, capped.truncated) == (200, 2, True)
+    assert capped.messages[0].body == "alarm 249"  # newest first
+    assert all(m.when is not None for m in capped.messages)
+    # find_sent reads the same listing: every page here, three of 100.
+    assert len(found) == 1 + 10 + 100  # "alarm 1", "alarm 1x", "alarm 1xx"
+    assert "sms.find_sent_truncated" not in [e["event"] for e in logs]
+
+
+@integration
+async def test_list_messages_rejects_naive_since_and_no_pages(sender: TwilioSender) -> None:
+    with pytest.raises(ValueError, match="timezone-aware"):
+        await sender.list_messages(since=datetime(2025, 1, 1))
+    with pytest.raises(ValueError, match="max_pages"):
+        await sender.list_messages(since=datetime.now(UTC), max_pages=0)
+
+
+@integration
+async def test_send_reply_is_one_attempt_from_the_given_number(
+    double: FaultyTwilioDouble, sender: TwilioSender, sleep: RecordingSleep
+) -> None:
+    other = "+15005550009"
+    sid = await sender.send_reply(ELDER_SON, "已确认", from_number=other)
+    double.inject(Fault.status(500))
+
+    with pytest.raises(SmsSendError) as caught:
+        await sender.send_reply(ELDER_SON, "again", from_number=other)
+
+    [message] = double.messages
+    assert (message.sid, message.to, message.from_, message.body) == (
+        sid, ELDER_SON, other, "已确认"
+    )
+    assert caught.value.status == 500
+    assert len([r for r in double.requests if r.method == "POST"]) == 2
+    assert sleep.calls == []
+
+
+@integration
 async def test_find_sent_requires_an_aware_datetime(sender: TwilioSender) -> None:
     with pytest.raises(ValueError, match="timezone-aware"):
         await sender.find_sent(ELDER_SON, since=datetime(2025, 1, 1), marker="x")
@@ -503,7 +575,7 @@ async def test_find_sent_requires_an_aware_datetime(sender: TwilioSender) -> Non
 
 @integration
 async def test_find_sent_during_outage_raises_retryable(
-    double: TwilioDouble, sender: TwilioSender
+    double: FaultyTwilioDouble, sender: TwilioSender
 ) -> None:
     await double.outage(True)
     with pytest.raises(SmsSendError) as caught:
@@ -517,50 +589,61 @@ async def test_find_sent_during_outage_raises_retryable(
 
 
 async def test_sender_must_be_opened_first() -> None:
-    settings = TwilioSettings("AC" + "0" * 32, "token", SENDER, None)
-    sender = TwilioSender(settings)
+    sender = TwilioSender(SmsSection(from_number=SENDER), TwilioAccount("AC" + "0" * 32, "token"))
     with pytest.raises(RuntimeError, match="async with"):
         await sender.send(ELDER_SON, "x")
 
 
 @integration
-async def test_sender_closes_its_http_session(double: TwilioDouble) -> None:
+async def test_sender_closes_its_http_session(double: FaultyTwilioDouble) -> None:
     # filterwarnings=error turns an unclosed aiohttp session into a failure;
     # this checks the session is closed explicitly, not just garbage collected.
-    async with TwilioSender(settings_for(double)) as s:
+    async with sender_for(double) as s:
         await s.send(ELDER_SON, "x")
         session = s.client.http_client.session
     assert session.closed
 
 
-def test_settings_repr_masks_the_token() -> None:
-    settings = TwilioSettings("AC" + "0" * 32, "s3cr3t-token", SENDER, None)
+def test_repr_masks_the_token() -> None:
+    account = TwilioAccount("AC" + "0" * 32, "s3cr3t-token")
+    sender = TwilioSender(SmsSection(from_number=SENDER), account)
 
-    assert "s3cr3t-token" not in repr(settings)
-    assert "auth_token='***'" in repr(settings)
+    for shown in (repr(account), repr(sender)):
+        assert "s3cr3t-token" not in shown
+        assert "auth_token='***'" in shown
+    assert "AC" + "0" * 32 in repr(sender)
+
+
+@pytest.mark.parametrize(
+    ("account_sid", "auth_token", "problem"),
+    [
+        ("XX123", "token", "account_sid"),
+        ("AC" + "0" * 31, "token", "account_sid"),
+        ("AC" + "g" * 32, "token", "account_sid"),
+        ("AC" + "0" * 32, "", "auth_token"),
+    ],
+)
+def test_account_is_validated(account_sid: str, auth_token: str, problem: str) -> None:
+    with pytest.raises(ValueError, match=problem):
+        TwilioAccount(account_sid, auth_token)
 
 
 @pytest.mark.parametrize(
     ("overrides", "problem"),
     [
         ({"from_number": None}, "from_number or messaging_service_sid"),
-        ({"account_sid": "XX123"}, "account_sid"),
-        ({"auth_token": ""}, "auth_token"),
         ({"max_attempts": 0}, "max_attempts"),
         ({"request_timeout_s": 0}, "request_timeout_s"),
         ({"concurrency": 0}, "concurrency"),
         ({"backoff_initial_s": 2.0, "backoff_max_s": 1.0}, "backoff"),
     ],
 )
-def test_settings_are_validated(overrides: dict[str, Any], problem: str) -> None:
-    base: dict[str, Any] = {
-        "account_sid": "AC" + "0" * 32,
-        "auth_token": "token",
-        "from_number": SENDER,
-        "messaging_service_sid": None,
-    }
-    with pytest.raises(ValueError, match=problem):
-        TwilioSettings(**{**base, **overrides})
+def test_sms_section_is_validated_once_for_the_sender(
+    overrides: dict[str, Any], problem: str
+) -> None:
+    # The sender keeps no copy of these fields: the config's validation is the only one.
+    with pytest.raises(ValidationError, match=problem):
+        SmsSection.model_validate({"from_number": SENDER, **overrides})
 
 
 def test_error_str_carries_the_data() -> None:

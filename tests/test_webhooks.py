@@ -28,20 +28,14 @@ from hypothesis import strategies as st
 from structlog.testing import capture_logs
 from twilio.request_validator import RequestValidator
 
+from gateway.config import SmsSection
 from gateway.journal import new_alarm_id
-from gateway.sandbox.twilio_double import Fault, TwilioDouble
-from gateway.sms import TwilioSender, TwilioSettings
-from gateway.webhooks import (
-    INBOUND_PATH,
-    MAX_REPLY_CHARS,
-    InboundPoller,
-    InboundReply,
-    StatusPoller,
-    StatusUpdate,
-    TwilioWebhooks,
-    parse_reply,
-    twiml_response,
-)
+from gateway.replies import MAX_REPLY_CHARS, InboundReply, StatusUpdate, parse_reply
+from gateway.sandbox.twilio_double import TwilioDouble
+from gateway.sms import SmsSendError, TwilioAccount, TwilioSender
+from gateway.twilio_poll import InboundPoller, StatusPoller
+from gateway.webhooks import INBOUND_PATH, TwilioWebhooks, twiml_response
+from tests.support.twilio_faults import Fault, FaultyTwilioDouble
 
 OUR_NUMBER = "+15005550006"
 OTHER_NUMBER = "+15005550009"
@@ -690,18 +684,19 @@ async def double() -> AsyncIterator[TwilioDouble]:
         yield d
 
 
-@pytest.fixture
-async def sender(double: TwilioDouble) -> AsyncIterator[TwilioSender]:
-    settings = TwilioSettings(
-        account_sid=double.account_sid,
-        auth_token=double.auth_token,
+def sender_for(d: TwilioDouble, *, request_timeout_s: float = 2.0) -> TwilioSender:
+    section = SmsSection(
         from_number=OUR_NUMBER,
-        messaging_service_sid=None,
-        base_url=double.base_url,
-        request_timeout_s=2.0,
+        base_url=d.base_url,
+        request_timeout_s=request_timeout_s,
         max_attempts=1,
     )
-    async with TwilioSender(settings) as s:
+    return TwilioSender(section, TwilioAccount(d.account_sid, d.auth_token))
+
+
+@pytest.fixture
+async def sender(double: TwilioDouble) -> AsyncIterator[TwilioSender]:
+    async with sender_for(double) as s:
         yield s
 
 
@@ -785,23 +780,14 @@ def clock() -> FakeClock:
 
 
 @pytest.fixture
-async def polled(clock: FakeClock) -> AsyncIterator[TwilioDouble]:
-    async with TwilioDouble(clock=clock, sent_delay=None, delivered_delay=None) as d:
+async def polled(clock: FakeClock) -> AsyncIterator[FaultyTwilioDouble]:
+    async with FaultyTwilioDouble(clock=clock, sent_delay=None, delivered_delay=None) as d:
         yield d
 
 
 @pytest.fixture
-async def poll_sender(polled: TwilioDouble) -> AsyncIterator[TwilioSender]:
-    settings = TwilioSettings(
-        account_sid=polled.account_sid,
-        auth_token=polled.auth_token,
-        from_number=OUR_NUMBER,
-        messaging_service_sid=None,
-        base_url=polled.base_url,
-        request_timeout_s=2.0,
-        max_attempts=1,
-    )
-    async with TwilioSender(settings) as s:
+async def poll_sender(polled: FaultyTwilioDouble) -> AsyncIterator[TwilioSender]:
+    async with sender_for(polled) as s:
         yield s
 
 
@@ -812,14 +798,13 @@ def make_poller(
         "our_numbers": [OUR_NUMBER, OTHER_NUMBER],
         "on_reply": recorder.on_reply,
         "clock": clock,
-        "request_timeout_s": 2.0,
         **kwargs,
     }
-    return InboundPoller(sender.client, **options)
+    return InboundPoller(sender, **options)
 
 
 async def test_poller_hands_each_inbound_message_over_exactly_once(
-    polled: TwilioDouble, poll_sender: TwilioSender, clock: FakeClock
+    polled: FaultyTwilioDouble, poll_sender: TwilioSender, clock: FakeClock
 ) -> None:
     recorder = Recorder(answer=None)
     poller = make_poller(poll_sender, recorder, clock)
@@ -850,7 +835,7 @@ async def test_poller_hands_each_inbound_message_over_exactly_once(
 
 
 async def test_poller_state_survives_a_restart_without_replays(
-    polled: TwilioDouble, poll_sender: TwilioSender, clock: FakeClock
+    polled: FaultyTwilioDouble, poll_sender: TwilioSender, clock: FakeClock
 ) -> None:
     recorder = Recorder(answer=None)
     before = make_poller(poll_sender, recorder, clock)
@@ -869,7 +854,7 @@ async def test_poller_state_survives_a_restart_without_replays(
 
 
 async def test_poller_ignores_messages_from_before_its_start(
-    polled: TwilioDouble, poll_sender: TwilioSender, clock: FakeClock
+    polled: FaultyTwilioDouble, poll_sender: TwilioSender, clock: FakeClock
 ) -> None:
     await polled.inject_inbound(LEADER, "1", to=OUR_NUMBER)
     clock.advance(3600)
@@ -880,7 +865,7 @@ async def test_poller_ignores_messages_from_before_its_start(
 
 
 async def test_poller_forgets_sids_that_no_listing_can_return(
-    polled: TwilioDouble, poll_sender: TwilioSender, clock: FakeClock
+    polled: FaultyTwilioDouble, poll_sender: TwilioSender, clock: FakeClock
 ) -> None:
     recorder = Recorder(answer=None)
     poller = make_poller(poll_sender, recorder, clock, overlap_s=60, seen={"SMrestored"})
@@ -897,7 +882,7 @@ async def test_poller_forgets_sids_that_no_listing_can_return(
 
 
 async def test_poller_follows_pages(
-    polled: TwilioDouble, poll_sender: TwilioSender, clock: FakeClock
+    polled: FaultyTwilioDouble, poll_sender: TwilioSender, clock: FakeClock
 ) -> None:
     recorder = Recorder(answer=None)
     poller = make_poller(poll_sender, recorder, clock)
@@ -911,7 +896,7 @@ async def test_poller_follows_pages(
 
 
 async def test_poller_texts_the_answer_back(
-    polled: TwilioDouble, poll_sender: TwilioSender, clock: FakeClock
+    polled: FaultyTwilioDouble, poll_sender: TwilioSender, clock: FakeClock
 ) -> None:
     recorder = Recorder(answer="已确认，谢谢")
     poller = make_poller(poll_sender, recorder, clock)
@@ -926,7 +911,7 @@ async def test_poller_texts_the_answer_back(
 
 
 async def test_poller_survives_api_errors_and_backs_off(
-    polled: TwilioDouble, poll_sender: TwilioSender, clock: FakeClock
+    polled: FaultyTwilioDouble, poll_sender: TwilioSender, clock: FakeClock
 ) -> None:
     recorder = Recorder(answer=None)
     sleep = RecordingSleep()
@@ -953,24 +938,28 @@ async def test_poller_survives_api_errors_and_backs_off(
 
 
 async def test_poller_times_out_a_hanging_api(
-    polled: TwilioDouble, poll_sender: TwilioSender, clock: FakeClock
+    polled: FaultyTwilioDouble, clock: FakeClock
 ) -> None:
     recorder = Recorder(answer=None)
-    poller = make_poller(poll_sender, recorder, clock, request_timeout_s=0.2)
     await polled.inject_inbound(LEADER, "1", to=OUR_NUMBER)
     polled.inject(Fault.delay(30), target="list")
 
-    with pytest.raises(TimeoutError):
-        await poller.poll_once()
-    since = poller.since
-    got = await poller.poll_once()
+    # The sender's request timeout bounds every call the poller makes.
+    async with sender_for(polled, request_timeout_s=0.2) as quick:
+        poller = make_poller(quick, recorder, clock)
+        with pytest.raises(SmsSendError) as caught:
+            await poller.poll_once()
+        since = poller.since
+        got = await poller.poll_once()
+
+    assert caught.value.timed_out
 
     assert len(got) == 1
     assert poller.since >= since
 
 
 async def test_poller_survives_bad_messages_and_failing_handlers(
-    polled: TwilioDouble, poll_sender: TwilioSender, clock: FakeClock
+    polled: FaultyTwilioDouble, poll_sender: TwilioSender, clock: FakeClock
 ) -> None:
     calls: list[str] = []
 
@@ -983,7 +972,7 @@ async def test_poller_survives_bad_messages_and_failing_handlers(
         return None
 
     poller = InboundPoller(
-        poll_sender.client,
+        poll_sender,
         our_numbers=[OUR_NUMBER],
         on_reply=flaky,
         clock=clock,
@@ -1015,10 +1004,10 @@ async def test_poller_survives_bad_messages_and_failing_handlers(
 async def test_poller_validates_arguments(poll_sender: TwilioSender) -> None:
     recorder = Recorder()
     with pytest.raises(ValueError, match="our_numbers"):
-        InboundPoller(poll_sender.client, our_numbers=[], on_reply=recorder.on_reply)
+        InboundPoller(poll_sender, our_numbers=[], on_reply=recorder.on_reply)
     with pytest.raises(ValueError, match="timezone"):
         InboundPoller(
-            poll_sender.client,
+            poll_sender,
             our_numbers=[OUR_NUMBER],
             on_reply=recorder.on_reply,
             since=datetime(2025, 1, 1),
@@ -1026,7 +1015,7 @@ async def test_poller_validates_arguments(poll_sender: TwilioSender) -> None:
 
 
 async def test_status_poller_returns_current_statuses(
-    polled: TwilioDouble, poll_sender: TwilioSender
+    polled: FaultyTwilioDouble, poll_sender: TwilioSender
 ) -> None:
     polled.set_final_status(WORKER, "undelivered", error_code=30003)
     delivered = await poll_sender.send(LEADER, "x")
@@ -1035,33 +1024,35 @@ async def test_status_poller_returns_current_statuses(
     await polled.advance(delivered.sid)
     await polled.advance(undelivered.sid)
     unknown = "SM" + "0" * 32
-    poller = StatusPoller(poll_sender.client, request_timeout_s=2.0)
+    poller = StatusPoller(poll_sender)
 
     with capture_logs() as logs:
         updates = await poller.poll_once(
             [delivered.sid, unknown, undelivered.sid, queued.sid, delivered.sid]
         )
 
+    # A fetched status names no recipient: the one status fetch returns
+    # (status, error code), as the dispatcher's reconciliation reads it.
     assert updates == [
-        StatusUpdate(delivered.sid, "delivered", None, LEADER),
-        StatusUpdate(undelivered.sid, "undelivered", 30003, WORKER),
-        StatusUpdate(queued.sid, "queued", None, LEADER),
+        StatusUpdate(delivered.sid, "delivered", None, None),
+        StatusUpdate(undelivered.sid, "undelivered", 30003, None),
+        StatusUpdate(queued.sid, "queued", None, None),
     ]
     assert [e["sid"] for e in logs if e["event"] == "status_poll.fetch_failed"] == [unknown]
 
 
 async def test_status_poller_skips_a_failed_fetch_until_the_next_round(
-    polled: TwilioDouble, poll_sender: TwilioSender
+    polled: FaultyTwilioDouble, poll_sender: TwilioSender
 ) -> None:
     sent = await poll_sender.send(LEADER, "x")
     polled.inject(Fault.status(500), target="fetch")
-    poller = StatusPoller(poll_sender.client, request_timeout_s=2.0)
+    poller = StatusPoller(poll_sender)
 
     first = await poller.poll_once([sent.sid])
     second = await poller.poll_once([sent.sid])
 
     assert first == []
-    assert second == [StatusUpdate(sent.sid, "queued", None, LEADER)]
+    assert second == [StatusUpdate(sent.sid, "queued", None, None)]
 
 
 def test_full_width_helper_matches_nfkc() -> None:
