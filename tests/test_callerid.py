@@ -262,3 +262,25 @@ def test_arbitrary_bytes_never_raise_and_chunking_never_matters(
         assert frame.ok != (frame.error is not None)
         assert len(frame.raw) <= 33
         assert all(e.kind is EventKind.EMERGENCY for e in frame.events)
+
+
+def test_any_other_exception_becomes_an_error_frame(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 9: the decoder's boundary holds even for a bug nobody has found yet."""
+    import devices.callerid as module
+
+    real = module.normalise_number
+
+    def broken(number: str, region: str = "CN") -> str:
+        if number == "13800000000":
+            raise RecursionError("maximum recursion depth exceeded")
+        return real(number, region)
+
+    monkeypatch.setattr(module, "normalise_number", broken)
+    decoder = CallerIdDecoder()
+    data = b"RING\r\nNMBR = 8475550001\r\nNMBR = 13800000000\r\nNAME = X"
+    frames = decoder.feed(data)
+    assert [f.ok for f in frames] == [True, True, False]
+    assert frames[2].raw == data and frames[2].error is not None
+    assert "RecursionError" in frames[2].error.reason
+    [frame] = decoder.feed(b"NMBR = 8475550001\r\n")
+    assert frame.ok and frame.events[0].kind is EventKind.EMERGENCY

@@ -238,3 +238,17 @@ def test_arbitrary_input_raises_only_protocol_errors(message: str | bytes) -> No
     else:
         assert event.address.scheme is AddressScheme.CONTACT_ID
         assert len(event.address.value) == 4
+
+
+def test_any_other_exception_becomes_the_typed_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 9: the decoder's boundary holds even for a bug nobody has found yet."""
+    import devices.contact_id as module
+
+    def broken(**_: object) -> object:
+        raise OverflowError("boom")
+
+    monkeypatch.setattr(module, "event_from_fields", broken)
+    message = encode_contact_id("1234", Qualifier.NEW, "101")
+    with pytest.raises(DeviceProtocolError, match="OverflowError") as info:
+        parse_contact_id(message.encode())
+    assert info.value.raw == message.encode()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import orjson
@@ -428,7 +429,6 @@ EDGE_TIMESTAMPS: list[object] = [
     2**64,
     10**30,
     1.7976931348623157e308,
-    -0.0,
     253402300800,  # 10000-01-01 in unix seconds
     1728995880123,  # milliseconds
     1728995880123456789,  # nanoseconds
@@ -438,13 +438,15 @@ EDGE_TIMESTAMPS: list[object] = [
 @pytest.mark.parametrize("ts", EDGE_TIMESTAMPS)
 def test_calendar_edges_are_typed_errors(ts: object) -> None:
     raw = json.dumps({"v": 1, "event": "status", "ts": ts}).encode()
-    try:
-        [event] = MqttDecoder().decode(OWN, raw)
-    except DeviceProtocolError as exc:
-        assert exc.reason == "invalid fields: ts"
-        assert exc.raw == raw
-    else:  # only the in-range ones decode (-0.0 is the epoch itself)
-        assert dict(event.extra)["ts"].endswith("+00:00")
+    with pytest.raises(DeviceProtocolError) as info:
+        MqttDecoder().decode(OWN, raw)
+    assert info.value.reason == "invalid fields: ts"
+    assert info.value.raw == raw
+
+
+def test_negative_zero_is_the_epoch() -> None:
+    [event] = MqttDecoder().decode(OWN, b'{"v": 1, "event": "status", "ts": -0.0}')
+    assert dict(event.extra)["ts"] == "1970-01-01T00:00:00+00:00"
 
 
 @pytest.mark.parametrize("ts", EDGE_TIMESTAMPS)
@@ -505,3 +507,50 @@ def test_any_other_exception_becomes_the_typed_error_at_the_boundary(
         MqttDecoder().decode(OWN, raw)
     assert info.value.raw == raw
     assert isinstance(info.value.__cause__, OverflowError)
+
+
+# -- issue 9, fault 5: the end-to-end confirmation of our own buttons
+
+
+@pytest.mark.parametrize(
+    ("payload", "expected"),
+    [
+        (b'{"v": 1, "event": "sos", "seq": 1017, "ts": 1728995880}',
+         {"v": 1, "seq": 1017, "ts": 1728995880}),
+        (b'{"v": 1, "event": "sos", "ts": "2024-10-15T20:38:00+08:00"}',
+         {"v": 1, "ts": "2024-10-15T20:38:00+08:00"}),  # echoed as sent, not as stored
+        (b'{"v": 1, "event": "test"}', {"v": 1}),
+        # Only what decoded: a bad seq is not echoed (the sos still raised the alarm).
+        (b'{"v": 1, "event": "sos", "seq": "x", "ts": 1.5}', {"v": 1, "ts": 1.5}),
+    ],
+)
+def test_own_button_confirmation(payload: bytes, expected: dict[str, object]) -> None:
+    decoder = MqttDecoder()
+    [event] = decoder.decode(OWN, payload)
+    confirmation = decoder.confirmation(event)
+    assert confirmation is not None
+    topic, body = confirmation
+    assert topic == "alarm/buttons/kl-0042/confirm"
+    assert orjson.loads(body) == {**expected, "digest": hashlib.sha256(payload).hexdigest()[:16]}
+
+
+@pytest.mark.parametrize(
+    ("topic", "payload"),
+    [
+        ("zigbee2mqtt/sos-0001", b'{"action": "emergency"}'),
+        ("zigbee2mqtt/sos-0001/availability", b"online"),
+    ],
+)
+def test_zigbee2mqtt_devices_get_no_confirmation(topic: str, payload: bytes) -> None:
+    decoder = MqttDecoder()
+    for event in decoder.decode(topic, payload):
+        assert decoder.confirmation(event) is None
+
+
+def test_confirmation_follows_a_custom_base() -> None:
+    decoder = MqttDecoder(own_base="kenli/buttons")
+    [event] = decoder.decode("kenli/buttons/b-1/event", encode_own_event("sos", seq=2))
+    assert decoder.confirmation(event) is not None
+    assert decoder.confirmation(event)[0] == "kenli/buttons/b-1/confirm"  # type: ignore[index]
+    # An event of another decoder's base is not this decoder's to confirm.
+    assert MqttDecoder().confirmation(event) is None

@@ -354,3 +354,27 @@ def test_arbitrary_bytes_never_raise_and_chunking_never_matters(
         assert frame.ok != (frame.error is not None)
         assert frame.ok == (len(frame.events) == 1)
         assert len(frame.raw) <= 48 + len(DC4)
+
+
+def test_any_other_exception_becomes_an_error_frame(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 9: the decoder's boundary holds even for a bug nobody has found yet."""
+    import devices.surgard as module
+
+    real = module._parse_contact_id
+
+    def broken(text: str, raw: bytes, kinds: object) -> object:
+        if "0002" in text:
+            raise OverflowError("date value out of range")
+        return real(text, raw, kinds)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(module, "_parse_contact_id", broken)
+    decoder = SurGardDecoder()
+    good = encode_mlr2("01", "1", "0001", Qualifier.NEW, "101")
+    bad = encode_mlr2("01", "1", "0002", Qualifier.NEW, "101")
+    data = good + bad + b"5011 18"
+    frames = decoder.feed(data)
+    assert [f.ok for f in frames] == [True, False]
+    assert frames[1].raw == data and frames[1].error is not None
+    assert "OverflowError" in frames[1].error.reason
+    assert decoder.pending == 0  # the partial frame went with the failure
+    assert [f.ok for f in decoder.feed(good)] == [True]
