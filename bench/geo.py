@@ -10,7 +10,7 @@ responder moving and live; at 1e4 about half are live, at 1e6 one in 200):
 * build: ``GeoService(...)`` construction (array projection + rtree bulk loads);
 * RSS delta of that construction (the registry itself is built beforehand);
 * updates/s: ``update_position`` for 5,000 moving responders, 10 rounds 30 s apart on a
-  fake clock (also with ``parse_position`` of the MQTT payload in front);
+  fake clock (also with the responder-app decoder of the MQTT message in front);
 * query: ``nearest_responders(q, 3)`` end to end (validation, projection, both tiers,
   geodesic distance and bearing, result objects) with those 5,000 responders live, for
   20,000 random points, 5 passes pooled (100,000 calls: the p99 of one pass swings
@@ -52,7 +52,8 @@ import structlog
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gateway.geo import GeoService, Projector, parse_position
+from devices.responder_app import PositionReport, ResponderAppDecoder
+from gateway.geo import GeoService, Projector
 from gateway.model import (
     Facility,
     FacilityKind,
@@ -239,15 +240,26 @@ def run_size(n: int, seed: int, queries: int, brute_queries: int) -> dict[str, A
             svc.update_position(rid, p, accuracy_m=10.0)
     updates_per_s = ROUNDS * len(movers) / (time.perf_counter() - started)
 
-    payloads = [
-        (rid, json.dumps({"lon": p.lon, "lat": p.lat, "accuracy": 10.0}).encode())
+    decoder = ResponderAppDecoder()
+    messages = [
+        (
+            f"responders/{rid}/location",
+            json.dumps({"lon": p.lon, "lat": p.lat, "accuracy": 10.0}).encode(),
+        )
         for rid, p in plan[-1]
     ]
     started = time.perf_counter()
-    for rid, payload in payloads:
-        position, accuracy, stamp = parse_position(payload)
-        svc.update_position(rid, position, accuracy_m=accuracy, timestamp=stamp)
-    parsed_updates_per_s = len(payloads) / (time.perf_counter() - started)
+    for topic, payload in messages:
+        report = decoder.decode(topic, payload)
+        if not isinstance(report, PositionReport):
+            raise TypeError(f"{topic} decoded to {report!r}")
+        svc.update_position(
+            report.responder_id,
+            (report.lon, report.lat),
+            accuracy_m=report.accuracy_m,
+            timestamp=report.timestamp,
+        )
+    parsed_updates_per_s = len(messages) / (time.perf_counter() - started)
 
     points = random_points(rng, queries)
     for q in points[:1000]:  # warm caches and the allocator

@@ -23,22 +23,9 @@ from hypothesis import strategies as st
 from pyproj import Transformer
 from structlog.testing import capture_logs
 
-from gateway.geo import service as geo
-from gateway.geo.service import (
-    POSITION_TOPIC_FILTER,
-    GeoError,
-    GeoService,
-    Nearby,
-    Projector,
-    _batch_for,
-    _cell_key,
-    _cell_xy,
-    _point_tree,
-    _ring,
-    _z_order,
-    parse_position,
-    responder_id_from_topic,
-)
+from gateway.geo import GeoError, GeoService, Nearby, Projector
+from gateway.geo import index as geo_index
+from gateway.geo.index import _batch_for, _cell_key, _cell_xy, _ring, _z_order, point_tree
 from gateway.model import (
     Elder,
     Facility,
@@ -130,6 +117,13 @@ def service(
         clock=clock or FakeClock(),
         cell_m=cell_m,
     )
+
+
+def reloaded(old: GeoService, reg: Registry) -> GeoService:
+    """A registry reload as the gateway does it: a new service, then the old live state."""
+    new = GeoService(reg, old.projector, stale_after_s=old.stale_after_s, clock=old._clock)
+    new.adopt_live_state(old)
+    return new
 
 
 def planar(a: LonLat, b: LonLat) -> float:
@@ -420,12 +414,12 @@ def apply(scenario: Scenario, svc: GeoService, clock: FakeClock) -> None:
 @contextlib.contextmanager
 def live_first(share: float) -> Iterator[None]:
     """Make queries ask tier 2 first from this live share on (0: always; inf: never)."""
-    saved = geo._LIVE_FIRST_SHARE
-    geo._LIVE_FIRST_SHARE = share
+    saved = geo_index._LIVE_FIRST_SHARE
+    geo_index._LIVE_FIRST_SHARE = share
     try:
         yield
     finally:
-        geo._LIVE_FIRST_SHARE = saved
+        geo_index._LIVE_FIRST_SHARE = saved
 
 
 @pytest.mark.parametrize("first", [math.inf, 0.0], ids=["tier1-first", "tier2-first"])
@@ -553,7 +547,7 @@ def test_nearest_facility_of_each_kind_equals_brute_force(
         facility(f"f{i:02d}", kind, lon, lat) for i, (kind, lon, lat) in enumerate(places)
     ]
     svc = service(registry(facilities=facilities))
-    got = svc.nearest_facilities(query)
+    got = svc.lookup(query).facilities
     assert set(got) == {f.kind for f in facilities}
     for kind, nearest in got.items():
         best = min(planar(query, f.location) for f in facilities if f.kind is kind)
@@ -600,7 +594,7 @@ def test_nobody_on_duty_gives_an_empty_result() -> None:
         None,
     )
     assert [n.id for n in svc.nearest_responders(KENLI, 3)] == ["r3", "r1"]
-    assert svc.rebuilt(svc.registry).stats().indexed == 2  # overrides carried over
+    assert reloaded(svc, svc.registry).stats().indexed == 2  # overrides carried over
 
 
 def test_excluding_everyone_on_duty_gives_an_empty_result() -> None:
@@ -633,13 +627,10 @@ def test_supervisors_are_escalation_targets_not_nearest_responders() -> None:
     ]
     svc = service(registry(people))
     assert [n.id for n in svc.nearest_responders(KENLI, 3)] == ["w1"]
-    assert [s.responder_id for s in svc.supervisors()] == ["boss-a", "boss-b"]
     assert svc.set_on_duty("boss-b", True)
     assert svc.set_on_duty("boss-a", False)
-    assert [(s.responder_id, s.on_duty) for s in svc.supervisors()] == [
-        ("boss-b", True),
-        ("boss-a", False),
-    ]
+    assert (svc.is_on_duty("boss-b"), svc.is_on_duty("boss-a")) == (True, False)
+    assert svc.stats().on_duty == 1  # supervisors do not count among those who may be sent
     # A supervisor's phone may report positions; they still are not dispatched.
     assert svc.update_position("boss-a", KENLI)
     assert [n.id for n in svc.nearest_responders(KENLI, 3)] == ["w1"]
@@ -672,15 +663,14 @@ def test_query_arguments_are_validated() -> None:
         svc.lookup(LonLat(37.59, 118.55))
 
 
-def test_homes_index_answers_nearest_and_within() -> None:
-    homes = [elder(f"e{i}", 118.55 + i * 0.001, 37.59) for i in range(10)]
-    svc = service(registry(elders=homes))
-    assert [n.id for n in svc.nearest_elders(KENLI, 3)] == ["e0", "e1", "e2"]
-    within = svc.elders_within(KENLI, 300.0)  # 0.001 deg of longitude is ~88 m here
-    assert [n.id for n in within] == ["e0", "e1", "e2", "e3"]
-    assert all(n.distance_m <= 300.0 and n.kind == "elder" for n in within)
-    with pytest.raises(GeoError, match="radius_m"):
-        svc.elders_within(KENLI, -1.0)
+def test_homes_are_checked_when_the_service_is_built() -> None:
+    # Not indexed, but a bad home must fail the build, not its alarm's lookup later.
+    homes = [elder("e1", 118.55, 37.59), elder("e2", 37.59, 118.56)]
+    with pytest.raises(GeoError, match=r"elder e2: latitude 118\.56.*swapped"):
+        service(registry(elders=homes))
+    with pytest.raises(GeoError, match="elder e3: outside the service area"):
+        service(registry(elders=[elder("e3", 116.9, 36.7)]), projector=PROJ_BOX)
+    assert service(registry(elders=homes[:1])).lookup(KENLI).responders == ()
 
 
 # ----------------------------------------------------------------------------------------
@@ -708,6 +698,16 @@ def test_a_move_is_reflected_in_the_next_query() -> None:
     # Moving away again (same responder, newer fix) puts it back behind "near".
     assert svc.update_position("far", LonLat(118.80, 37.80))
     assert [n.id for n in svc.nearest_responders(KENLI, 2)] == ["near", "far"]
+
+
+def test_a_position_may_be_given_as_a_plain_lon_lat_pair() -> None:
+    # As a decoded position report carries it: plain numbers, longitude first.
+    clock = FakeClock()
+    svc = two_workers(clock, projector=PROJ_BOX)
+    assert svc.update_position("far", (118.5501, 37.5901), accuracy_m=3.0, timestamp=clock.now)
+    assert svc.position_of("far") == (LonLat(118.5501, 37.5901), False)
+    with pytest.raises(GeoError, match="swapped"):
+        svc.update_position("far", (37.59, 118.55))
 
 
 def test_unknown_responder_update_is_logged_and_ignored() -> None:
@@ -799,7 +799,7 @@ def test_frequent_fixes_do_not_grow_the_expiry_heap_without_bound() -> None:
         svc.update_position("far", LonLat(118.6 + (i % 7) / 1000, 37.6))
     # One responder is live; superseded deadlines are compacted away.
     assert svc.stats().live == 1
-    assert len(svc._heap) <= 4 * 1 + 1024
+    assert len(svc._index._heap) <= 4 * 1 + 1024
 
 
 # ----------------------------------------------------------------------------------------
@@ -821,7 +821,7 @@ def test_rebuilt_keeps_live_positions_and_duty_overrides_of_remaining_responders
         [responder("a", 118.70, 37.70), responder("c", 118.56, 37.6), responder("d", 118.6, 37.6)]
     )
     with capture_logs() as logs:
-        new = old.rebuilt(new_reg)
+        new = reloaded(old, new_reg)
     adopted = next(e for e in logs if e["event"] == "geo.state.adopted")
     assert adopted["positions"] == 1
     assert adopted["dropped"] == 1
@@ -843,13 +843,13 @@ def test_a_roster_that_changed_a_responders_flag_supersedes_the_override() -> No
     # The new roster takes "a" off duty itself and leaves "b" as it was.
     new_reg = registry([responder("a", 118.56, 37.6, on_duty=False), responder("b", 118.57, 37.6)])
     with capture_logs() as logs:
-        new = old.rebuilt(new_reg)
+        new = reloaded(old, new_reg)
     assert [e["responder_id"] for e in logs if e["event"] == "geo.duty.override_superseded"] == [
         "a"
     ]
     assert new.is_on_duty("a") is False and new.is_on_duty("b") is False
     assert new.set_on_duty("a", True)  # a later override wins over the new roster again
-    assert new.rebuilt(new_reg).is_on_duty("a") is True
+    assert reloaded(new, new_reg).is_on_duty("a") is True
 
 
 def test_adopting_into_a_narrower_service_area_drops_fixes_outside_it() -> None:
@@ -869,7 +869,7 @@ async def test_rebuild_off_the_loop_then_adopt_loses_no_update() -> None:
     clock = FakeClock()
     reg = registry([responder(f"r{i}", 118.5 + i / 100, 37.6) for i in range(50)])
     old = service(reg, clock)
-    build = asyncio.create_task(asyncio.to_thread(old.prepare_rebuild, reg))
+    build = asyncio.create_task(asyncio.to_thread(service, reg, clock))
     # Positions keep arriving on the loop while the new indexes are being built.
     for i in range(50):
         old.update_position(f"r{i}", LonLat(118.55, 37.59 + i / 10_000))
@@ -885,7 +885,7 @@ def test_a_bad_registry_fails_the_rebuild_and_names_the_record() -> None:
     good = service(registry([responder("a", 118.6, 37.6)]))
     bad = registry([responder("a", 118.6, 37.6), responder("swapped", 37.6, 118.6)])
     with pytest.raises(GeoError, match=r"responder swapped: latitude 118\.6.*swapped"):
-        good.rebuilt(bad)
+        reloaded(good, bad)
     assert [n.id for n in good.nearest_responders(KENLI, 1)] == ["a"]
 
 
@@ -902,73 +902,15 @@ def test_logs_never_carry_phone_numbers() -> None:
         svc = two_workers(clock)
         svc.update_position("far", KENLI)
         svc.set_on_duty("near", False)
-        svc.rebuilt(svc.registry)
+        reloaded(svc, svc.registry)
         svc.nearest_responders(KENLI, 2)
     assert logs
     assert not any("+86" in str(value) for entry in logs for value in entry.values())
 
 
 # ----------------------------------------------------------------------------------------
-# MQTT payloads and topics
+# Results
 # ----------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("payload", "expected"),
-    [
-        (
-            b'{"lon": 118.55, "lat": 37.59, "accuracy": 12.5, "timestamp": 1800000000.5}',
-            (LonLat(118.55, 37.59), 12.5, 1800000000.5),
-        ),
-        (b'{"lon": 118, "lat": 37}', (LonLat(118.0, 37.0), None, None)),
-        (
-            b'{"lat": 37.59, "lon": 118.55, "accuracy": null, "timestamp": null, "x": 1}',
-            (LonLat(118.55, 37.59), None, None),
-        ),
-    ],
-)
-def test_parse_position_accepts(
-    payload: bytes, expected: tuple[LonLat, float | None, float | None]
-) -> None:
-    assert parse_position(payload) == expected
-
-
-@pytest.mark.parametrize(
-    ("payload", "message"),
-    [
-        (b'{"lon": 118.5, "lat": 37.5, "n": "\xff"}', "not valid JSON.*UTF-8"),
-        (b"lon=118.5,lat=37.5", "not valid JSON"),
-        (b'{"lon": NaN, "lat": 37.5}', "not valid JSON"),
-        (b'{"lon": 1e400, "lat": 37.5}', "not valid JSON"),
-        (b"[118.5, 37.5]", "expected a JSON object, got list"),
-        (b'{"lat": 37.5}', "missing field 'lon'"),
-        (b'{"lon": 118.5}', "missing field 'lat'"),
-        (b'{"lon": "118.5", "lat": 37.5}', "field 'lon' must be a finite number"),
-        (b'{"lon": true, "lat": 37.5}', "field 'lon' must be a finite number"),
-        (b'{"lon": 37.59, "lat": 118.55}', "swapped"),
-        (b'{"lon": 118.5, "lat": 37.5, "accuracy": -1}', "'accuracy' must be >= 0"),
-        (b'{"lon": 118.5, "lat": 37.5, "timestamp": 1800000000000}', "milliseconds"),
-        (b'{"lon": 118.5, "lat": 37.5, "timestamp": -5}', "epoch seconds"),
-        (b" " * 5000, "exceeds 4096"),
-    ],
-)
-def test_parse_position_rejects(payload: bytes, message: str) -> None:
-    with pytest.raises(GeoError, match=message) as e:
-        parse_position(payload)
-    assert e.value.subject == "payload"
-
-
-def test_responder_id_from_topic() -> None:
-    assert POSITION_TOPIC_FILTER == "responders/+/location"
-    assert responder_id_from_topic("responders/gl-017/location") == "gl-017"
-    for bad in (
-        "responders//location",
-        "responders/a/b/location",
-        "x/a/location",
-        "responders/+/location",
-    ):
-        with pytest.raises(GeoError):
-            responder_id_from_topic(bad)
 
 
 def test_nearby_is_frozen() -> None:
@@ -1000,7 +942,7 @@ def test_lean_nearest_call_equals_rtree_index_nearest(
     points += [points[i % len(points)] for i in range(duplicates)]  # exact ties
     xs = np.array([p[0] for p in points])
     ys = np.array([p[1] for p in points])
-    tree = _point_tree(xs, ys)
+    tree = point_tree(xs, ys)
     assert tree is not None
     assert tree._fast is not None  # the lean call is in use, not the fallback
     want = list(tree.index.nearest(query, n))
@@ -1015,9 +957,9 @@ def test_lean_nearest_call_falls_back_when_the_library_lacks_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # A future rtree that loads libspatialindex differently: the C symbols are not there.
-    monkeypatch.setattr(geo, "rtree_core", SimpleNamespace(rt=object()))
+    monkeypatch.setattr(geo_index, "rtree_core", SimpleNamespace(rt=object()))
     with capture_logs() as logs:
-        tree = _point_tree(np.array([1.0, 2.0, 3.0, 3.0]), np.zeros(4))
+        tree = point_tree(np.array([1.0, 2.0, 3.0, 3.0]), np.zeros(4))
     assert tree is not None and tree._fast is None
     assert [e["event"] for e in logs] == ["geo.rtree.lean_call_unavailable"]
     got = tree.nearest(0.0, 0.0, 3)

@@ -1,30 +1,22 @@
 """Geolocation: where the elder lives and who can get there first.
 
-See :mod:`gateway.geo.service` for the theory of operation.
+- :mod:`gateway.geo.projection`: lon/lat validation, one metric CRS for the service
+  area, geodesic distances and bearings.
+- :mod:`gateway.geo.index`: rtree point trees called through libspatialindex directly,
+  and the two-tier responder index (base tree + live grid) with its measured costs.
+- :mod:`gateway.geo.service`: :class:`GeoService`, what the gateway asks (lookups, live
+  positions, duty, counts, carrying live state over a registry reload).
 """
 
-from gateway.geo.service import (
-    DEFAULT_CRS,
-    POSITION_TOPIC_FILTER,
-    GeoError,
-    GeoResult,
-    GeoService,
-    GeoStats,
-    Nearby,
-    Projector,
-    parse_position,
-    responder_id_from_topic,
-)
+from gateway.geo.projection import DEFAULT_CRS, GeoError, Projector
+from gateway.geo.service import GeoResult, GeoService, GeoStats, Nearby
 
 __all__ = [
     "DEFAULT_CRS",
-    "POSITION_TOPIC_FILTER",
     "GeoError",
     "GeoResult",
     "GeoService",
     "GeoStats",
     "Nearby",
     "Projector",
-    "parse_position",
-    "responder_id_from_topic",
 ]
