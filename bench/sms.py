@@ -480,7 +480,7 @@ _CATEGORIES: Final = (
     ("twilio-python client", ("twilio/",)),
     ("aiohttp (HTTP client)", ("aiohttp/", "yarl/", "multidict/")),
     ("MQTT (aiomqtt, paho)", ("aiomqtt/", "paho/", "devices/mqtt")),
-    ("geo (rtree, pyproj)", ("gateway/geo.py", "rtree/", "pyproj/")),
+    ("geo (rtree, pyproj)", ("gateway/geo/", "rtree/", "pyproj/")),
     ("prometheus metrics", ("prometheus_client/",)),
     ("gateway dispatch/intake/other", ("gateway/", "devices/")),
     ("asyncio event loop", ("asyncio/",)),
