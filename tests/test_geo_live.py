@@ -18,6 +18,7 @@ from structlog.testing import capture_logs
 from gateway.daemon import Gateway, install_signal_handlers
 from gateway.model import ResponderRole
 from gateway.registry import load_registry
+from gateway.responders import UnknownResponder
 from gateway.sandbox.twilio_double import TwilioDouble
 from tests.helpers import (
     SAMPLE,
@@ -75,7 +76,7 @@ async def test_a_responder_reporting_a_position_next_door_is_sent_first(
             assert others and all(r.stale and "（按您的登记地址估算）" in staff[r.phone]
                                   for r in others)
     events = [e["event"] for e in logs]
-    assert "responder.bad_position" in events  # the malformed fix, logged and ignored
+    assert "device.malformed" in events  # the malformed fix, journaled and acknowledged
     assert any(e["event"].startswith("geo.") and "unknown" in e["event"] for e in logs)
 
 
@@ -187,9 +188,11 @@ async def test_a_duty_change_outlives_a_restart_until_the_roster_changes_that_re
 
     gw = Gateway(cfg, secrets_for(twilio))
     async with running(gw):
-        assert await gw.set_duty(sick, False, by="operator:wang")
-        assert await gw.set_duty(away, False, by="operator:wang")
-        assert not await gw.set_duty("NOBODY", False)
+        assert gw.desk is not None
+        await gw.desk.set_duty(sick, False, by="operator:wang")
+        await gw.desk.set_duty(away, False, by="operator:wang")
+        with pytest.raises(UnknownResponder):
+            await gw.desk.set_duty("NOBODY", False, by="operator:wang")
     gw = Gateway(cfg, secrets_for(twilio))  # a restart: both still off duty
     async with running(gw):
         assert gw.geo is not None
@@ -215,13 +218,20 @@ async def test_the_operator_is_told_when_nobody_is_left_on_duty(
     gw = Gateway(cfg, secrets_for(twilio))
     async with running(gw):
         assert gw.registry is not None and gw.journal is not None and gw.geo is not None
+        assert gw.desk is not None
         on_duty = sorted(r.responder_id for r in gw.registry.responders.values()
                          if r.on_duty and r.role is not ResponderRole.SUPERVISOR)
         for rid in on_duty:
-            assert await gw.set_duty(rid, False, by="operator:night")
+            await gw.desk.set_duty(rid, False, by="operator:night")
+        journal = gw.journal
+
+        async def notices(at_least: int) -> list[tuple[str, str]] | None:
+            found = [(n["kind"], n["severity"]) for n in await journal.open_notices()]
+            return found if len(found) >= at_least else None
+
         assert gw.geo.stats().on_duty == 0
-        assert [(n["kind"], n["severity"]) for n in await gw.journal.open_notices()] == [
-            ("responders.none_on_duty", "warning")]
-        assert await gw.set_duty(on_duty[0], True, by="operator:morning")
-        kinds = [n["kind"] for n in await gw.journal.open_notices()]
-        assert kinds == ["responders.none_on_duty", "responders.on_duty"]
+        # Notices are journaled in their own task: wait for them, then compare.
+        assert await eventually(lambda: notices(1)) == [("responders.none_on_duty", "warning")]
+        await gw.desk.set_duty(on_duty[0], True, by="operator:morning")
+        assert await eventually(lambda: notices(2)) == [
+            ("responders.none_on_duty", "warning"), ("responders.on_duty", "info")]
