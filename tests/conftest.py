@@ -36,3 +36,30 @@ def pty() -> Iterator[Pty]:
 async def twilio() -> AsyncIterator[FaultyTwilioDouble]:
     async with FaultyTwilioDouble() as double:
         yield double
+
+
+# Fixtures that start a broker, open ptys or run the Twilio double: a test that uses one
+# (directly or through another fixture) is an integration test and must say so.
+INTEGRATION_FIXTURES = frozenset({"mosquitto", "pty", "twilio"})
+
+
+def unmarked_integration_tests(items: list[pytest.Item]) -> list[str]:
+    """Node ids of the items that use an integration fixture without the mark."""
+    found = []
+    for item in items:
+        used = INTEGRATION_FIXTURES.intersection(getattr(item, "fixturenames", ()))
+        if used and item.get_closest_marker("integration") is None:
+            found.append(f"{item.nodeid} (uses {', '.join(sorted(used))})")
+    return found
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # tryfirst: checked before -m/-k deselect anything, so `-m "not integration"`
+    # cannot hide an unmarked test that would start a broker in the unit run.
+    unmarked = unmarked_integration_tests(items)
+    if unmarked:
+        raise pytest.UsageError(
+            "tests using the mosquitto, pty or twilio fixtures must be marked "
+            "@pytest.mark.integration:\n  " + "\n  ".join(unmarked)
+        )

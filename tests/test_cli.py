@@ -52,6 +52,7 @@ def write_toml(tmp_path: Path, body: str) -> Path:
     return p
 
 
+@pytest.mark.integration  # runs the gateway CLI as a subprocess
 def test_check_config_on_the_example_prints_a_summary() -> None:
     res = gateway_cmd("check-config", "--config", str(REPO / "config/gateway.example.toml"),
                       env={"TWILIO_ACCOUNT_SID": "AC" + "1" * 32, "TWILIO_AUTH_TOKEN": "x"})
@@ -62,6 +63,7 @@ def test_check_config_on_the_example_prints_a_summary() -> None:
     assert "x" not in summary["secrets"].replace("twilio", "").replace("mqtt", "")
 
 
+@pytest.mark.integration  # runs the gateway CLI as a subprocess
 def test_check_config_reports_file_key_and_reason(tmp_path: Path) -> None:
     cfg = write_toml(tmp_path, '[sms]\nfrom_number = "+15005550006"\n[gateway]\nnme = "x"\n')
     res = gateway_cmd("check-config", "--config", str(cfg))
@@ -69,6 +71,7 @@ def test_check_config_reports_file_key_and_reason(tmp_path: Path) -> None:
     assert f"{cfg}: gateway.nme: unknown key" in res.stderr
 
 
+@pytest.mark.integration  # runs the gateway CLI as a subprocess
 def test_check_config_reports_registry_errors_with_file_line_field(tmp_path: Path) -> None:
     reg = tmp_path / "reg"
     shutil.copytree(SAMPLE, reg)
@@ -84,6 +87,7 @@ def test_check_config_reports_registry_errors_with_file_line_field(tmp_path: Pat
     assert "contacts.csv:4" in res.stderr and "phone" in res.stderr
 
 
+@pytest.mark.integration  # runs the gateway CLI as a subprocess
 def test_run_without_twilio_credentials_exits_3(tmp_path: Path) -> None:
     cfg = write_toml(tmp_path, f'[sms]\nfrom_number = "+15005550006"\n'
                                f'[registry]\ndirectory = "{SAMPLE}"\n'

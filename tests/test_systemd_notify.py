@@ -25,6 +25,7 @@ def test_no_notify_socket_is_a_quiet_no_op(monkeypatch: pytest.MonkeyPatch) -> N
     assert systemd.watchdog_interval_s() is None  # meant for another process
 
 
+@pytest.mark.integration
 async def test_gateway_notifies_ready_watchdog_and_stopping(
     tmp_path: Path, twilio: TwilioDouble, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -27,6 +27,7 @@ def installed_unit(tmp_path: Path) -> Path:
     return out
 
 
+@pytest.mark.integration  # runs systemd-analyze
 @pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze is not installed")
 def test_unit_verifies_cleanly(tmp_path: Path) -> None:
     res = subprocess.run([str(ANALYZE), "verify", str(installed_unit(tmp_path))],
@@ -36,6 +37,7 @@ def test_unit_verifies_cleanly(tmp_path: Path) -> None:
     assert problems == []
 
 
+@pytest.mark.integration  # runs systemd-analyze
 @pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze is not installed")
 def test_unit_exposure_is_low(tmp_path: Path) -> None:
     res = subprocess.run([str(ANALYZE), "security", "--offline=true",
