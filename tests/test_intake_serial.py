@@ -68,7 +68,14 @@ def surgard_config(tmp_path: Path, twilio: TwilioDouble, port: str,
 
 
 async def no_answer(line: Pty, wait: float = RECEIVER_ACK_WAIT_S) -> bool:
-    """True when nothing comes back within ``wait`` (what a receiver sees as no ACK)."""
+    """True when nothing comes back within ``wait`` (what a receiver sees as no ACK).
+
+    Only meaningful after a positive sign that the gateway has the input (a log event, a
+    journal row). Where answers are expected, prefer the link's order instead: the
+    gateway answers each decoded frame exactly once, in order, so reading the answer to
+    a later frame first and then ``link.frames`` equal to the answers read proves that
+    nothing else is owed.
+    """
     try:
         await line.read(1, timeout=wait)
     except TimeoutError:
@@ -183,7 +190,9 @@ async def test_unplug_and_replug_on_the_same_path_reopens_and_processes_new_fram
                 device.write(frame)
                 # The stale half was not glued to the new frame: an ACK, not a NAK.
                 assert await device.read() == ACK
-                assert await no_answer(device)
+                # Two frames decoded, two answers read: none other is owed (the half
+                # frame went with the old connection's decoder).
+                assert link.frames == 2
     events = [e["event"] for e in logs]
     assert events.count("serial.disconnected") == 1
     connected = [e for e in logs if e["event"] == "serial.connected"]
@@ -206,26 +215,28 @@ async def test_garbage_noise_and_split_frames_decode_with_the_right_answers(
     gw = Gateway(cfg, secrets_for(twilio))
     async with running(gw):
         await eventually(gw.serial[0].connected.is_set)
-        # Line noise between frames is skipped and answered with nothing.
+        link = gw.serial[0]
+        # Line noise between frames is skipped and answered with nothing: the first
+        # byte back is the answer to the junk frame after it (answers come in order).
         pty.write(b"\r\n\x00\r\n\x00")
-        assert await no_answer(pty)
         # Binary junk up to a DC4 is one malformed frame: NAK.
         pty.write(b"\xff\xfe\x80junk\x14")
         assert await pty.read() == NAK
+        assert link.frames == 1
         # A frame dribbled out in pieces: no answer until its DC4, then one ACK.
         frame = press(a)
         for piece in (frame[:1], frame[1:6], frame[6:15], frame[15:-1]):
             pty.write(piece)
-            assert await no_answer(pty, 0.05)
         pty.write(frame[-1:])
         assert await pty.read() == ACK
+        assert link.frames == 2  # the pieces made one frame, answered once
         # A run longer than any frame (no DC4 in 200 bytes) is reported once, skipped to
         # the next DC4, and the frame after it still decodes.
         pty.write(b"A" * 200)
         assert await pty.read() == NAK
         pty.write(b"tail of the junk\x14" + press(b))
         assert await pty.read() == ACK
-        assert await no_answer(pty)
+        assert link.frames == 4  # four frames, four answers read: none other is owed
     assert rows(db, "SELECT device_id FROM alarms ORDER BY received_at") == [
         (a.device_id,), (b.device_id,)]
     errors = rows(db, "SELECT error FROM device_messages WHERE error IS NOT NULL")
@@ -252,7 +263,7 @@ async def test_malformed_frames_are_naked_and_journaled_not_alarmed(
             for frame in malformed:
                 pty.write(frame)
                 assert await pty.read() == NAK
-            assert await no_answer(pty)
+            assert gw.serial[0].frames == len(malformed)  # one answer each, none owed
     assert rows(db, "SELECT COUNT(*) FROM alarms") == [(0,)]
     stored = rows(db, "SELECT raw, error FROM device_messages ORDER BY id")
     assert [raw for raw, _ in stored] == malformed
@@ -271,25 +282,35 @@ async def test_receiver_resending_an_unacked_frame_three_times_makes_one_alarm(
     db = cfg.model.gateway.journal_path
     gw = Gateway(cfg, secrets_for(twilio))
     frame = press(device, code="121")
-    async with running(gw):
-        assert gw.dispatcher is not None
-        await eventually(gw.serial[0].connected.is_set)
-        # The journal cannot commit yet, so the gateway must not ACK; the receiver
-        # times out and resends, three times, as Sur-Gard receivers do.
-        with journal_lock(db):
-            pty.write(frame)
-            for _ in range(3):
-                assert await no_answer(pty)
+
+    def received() -> int:
+        return [e["event"] for e in logs].count("alarm.received")
+
+    with capture_logs() as logs:
+        async with running(gw):
+            assert gw.dispatcher is not None
+            link = gw.serial[0]
+            await eventually(link.connected.is_set)
+            # The journal cannot commit yet, so the gateway must not ACK; the receiver
+            # times out and resends, three times, as Sur-Gard receivers do.
+            with journal_lock(db):
                 pty.write(frame)
-            assert await no_answer(pty)
-            assert rows(db, "SELECT COUNT(*) FROM alarms") == [(0,)]
-        # Commit possible again: every copy is journaled and acknowledged, one by one.
-        answers = b""
-        while len(answers) < 4:
-            answers += await pty.read(4 - len(answers))
-        assert answers == ACK * 4
-        assert await no_answer(pty)
-        await gw.dispatcher.wait_idle(timeout=15)
+                # The gateway has the frame and its commit waits on our lock: from here
+                # on, silence on the line is the gateway withholding the ACK.
+                await eventually(lambda: received() == 1)
+                for _ in range(3):
+                    assert await no_answer(pty)
+                    pty.write(frame)
+                assert await no_answer(pty)
+                assert received() == 1  # still in the first commit: the copies wait
+                assert rows(db, "SELECT COUNT(*) FROM alarms") == [(0,)]
+            # Commit possible again: every copy is journaled and acknowledged, one by one.
+            answers = b""
+            while len(answers) < 4:
+                answers += await pty.read(4 - len(answers))
+            assert answers == ACK * 4
+            assert link.frames == 4  # four copies, four answers: none other is owed
+            await gw.dispatcher.wait_idle(timeout=15)
     assert rows(db, "SELECT device_id, presses, code FROM alarms") == [
         (device.device_id, 4, "121")]
     assert rows(db, "SELECT COUNT(DISTINCT alarm_id), COUNT(*) FROM device_messages") == [
