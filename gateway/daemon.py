@@ -42,14 +42,14 @@ from gateway import systemd
 from gateway.alert import AlertPlayer
 from gateway.config import Config, Secrets
 from gateway.control import ControlServer
-from gateway.dispatch import Dispatcher, DispatchSettings, Wave
+from gateway.dispatch import Dispatcher
 from gateway.geo import GeoError, GeoService
 from gateway.gsm import GsmModemSender
 from gateway.intake import Intake
 from gateway.journal import Journal
 from gateway.metrics import Metrics
 from gateway.model import Registry
-from gateway.notices import Notice, NoticeBoard
+from gateway.notices import NoticeBoard
 from gateway.registry import RegistryError
 from gateway.replies import InboundReply, StatusUpdate
 from gateway.responders import ResponderDesk
@@ -184,21 +184,12 @@ class Gateway:
         self.player = player = await self._open("alert", AlertPlayer(m.alert))
         notices.attach(player=player)
         self.feed = feed = AlarmStateFeed(m.mqtt.alarm_topic)
-        async def tell(notice: Notice) -> None:
-            notices.raise_notice(notice)
-
         self.dispatcher = dispatcher = await self._open("dispatch", Dispatcher(
-            journal=journal, registry=lambda: world.registry, geo=lambda: world.geo,
-            player=player, sender=sender, metrics=self.metrics,
-            settings=DispatchSettings(
-                waves=tuple(Wave(**w.model_dump()) for w in m.escalation.waves),
-                responders_k=m.geo.responders_k, budget_ms=m.sms.budget_ms,
-                exclude_busy=m.geo.exclude_busy,
-                map_url_template=m.sms.map_url_template,
-                retry_later_s=m.sms.retry_later_s, give_up_after_s=m.sms.give_up_after_s),
+            journal=journal, world=world, player=player, sender=sender, metrics=self.metrics,
+            escalation=m.escalation, sms=m.sms, geo=m.geo,
             composer=Composer(m.sms.merged_templates()), fallback=fallback,
             clock=self.clock, monotonic=self.monotonic, sleep=self.sleep,
-            on_state=feed.announce, on_notice=tell))
+            on_state=feed.announce, on_notice=notices.raise_notice))
         self.desk = desk = ResponderDesk(world=world, journal=journal, dispatcher=dispatcher,
                                          notices=notices, clock=self.clock)
         self.keeper.on_reloaded(lambda: desk.sync_duty(apply=False))

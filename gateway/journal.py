@@ -34,12 +34,20 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
 
 import structlog
 
-from gateway.lifecycle import AlarmState, check_transition
+from gateway.lifecycle import (
+    NOTIFICATION_TRANSITIONS,
+    AlarmState,
+    NotificationState,
+    check_notification_transition,
+    check_transition,
+    notification_may,
+)
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -75,25 +83,6 @@ CREATE TABLE IF NOT EXISTS alarm_log(
     data TEXT
 );
 CREATE INDEX IF NOT EXISTS alarm_log_alarm ON alarm_log(alarm_id, id);
-CREATE TABLE IF NOT EXISTS notifications(
-    id INTEGER PRIMARY KEY,
-    alarm_id TEXT NOT NULL,
-    wave INTEGER NOT NULL,
-    role TEXT NOT NULL,
-    name TEXT NOT NULL,
-    phone TEXT NOT NULL,
-    body TEXT NOT NULL,
-    state TEXT NOT NULL,
-    sid TEXT,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    error_code INTEGER,
-    error TEXT,
-    latency_ms REAL,
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL,
-    UNIQUE(alarm_id, wave, phone)
-);
-CREATE INDEX IF NOT EXISTS notifications_alarm ON notifications(alarm_id);
 CREATE TABLE IF NOT EXISTS device_messages(
     id INTEGER PRIMARY KEY,
     received_at REAL NOT NULL,
@@ -150,16 +139,13 @@ class UnknownAlarm(JournalError):
         self.alarm_id = alarm_id
 
 
-class NotificationState:
-    PENDING = "pending"  # planned, not yet sent
-    SENDING = "sending"  # request may have left: outcome unknown after a crash
-    ACCEPTED = "accepted"  # Twilio accepted it (201)
-    SENT = "sent"
-    DELIVERED = "delivered"
-    FAILED = "failed"  # permanently failed or given up
-    UNDELIVERED = "undelivered"
+class MessageKind(StrEnum):
+    """What a notification is for. Only escalation messages have a wave number."""
 
-    UNFINISHED = (PENDING, SENDING)
+    ESCALATION = "escalation"  # a wave of the alarm (``wave`` 1, 2, ...)
+    TAKEN = "taken"  # "taken by ...", to those told, after an acknowledgement
+    CANCELLED = "cancelled"  # "cancelled", to those told, after the device cancelled
+    FALLBACK = "fallback"  # a resend through the GSM modem of an undelivered message
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,14 +184,15 @@ class NotificationPlan:
 
 @dataclass(frozen=True, slots=True)
 class NotificationRecord:
-    id: int
+    id: int  # < 0: planned in memory only (the journal could not record it)
     alarm_id: str
-    wave: int
+    kind: MessageKind
+    wave: int | None  # escalation messages only
     role: str
     name: str
     phone: str
     body: str
-    state: str
+    state: NotificationState
     sid: str | None
     attempts: int
     error_code: int | None
@@ -255,8 +242,8 @@ _ALARM_COLS = (
     " acknowledged_by, acknowledged_at, resolved_at, note"
 )
 _NOTE_COLS = (
-    "id, alarm_id, wave, role, name, phone, body, state, sid, attempts, error_code, error,"
-    " latency_ms, created_at"
+    "id, alarm_id, kind, wave, role, name, phone, body, state, sid, attempts, error_code,"
+    " error, latency_ms, created_at"
 )
 
 
@@ -268,7 +255,10 @@ def _alarm(row: Sequence[Any]) -> AlarmRecord:
 
 
 def _notification(row: Sequence[Any]) -> NotificationRecord:
-    return NotificationRecord(*row)
+    return NotificationRecord(
+        row[0], row[1], MessageKind(row[2]), row[3], row[4], row[5], row[6], row[7],
+        NotificationState(row[8]), row[9], row[10], row[11], row[12], row[13], row[14],
+    )
 
 
 _Job = tuple[Callable[[sqlite3.Connection], Any], "asyncio.Future[Any]"]
@@ -326,6 +316,7 @@ class Journal:
         conn.execute("PRAGMA foreign_keys=ON")
         conn.execute("PRAGMA busy_timeout=5000")
         conn.executescript(_SCHEMA)
+        _prepare_notifications(conn)
         conn.execute(
             "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)",
             (str(SCHEMA_VERSION),),
@@ -564,29 +555,35 @@ class Journal:
     async def plan_notifications(
         self,
         alarm_id: str,
-        wave: int,
+        wave: int | None,
         plans: Iterable[NotificationPlan],
-        state: str = NotificationState.SENDING,
+        state: NotificationState = NotificationState.SENDING,
+        *,
+        kind: MessageKind = MessageKind.ESCALATION,
     ) -> list[NotificationRecord]:
-        """Record who must be told. Idempotent per (alarm, wave, phone).
+        """Record who must be told; returns every row of this (alarm, kind, wave).
 
-        Rows start as ``sending`` because the requests leave right after this commit:
-        after a crash, a ``sending`` row is reconciled with Twilio before resending.
+        Idempotent per (alarm, kind, wave, phone). ``wave`` is the escalation wave and
+        must be None for the other kinds. Rows start as ``sending`` because the requests
+        leave right after this commit: after a crash, a ``sending`` row is reconciled
+        with Twilio before resending.
         """
+        if (kind is MessageKind.ESCALATION) != (wave is not None):
+            raise ValueError(f"{kind} messages {'need' if wave is None else 'have no'} wave")
         plans = list(plans)
         now = self._clock()
 
         def op(conn: sqlite3.Connection) -> list[NotificationRecord]:
             conn.executemany(
-                "INSERT OR IGNORE INTO notifications(alarm_id, wave, role, name, phone, body,"
-                " state, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [(alarm_id, wave, p.role, p.name, p.phone, p.body, state, now, now)
+                "INSERT OR IGNORE INTO notifications(alarm_id, kind, wave, role, name, phone,"
+                " body, state, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(alarm_id, kind, wave, p.role, p.name, p.phone, p.body, state, now, now)
                  for p in plans],
             )
             rows = conn.execute(
-                f"SELECT {_NOTE_COLS} FROM notifications WHERE alarm_id = ? AND wave = ?"
-                " ORDER BY id",
-                (alarm_id, wave),
+                f"SELECT {_NOTE_COLS} FROM notifications WHERE alarm_id = ? AND kind = ?"
+                " AND wave IS ? ORDER BY id",
+                (alarm_id, kind, wave),
             ).fetchall()
             return [_notification(r) for r in rows]
 
@@ -595,7 +592,7 @@ class Journal:
     async def update_notification(
         self,
         notification_id: int,
-        state: str,
+        state: NotificationState,
         *,
         sid: str | None = None,
         attempts: int | None = None,
@@ -604,10 +601,19 @@ class Journal:
         latency_ms: float | None = None,
         event: tuple[str, dict[str, Any]] | None = None,
     ) -> None:
-        """Update one notification; ``event`` also goes to its alarm's log, same commit."""
+        """Update one notification; ``event`` also goes to its alarm's log, same commit.
+
+        Raises :class:`gateway.lifecycle.IllegalNotificationTransition` (nothing is
+        written) when the table does not allow the move, e.g. ``acknowledged`` ->
+        ``accepted`` when a reply overtook the answer to the send."""
         now = self._clock()
 
         def op(conn: sqlite3.Connection) -> None:
+            row = conn.execute("SELECT alarm_id, state FROM notifications WHERE id = ?",
+                               (notification_id,)).fetchone()
+            if row is None:
+                raise JournalError(f"no notification {notification_id}")
+            check_notification_transition(notification_id, NotificationState(row[1]), state)
             conn.execute(
                 "UPDATE notifications SET state = ?, sid = COALESCE(?, sid),"
                 " attempts = COALESCE(?, attempts), error_code = ?, error = ?,"
@@ -615,10 +621,7 @@ class Journal:
                 (state, sid, attempts, error_code, error, latency_ms, now, notification_id),
             )
             if event is not None:
-                row = conn.execute("SELECT alarm_id FROM notifications WHERE id = ?",
-                                   (notification_id,)).fetchone()
-                if row is not None:
-                    _log(conn, row[0], now, event[0], event[1])
+                _log(conn, row[0], now, event[0], event[1])
 
         await self._run(op)
 
@@ -645,31 +648,33 @@ class Journal:
 
         return await self._run(op)
 
-    async def set_delivery_status(self, sid: str, status: str,
-                                  error_code: int | None) -> NotificationRecord | None:
+    async def set_delivery_status(
+        self, sid: str, status: str, error_code: int | None
+    ) -> tuple[NotificationRecord, bool] | None:
         """A carrier status for message ``sid`` (StatusCallback or polling).
 
-        Never moves a message backwards (a late 'sent' after 'delivered' is ignored)."""
-        rank = {"accepted": 0, "queued": 0, "sending": 0, "sent": 1, "delivered": 2,
-                "undelivered": 2, "failed": 2, "acknowledged": 3}
+        Returns the row and whether it changed, or None for a sid we never sent. A
+        status moves a message only forwards along the notification table (a late
+        'sent' after 'delivered', or a repeated report, changes nothing)."""
+        wanted = _CARRIER_STATUS.get(status)
         now = self._clock()
 
-        def op(conn: sqlite3.Connection) -> NotificationRecord | None:
+        def op(conn: sqlite3.Connection) -> tuple[NotificationRecord, bool] | None:
             row = conn.execute(f"SELECT {_NOTE_COLS} FROM notifications WHERE sid = ?",
                                (sid,)).fetchone()
             if row is None:
                 return None
             rec = _notification(row)
-            if rank.get(status, -1) > rank.get(rec.state, 0):
-                conn.execute(
-                    "UPDATE notifications SET state = ?, error_code = ?, updated_at = ?"
-                    " WHERE id = ?", (status, error_code, now, rec.id))
-                _log(conn, rec.alarm_id, now, "sms.status",
-                     {"notification_id": rec.id, "status": status, "error_code": error_code})
-                row = conn.execute(f"SELECT {_NOTE_COLS} FROM notifications WHERE id = ?",
-                                   (rec.id,)).fetchone()
-                return _notification(row)
-            return rec
+            if wanted is None or wanted is rec.state or not notification_may(rec.state, wanted):
+                return rec, False
+            conn.execute(
+                "UPDATE notifications SET state = ?, error_code = ?, updated_at = ?"
+                " WHERE id = ?", (wanted, error_code, now, rec.id))
+            _log(conn, rec.alarm_id, now, "sms.status",
+                 {"notification_id": rec.id, "status": status, "error_code": error_code})
+            row = conn.execute(f"SELECT {_NOTE_COLS} FROM notifications WHERE id = ?",
+                               (rec.id,)).fetchone()
+            return _notification(row), True
 
         return await self._run(op)
 
@@ -697,8 +702,9 @@ class Journal:
         """The recipient who took the alarm: their notifications show 'acknowledged'."""
         now = self._clock()
         await self._run(lambda conn: conn.execute(
-            "UPDATE notifications SET state = 'acknowledged', updated_at = ?"
-            " WHERE alarm_id = ? AND phone = ?", (now, alarm_id, phone)))
+            f"UPDATE notifications SET state = ?, updated_at = ?"
+            f" WHERE alarm_id = ? AND phone = ? AND state IN ({_ACKNOWLEDGEABLE})",
+            (NotificationState.ACKNOWLEDGED, now, alarm_id, phone)))
 
     # -- reads -----------------------------------------------------------------------
 
@@ -720,7 +726,8 @@ class Journal:
 
         def op(conn: sqlite3.Connection) -> list[NotificationRecord]:
             rows = conn.execute(
-                f"SELECT {_NOTE_COLS} FROM notifications WHERE state IN ('accepted', 'sent')"
+                f"SELECT {_NOTE_COLS} FROM notifications WHERE state IN"
+                f" ('{NotificationState.ACCEPTED}', '{NotificationState.SENT}')"
                 " AND sid IS NOT NULL AND sid NOT LIKE 'gsm:%' AND updated_at < ?"
                 " ORDER BY id LIMIT 500", (older_than,)).fetchall()
             return [_notification(r) for r in rows]
@@ -780,7 +787,7 @@ class Journal:
     async def notifications(self, alarm_id: str) -> list[NotificationRecord]:
         def op(conn: sqlite3.Connection) -> list[NotificationRecord]:
             rows = conn.execute(
-                f"SELECT {_NOTE_COLS} FROM notifications WHERE alarm_id = ? ORDER BY wave, id",
+                f"SELECT {_NOTE_COLS} FROM notifications WHERE alarm_id = ? ORDER BY id",
                 (alarm_id,),
             ).fetchall()
             return [_notification(r) for r in rows]
@@ -851,6 +858,95 @@ class Journal:
         return await self._run(
             lambda conn: int(conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
         )
+
+
+# -- the notifications table -------------------------------------------------------------
+
+_NOTIFICATIONS_TABLE = """
+CREATE TABLE IF NOT EXISTS notifications(
+    id INTEGER PRIMARY KEY,
+    alarm_id TEXT NOT NULL,
+    kind TEXT NOT NULL DEFAULT 'escalation',  -- MessageKind
+    wave INTEGER,  -- escalation messages only
+    role TEXT NOT NULL,
+    name TEXT NOT NULL,
+    phone TEXT NOT NULL,
+    body TEXT NOT NULL,
+    state TEXT NOT NULL,  -- NotificationState
+    sid TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    error_code INTEGER,
+    error TEXT,
+    latency_ms REAL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+)"""
+# One message per person per (alarm, kind, wave); a wave-less kind counts as wave 0 here
+# because a UNIQUE constraint would treat every NULL wave as different.
+_NOTIFICATIONS_UNIQUE = """
+CREATE UNIQUE INDEX IF NOT EXISTS notifications_once
+    ON notifications(alarm_id, kind, IFNULL(wave, 0), phone)"""
+_NOTIFICATIONS_INDEXES = _NOTIFICATIONS_UNIQUE + """;
+CREATE INDEX IF NOT EXISTS notifications_alarm ON notifications(alarm_id);
+CREATE INDEX IF NOT EXISTS notifications_phone ON notifications(phone);
+CREATE INDEX IF NOT EXISTS notifications_sid ON notifications(sid) WHERE sid IS NOT NULL;
+"""
+#: Wave numbers that journals written before message kinds used for follow-ups.
+_OLD_KIND_WAVES = {900: MessageKind.TAKEN, 901: MessageKind.CANCELLED,
+                   902: MessageKind.FALLBACK}
+
+#: Twilio message statuses -> our states (queued, sending... say no more than accepted).
+_CARRIER_STATUS: dict[str, NotificationState] = {
+    "accepted": NotificationState.ACCEPTED,
+    "scheduled": NotificationState.ACCEPTED,
+    "queued": NotificationState.ACCEPTED,
+    "sending": NotificationState.ACCEPTED,
+    "sent": NotificationState.SENT,
+    "delivered": NotificationState.DELIVERED,
+    "read": NotificationState.DELIVERED,
+    "undelivered": NotificationState.UNDELIVERED,
+    "failed": NotificationState.FAILED,
+}
+_ACKNOWLEDGEABLE = ", ".join(
+    f"'{s}'" for s, nxt in NOTIFICATION_TRANSITIONS.items()
+    if NotificationState.ACKNOWLEDGED in nxt)
+
+
+def _prepare_notifications(conn: sqlite3.Connection) -> None:
+    """Create the notifications table, or migrate one written before message kinds.
+
+    The old table keyed rows by UNIQUE(alarm_id, wave, phone) and told follow-ups
+    apart by magic wave numbers (900 taken, 901 cancelled, 902 fallback). SQLite
+    cannot change a table's constraints in place, so the old table is rebuilt, in one
+    transaction: ``kind`` from the old wave number (``escalation`` otherwise), and the
+    wave kept for escalation messages only."""
+    columns = {r[1] for r in conn.execute("PRAGMA table_info(notifications)")}
+    if columns and "kind" not in columns:
+        kinds = " ".join(f"WHEN {w} THEN '{k}'" for w, k in _OLD_KIND_WAVES.items())
+        waves = ", ".join(str(w) for w in _OLD_KIND_WAVES)
+        cols = ("role, name, phone, body, state, sid, attempts, error_code, error,"
+                " latency_ms, created_at, updated_at")
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute("ALTER TABLE notifications RENAME TO notifications_v1")
+            conn.execute(_NOTIFICATIONS_TABLE)
+            moved = conn.execute(
+                f"INSERT INTO notifications(id, alarm_id, kind, wave, {cols})"
+                f" SELECT id, alarm_id, CASE wave {kinds} ELSE '{MessageKind.ESCALATION}' END,"
+                f" CASE WHEN wave IN ({waves}) THEN NULL ELSE wave END, {cols}"
+                " FROM notifications_v1").rowcount
+            conn.execute("DROP TABLE notifications_v1")
+            conn.execute(_NOTIFICATIONS_UNIQUE)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.executescript(_NOTIFICATIONS_INDEXES)
+        log.info("journal.migrated", table="notifications", rows=moved,
+                 change="message kinds instead of wave numbers 900-902")
+        return
+    conn.execute(_NOTIFICATIONS_TABLE)
+    conn.executescript(_NOTIFICATIONS_INDEXES)
 
 
 # -- helpers run in the writer thread ---------------------------------------------------

@@ -54,3 +54,73 @@ class IllegalTransition(Exception):
 def check_transition(alarm_id: str, current: AlarmState, wanted: AlarmState) -> None:
     if wanted not in TRANSITIONS[current]:
         raise IllegalTransition(alarm_id, current, wanted)
+
+
+# -- notifications ------------------------------------------------------------------------
+#
+# One SMS (or fallback text) to one person, as the journal's ``notifications`` row sees it:
+#
+#     pending -> sending -> accepted -> sent -> delivered
+#                   |          |          +--> undelivered | failed (carrier)
+#                   |          +--> delivered | undelivered | failed
+#                   +--> failed (refused, or given up)
+#     any state but acknowledged -> acknowledged (the recipient took the alarm)
+#
+# ``sending`` -> ``sending`` is one more attempt. A carrier status only moves a message
+# forwards: a late "sent" after "delivered" is not in the table, so it is ignored. A
+# message the carrier could not deliver stays ``undelivered``; a resend through the GSM
+# fallback is a row of its own (kind ``fallback``), so the record of what happened is kept.
+
+
+class NotificationState(StrEnum):
+    PENDING = "pending"  # planned, not yet sent
+    SENDING = "sending"  # the request may have left: outcome unknown after a crash
+    ACCEPTED = "accepted"  # Twilio (or the GSM modem) took it
+    SENT = "sent"  # the carrier has it
+    DELIVERED = "delivered"
+    UNDELIVERED = "undelivered"
+    FAILED = "failed"  # refused, given up, or failed at the carrier
+    ACKNOWLEDGED = "acknowledged"  # this recipient took the alarm
+
+
+_N = NotificationState
+_REACHED = frozenset({_N.ACCEPTED, _N.SENT, _N.DELIVERED, _N.UNDELIVERED, _N.FAILED})
+NOTIFICATION_TRANSITIONS: dict[NotificationState, frozenset[NotificationState]] = {
+    _N.PENDING: frozenset({_N.SENDING, _N.FAILED, _N.ACKNOWLEDGED}) | _REACHED,
+    # A carrier status may be the first news of an accepted request (reconciliation).
+    _N.SENDING: frozenset({_N.SENDING, _N.ACKNOWLEDGED}) | _REACHED,
+    _N.ACCEPTED: frozenset({_N.SENT, _N.DELIVERED, _N.UNDELIVERED, _N.FAILED,
+                            _N.ACKNOWLEDGED}),
+    _N.SENT: frozenset({_N.DELIVERED, _N.UNDELIVERED, _N.FAILED, _N.ACKNOWLEDGED}),
+    _N.DELIVERED: frozenset({_N.ACKNOWLEDGED}),
+    _N.UNDELIVERED: frozenset({_N.ACKNOWLEDGED}),
+    # They answered, so something reached them (an SMS the carrier called failed, or
+    # another channel): who took the alarm is the truth that matters.
+    _N.FAILED: frozenset({_N.ACKNOWLEDGED}),
+    _N.ACKNOWLEDGED: frozenset(),
+}
+
+#: Rows a restart must reconcile with Twilio before anything is resent.
+UNFINISHED_NOTIFICATION_STATES = frozenset({_N.PENDING, _N.SENDING})
+
+
+class IllegalNotificationTransition(Exception):
+    """A notification state change the table does not allow (e.g. acknowledged -> accepted)."""
+
+    def __init__(self, notification_id: int, current: NotificationState,
+                 wanted: NotificationState) -> None:
+        super().__init__(f"notification {notification_id}: cannot go from {current} to {wanted}")
+        self.notification_id = notification_id
+        self.current = current
+        self.wanted = wanted
+
+
+def notification_may(current: NotificationState, wanted: NotificationState) -> bool:
+    """True when ``current -> wanted`` is in the table (the same state always is)."""
+    return wanted is current or wanted in NOTIFICATION_TRANSITIONS[current]
+
+
+def check_notification_transition(notification_id: int, current: NotificationState,
+                                  wanted: NotificationState) -> None:
+    if not notification_may(current, wanted):
+        raise IllegalNotificationTransition(notification_id, current, wanted)

@@ -1,5 +1,6 @@
 """Escalation waves with an injected clock, acknowledgement by SMS reply, cancel from the
-device, and wave timers rebuilt from the journal after a restart."""
+device, wave timers rebuilt from the journal after a restart, and a prompt stop while a
+resumed alarm waits for its next wave."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 from devices.events import Qualifier
 from devices.surgard import ACK, encode_mlr2
 from gateway.daemon import Gateway
-from gateway.dispatch import WAVE_CANCELLED, WAVE_TAKEN
+from gateway.journal import MessageKind
 from gateway.lifecycle import AlarmState
 from gateway.model import Device, FacilityKind, ResponderRole
 from gateway.sandbox.twilio_double import TwilioDouble
@@ -121,10 +122,12 @@ async def test_sms_reply_acknowledges_stops_escalation_and_tells_the_others(
         assert task is not None
         await asyncio.wait_for(task, 10)  # the wave-2 timer ended with the acknowledgement
         others = {n.phone for n in wave1} - {staff.phone}
-        taken = await eventually(lambda: _wave(gw, alarm.alarm_id, WAVE_TAKEN, len(others)))
+        taken = await eventually(lambda: _kind(gw, alarm.alarm_id, MessageKind.TAKEN,
+                                               len(others)))
         assert {n.phone for n in taken} == others
         assert all(staff.name in n.body for n in taken)
-        assert {n.wave for n in await gw.journal.notifications(alarm.alarm_id)} == {1, WAVE_TAKEN}
+        assert {(n.kind, n.wave) for n in await gw.journal.notifications(alarm.alarm_id)} == {
+            (MessageKind.ESCALATION, 1), (MessageKind.TAKEN, None)}
         second = await gw.dispatcher.on_reply(next(iter(others)), alarm.alarm_id, "ack")
         assert staff.name in second and "已由" in second
 
@@ -132,7 +135,14 @@ async def test_sms_reply_acknowledges_stops_escalation_and_tells_the_others(
 async def _wave(gw: Gateway, alarm_id: str, wave: int, n: int) -> list[object] | None:
     assert gw.journal is not None
     rows = [r for r in await gw.journal.notifications(alarm_id)
-            if r.wave == wave and r.state == "accepted"]
+            if r.kind is MessageKind.ESCALATION and r.wave == wave and r.state == "accepted"]
+    return rows if len(rows) == n else None  # type: ignore[return-value]
+
+
+async def _kind(gw: Gateway, alarm_id: str, kind: MessageKind, n: int) -> list[object] | None:
+    assert gw.journal is not None
+    rows = [r for r in await gw.journal.notifications(alarm_id)
+            if r.kind is kind and r.wave is None and r.state == "accepted"]
     return rows if len(rows) == n else None  # type: ignore[return-value]
 
 
@@ -151,7 +161,7 @@ async def test_cancel_from_the_device_stops_the_alert_and_tells_those_told(
         await press(pty, device, code="406")  # the elder presses cancel
         await eventually(lambda: _state(gw, alarm.alarm_id, AlarmState.CANCELLED))
         assert alarm.alarm_id not in gw.player.active()
-        cancelled = await eventually(lambda: _wave(gw, alarm.alarm_id, WAVE_CANCELLED,
+        cancelled = await eventually(lambda: _kind(gw, alarm.alarm_id, MessageKind.CANCELLED,
                                                    len(told)))
         assert all("取消" in n.body for n in cancelled)  # type: ignore[attr-defined]
 
@@ -187,6 +197,37 @@ async def test_restart_rebuilds_the_escalation_timer_from_the_journal(
         assert [n.wave for n in notes].count(1) == first_wave
         await eventually(lambda: fake.slept)  # the wave-3 timer starts after wave 2's sends
         assert fake.slept[0] == pytest.approx(300 - 130, abs=1)
+
+
+async def test_stop_after_a_restart_does_not_wait_for_a_resumed_alarms_next_wave(
+    tmp_path: Path, pty: Pty, twilio: TwilioDouble
+) -> None:
+    """Fault 3: a resumed alarm waiting for a later wave is idle, so stopping the gateway
+    returns at once instead of waiting out ``shutdown_timeout_s``."""
+    cfg = gateway_config(tmp_path, twilio, gateway={"shutdown_timeout_s": 15}, serial=[{
+        "name": "rx", "port": pty.path, "protocol": "surgard", "reconnect_initial_s": 0.05}])
+    gw = Gateway(cfg, secrets_for(twilio))
+    async with running(gw):
+        assert gw.journal is not None and gw.dispatcher is not None
+        await eventually(gw.serial[0].connected.is_set)
+        await press(pty, first_contact_id_device(gw))
+        alarm = (await eventually(gw.journal.open_alarms))[0]
+        await gw.dispatcher.wait_idle(timeout=15)
+    # The next start: wave 2 is due ~120 s after the press, and the timer really waits.
+    timers: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        timers.append(seconds)
+        await asyncio.sleep(seconds)
+
+    gw2 = Gateway(cfg, secrets_for(twilio), sleep=sleep)
+    async with running(gw2):
+        assert gw2.dispatcher is not None
+        await eventually(lambda: timers)  # the resumed alarm's wave-2 timer is running
+        assert timers[0] > 60
+        assert alarm.alarm_id in gw2.dispatcher.active
+        stopping = time.monotonic()
+    assert time.monotonic() - stopping < 5  # the drain budget would be ~11 s
 
 
 async def test_a_permanent_twilio_error_is_not_retried_and_the_operator_is_told(
