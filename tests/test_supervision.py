@@ -140,7 +140,8 @@ async def test_unplugged_receiver_sounds_a_notice_until_it_is_back(
         assert notices[0]["severity"] == "critical"
         await eventually(lambda: gw.player is not None
                          and f"notice-{notices[0]['id']}" in gw.player.active())
-        assert await gw.ack_notice(int(notices[0]["id"]), "operator")
+        assert gw.notices is not None
+        assert await gw.notices.acknowledge(int(notices[0]["id"]), "operator")
         assert f"notice-{notices[0]['id']}" not in gw.player.active()
         assert await gw.journal.open_notices() == []
 
