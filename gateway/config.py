@@ -245,15 +245,19 @@ class GsmSection(_Section):
 
 
 class WaveSection(_Section):
+    """One escalation wave: who is told, and when (seconds after the press) if nobody
+    has acknowledged by then. :class:`gateway.escalation.Planner` plans from these."""
+
     after_s: float = Field(ge=0, allow_inf_nan=False)
     family: bool = False
-    staff: int = Field(0, ge=0, le=50)
+    staff: int = Field(0, ge=0, le=50)  # the next N nearest on-duty staff not told yet
     supervisor: bool = False
     clinic: bool = False
     hospital: bool = False
 
 
 def _default_waves() -> tuple[WaveSection, ...]:
+    # The one definition of the default waves (the planner has no copy of its own).
     return (
         WaveSection(after_s=0, family=True, staff=2),
         WaveSection(after_s=120, staff=3, supervisor=True),

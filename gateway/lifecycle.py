@@ -1,4 +1,4 @@
-"""The alarm lifecycle as a transition table.
+"""The alarm lifecycle, and each notification's, as transition tables.
 
     received -> journaled -> notifying -> notified -> acknowledged -> resolved
                                   |            |            ^
@@ -8,6 +8,9 @@
 ``notified -> notifying`` is an escalation wave. ``cancelled`` is the elder (or the
 unit) cancelling; it stays open until an operator resolves it, because a cancel
 after a real fall is common and someone should still call back.
+
+The notification table (one SMS to one person) is further down, with its own typed
+error, :class:`IllegalNotificationTransition`.
 """
 
 from __future__ import annotations
