@@ -1,5 +1,6 @@
 """Acknowledgement by SMS reply and delivery tracking through the running gateway: signed
-Twilio webhooks (and forged ones refused), and the polling mode for centers behind NAT."""
+Twilio webhooks (and forged ones refused), the polling mode for centers behind NAT, and a
+message the carrier could not deliver resent through the GSM modem."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from twilio.request_validator import RequestValidator
 from devices.events import Qualifier
 from devices.surgard import ACK, encode_mlr2
 from gateway.daemon import Gateway
-from gateway.lifecycle import AlarmState
+from gateway.journal import MessageKind
+from gateway.lifecycle import AlarmState, NotificationState
 from gateway.sandbox.twilio_double import TwilioDouble
 from tests.helpers import (
     Mosquitto,
@@ -25,6 +27,7 @@ from tests.helpers import (
     running,
     secrets_for,
 )
+from tests.support.gsm_modem_sim import SimulatedModem
 
 pytestmark = pytest.mark.integration
 
@@ -134,3 +137,42 @@ async def test_staff_app_acknowledges_over_mqtt(
         await eventually(lambda: _acknowledged(gw, alarm_id))
         rec = await gw.journal.get_alarm(alarm_id)
         assert rec.acknowledged_by == f"app:{responder.name}"
+
+
+async def test_an_undelivered_sms_is_resent_by_the_gsm_modem_once_and_the_operator_told(
+    tmp_path: Path, pty: Pty, twilio: TwilioDouble
+) -> None:
+    port = free_port()
+    public = f"http://127.0.0.1:{port}"
+    async with SimulatedModem() as modem:
+        cfg = gateway_config(
+            tmp_path, twilio, control={"port": port}, sms={"public_url": public},
+            gsm={"port": modem.port_path, "command_timeout_s": 2, "send_timeout_s": 10},
+            serial=[{"name": "rx", "port": pty.path, "protocol": "surgard"}])
+        gw = Gateway(cfg, secrets_for(twilio))
+        async with running(gw):
+            assert gw.journal is not None and gw.registry is not None
+            device = sorted((d for d in gw.registry.devices.values()
+                             if d.scheme == "contact_id"), key=lambda d: d.device_id)[0]
+            lost = gw.registry.elders[device.elder_id].contacts[0].phone
+            twilio.set_final_status(lost, "undelivered", error_code=30003)
+            alarm_id = await start_alarm(gw, pty)
+
+            async def resent() -> list[object] | None:
+                assert gw.journal is not None
+                rows = [r for r in await gw.journal.notifications(alarm_id)
+                        if r.kind is MessageKind.FALLBACK
+                        and r.state is NotificationState.ACCEPTED]
+                return rows or None  # type: ignore[return-value]
+
+            rows = await eventually(resent, timeout=20)
+            assert [r.phone for r in rows] == [lost]  # type: ignore[attr-defined]
+            assert (rows[0].sid or "").startswith("gsm:")  # type: ignore[attr-defined]
+            original = [r for r in await gw.journal.notifications(alarm_id)
+                        if r.kind is MessageKind.ESCALATION and r.phone == lost]
+            assert [r.state for r in original] == [NotificationState.UNDELIVERED]
+            assert [phone for phone, _ in modem.reassembled()] == [lost]
+            assert gw.notices is not None
+            await gw.notices.wait_idle()
+            kinds = [n["kind"] for n in await gw.journal.open_notices()]
+            assert kinds == ["sms.undelivered"]
