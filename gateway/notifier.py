@@ -511,7 +511,7 @@ class Backlog:
                 self._busy -= 1
                 if self._busy == 0:
                     self._quiet.set()
-            if not self._rows:
+            if not self._rows and self._busy == 0:
                 log.info("sms.backlog_done", reconciled=self.done)
 
 
