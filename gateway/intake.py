@@ -144,19 +144,38 @@ class Intake:
                      shown: str, now: float, t0: float, reg: Registry) -> None:
         bound = log.bind(device_id=device_id, source=source)
         bound.info("alarm.received", code=event.code, address=shown)
+        # A press alerted from memory (the journal could not commit) keeps that id: its
+        # resend, or the link's retry, is journaled under it, with what happened meanwhile.
+        volatile = self._volatile.get(device_id)
+        if volatile is not None and now - volatile.last_press > self._window:
+            volatile = None
+        alerted = self._dispatcher.active.get(volatile.alarm_id) if volatile else None
         try:
             outcome = await self._journal.record_press(
                 device_id=device_id, elder_id=elder_id, code=event.code or "emergency",
                 source=source, address=str(event.address), raw=event.raw, received_at=now,
-                dedupe_window_s=self._window)
+                dedupe_window_s=self._window,
+                alarm_id=volatile.alarm_id if volatile else None,
+                alerted_at=alerted.received_at if alerted else None)
         except JournalError as exc:
             self._metrics.journal_errors.inc()
             bound.critical("journal.write_failed", what="press", error=str(exc),
                            action="alarming from memory; device not acknowledged")
-            self._volatile_alarm(device_id, reg, now, t0, shown)
+            await self._volatile_alarm(device_id, reg, now, t0, shown)
             raise
         latency = round((self._monotonic() - t0) * 1000, 3)
         self._metrics.journal_latency.observe(latency)
+        if outcome.adopted:
+            # Already alerted and dispatched under this id: no second start. From now
+            # on the dispatcher journals what it does for it.
+            self._volatile.pop(device_id, None)
+            if alerted is not None:
+                alerted.durable = True
+            if outcome.new:
+                self._metrics.alarms.labels(source).inc()
+            bound.warning("alarm.adopted", alarm_id=outcome.alarm_id, presses=outcome.presses,
+                          state=outcome.state.value, latency_ms=latency)
+            return
         if not outcome.new:
             self._metrics.presses_joined.inc()
             bound.info("alarm.joined", alarm_id=outcome.alarm_id, presses=outcome.presses,
@@ -169,11 +188,25 @@ class Intake:
             alarm_id=outcome.alarm_id, device_id=device_id, elder=elder, address_text=shown,
             received_at=now, t0=t0))
 
-    def _volatile_alarm(self, device_id: str, reg: Registry, now: float, t0: float,
-                        shown: str) -> None:
+    async def _volatile_alarm(self, device_id: str, reg: Registry, now: float, t0: float,
+                              shown: str) -> None:
         prev = self._volatile.get(device_id)
         if prev is not None and now - prev.last_press <= self._window:
             self._volatile[device_id] = _Volatile(prev.alarm_id, now)
+            return
+        # Reads work on a full disk: a press that would have joined the device's open,
+        # journaled alarm is already being alerted; it is no new alarm.
+        try:
+            open_alarm = await self._journal.open_alarm_for_device(device_id)
+        except JournalError:
+            open_alarm = None
+        if open_alarm is not None and now - open_alarm.last_press_at <= self._window:
+            log.warning("alarm.joined_from_memory", alarm_id=open_alarm.alarm_id,
+                        device_id=device_id)
+            return
+        prev = self._volatile.get(device_id)  # a concurrent resend may have alerted it
+        if prev is not None and now - prev.last_press <= self._window:
+            self._volatile[device_id] = _Volatile(prev.alarm_id, max(now, prev.last_press))
             return
         alarm_id = new_alarm_id()
         self._volatile[device_id] = _Volatile(alarm_id, now)

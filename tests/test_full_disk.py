@@ -1,5 +1,9 @@
 """A full disk: the press is still heard and texted from memory, the device is not
-acknowledged, and its resend is journaled once space is back."""
+acknowledged, and its resend is journaled once space is back, under the id it was
+alerted and texted with (no second alarm, no second reference).
+
+The disk here is PRAGMA max_page_count on the writer's connection; the journal's own
+behaviour on a real, small file system is in tests/test_journal_space.py."""
 
 from __future__ import annotations
 
@@ -54,10 +58,21 @@ async def test_full_disk_alarms_from_memory_and_withholds_the_ack(
         elder = gw.registry.elders[device.elder_id]
         await eventually(lambda: {c.phone for c in elder.contacts}
                          <= {m.to for m in twilio.messages})
-        assert await gw.journal.open_alarms() == []
+        assert await gw.journal.open_alarms() == []  # reads work on the full disk
+        [alerted] = gw.dispatcher.active.values()
+        assert not alerted.durable
+        texted = len(twilio.messages)
         # Space is freed; the receiver's resend is journaled and acknowledged.
         await gw.journal._run(lambda c: c.execute("PRAGMA max_page_count = 1073741823"))
         pty.write(frame)
         assert await pty.read() == ACK
-        alarms = await gw.journal.open_alarms()
-        assert [a.device_id for a in alarms] == [device.device_id]
+        [alarm] = await gw.journal.open_alarms()
+        assert alarm.device_id == device.device_id
+        # The same alarm: the id it was alerted and texted under, its first time, and no
+        # second dispatch (which would have started before the ACK).
+        assert alarm.alarm_id == alerted.alarm_id
+        assert alarm.received_at == alerted.received_at
+        assert list(gw.dispatcher.active) == [alarm.alarm_id] and alerted.durable
+        assert len(gw.player.active()) == 1
+        assert all(alarm.alarm_id in m.body for m in twilio.messages[:texted])
+        assert gw.journal.healthy

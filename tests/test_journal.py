@@ -9,16 +9,23 @@ from pathlib import Path
 import pytest
 
 from gateway.journal import (
+    RESERVE_BYTES,
+    WAL_AUTOCHECKPOINT_PAGES,
     DutyOverride,
     Journal,
     JournalError,
     JournalFull,
+    JournalState,
+    MessageKind,
     NotificationPlan,
+    NotificationRecord,
     NotificationState,
+    PressOutcome,
     UnknownAlarm,
     new_alarm_id,
 )
 from gateway.lifecycle import AlarmState, IllegalTransition
+from tests.helpers import eventually
 
 
 class Clock:
@@ -208,3 +215,139 @@ async def test_prune_removes_old_routine_traffic_but_keeps_open_alarms(tmp_path:
         assert await j.prune(before=5_000.0, batch=7) == 30
         assert await j.count("device_messages") == 2  # the recent one and the open alarm's
         assert [a.alarm_id for a in await j.open_alarms()] == [open_alarm.alarm_id]
+
+
+# -- space, health and alarms alerted from memory (issue 9, fault 4) --------------------
+
+
+async def adopt(j: Journal, alarm_id: str, device: str = "d1", at: float = 2000.0,
+                alerted_at: float | None = None) -> PressOutcome:
+    return await j.record_press(device_id=device, elder_id="e1", code="101", source="test",
+                                address="contact_id:1234", raw=b"frame", received_at=at,
+                                dedupe_window_s=60.0, alarm_id=alarm_id, alerted_at=alerted_at)
+
+
+async def test_space_pragmas_are_set_and_an_idle_journal_truncates_its_wal(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "j.db"
+    async with Journal(path, idle_checkpoint_s=0.01) as j:
+        assert await j._run(lambda c: c.execute("PRAGMA wal_autocheckpoint").fetchone()[0]) \
+            == WAL_AUTOCHECKPOINT_PAGES
+        assert await j._run(lambda c: c.execute("PRAGMA journal_size_limit").fetchone()[0]) \
+            == WAL_AUTOCHECKPOINT_PAGES * 4096
+        assert j.reserve_path.stat().st_size == RESERVE_BYTES
+        before = j.checkpoints
+        await asyncio.gather(*(press(j, f"d{i}", 1000.0 + i) for i in range(50)))
+        wal = path.with_name(path.name + "-wal")
+        await eventually(lambda: j.checkpoints > before and wal.stat().st_size == 0)
+    async with Journal(tmp_path / "none.db", reserve_bytes=0) as j:
+        assert not j.reserve_path.exists() and j.state is JournalState.OK
+
+
+async def test_reads_keep_working_while_writes_fail_for_space(tmp_path: Path) -> None:
+    async with Journal(tmp_path / "j.db", probe_interval_s=60.0) as j:
+        a = await press(j, "d1", 1000.0)
+        await j.plan_notifications(a.alarm_id, 1, [NotificationPlan("family", "n", "+86", "b")])
+        assert j.healthy and j.last_error is None
+        await j._run(lambda c: c.execute(
+            "PRAGMA max_page_count = " + str(c.execute("PRAGMA page_count").fetchone()[0])))
+        async def fill() -> None:
+            for i in range(200):
+                await j.record_device_message(source="t", address="a", raw=b"x" * 3000,
+                                              received_at=1001.0 + i)
+
+        with pytest.raises(JournalFull):
+            await fill()
+        assert j.state is JournalState.FULL and not j.healthy
+        assert isinstance(j.last_error, JournalFull) and j.last_error.storage
+        # The reads do not go through the failing writer.
+        assert [r.alarm_id for r in await j.open_alarms()] == [a.alarm_id]
+        assert (await j.get_alarm(a.alarm_id)).presses == 1
+        assert [n.phone for n in await j.notifications(a.alarm_id)] == ["+86"]
+        await j._run(lambda c: c.execute("PRAGMA max_page_count = 1073741823"))
+        assert (await press(j, "d2", 3000.0)).new  # the next batch just works again
+        assert j.state is JournalState.OK
+        await asyncio.wait_for(j.wait_healthy(), 1)
+
+
+async def test_a_request_error_is_not_a_storage_failure(tmp_path: Path) -> None:
+    async with Journal(tmp_path / "j.db") as j:
+        with pytest.raises(UnknownAlarm) as caught:
+            await j.transition("NOPE-NOPE", AlarmState.RESOLVED)
+        assert not caught.value.storage and j.healthy
+
+
+async def test_a_press_alerted_from_memory_is_journaled_under_that_id(tmp_path: Path) -> None:
+    async with Journal(tmp_path / "j.db") as j:
+        v = new_alarm_id()
+        first = await adopt(j, v, at=2000.0, alerted_at=1990.0)
+        assert (first.alarm_id, first.new, first.adopted) == (v, True, True)
+        rec = await j.get_alarm(v)
+        assert (rec.received_at, rec.last_press_at, rec.presses) == (1990.0, 2000.0, 1)
+        again = await adopt(j, v, at=2010.0)  # the link's retry and the resend both land
+        assert (again.alarm_id, again.new, again.adopted, again.presses) == (v, False, True, 2)
+        # Never joined to another open alarm of the device: every texted reference exists.
+        w = new_alarm_id()
+        other = await adopt(j, w, at=2020.0)
+        assert other.alarm_id == w and other.new
+        assert {a.alarm_id for a in await j.open_alarms()} == {v, w}
+        events = [e for _, e, d in await j.alarm_log(v)]
+        assert events == ["alarm.journaled", "press.joined"]
+
+
+async def test_transitions_held_for_an_alarm_in_memory_follow_the_table(
+    tmp_path: Path,
+) -> None:
+    async with Journal(tmp_path / "j.db", clock=Clock(3000.0)) as j:
+        v = new_alarm_id()
+        assert j.deferred_state(v) is AlarmState.JOURNALED
+        assert j.defer_transition(v, AlarmState.ACKNOWLEDGED, by="sms:王强") \
+            is AlarmState.JOURNALED
+        assert j.defer_transition(v, AlarmState.ACKNOWLEDGED, by="operator:li") \
+            is AlarmState.ACKNOWLEDGED  # the first one wins, as in transition()
+        with pytest.raises(IllegalTransition):
+            j.defer_transition(v, AlarmState.NOTIFYING)
+        j.defer_transition(v, AlarmState.RESOLVED, note="false alarm", at=3100.0)
+        outcome = await adopt(j, v)
+        assert outcome.state is AlarmState.RESOLVED
+        rec = await j.get_alarm(v)
+        assert (rec.acknowledged_by, rec.acknowledged_at) == ("sms:王强", 3000.0)
+        assert (rec.resolved_at, rec.note) == (3100.0, "false alarm")
+        assert j.deferred_state(v) is AlarmState.JOURNALED  # nothing held any more
+
+
+async def test_an_acknowledgement_made_while_the_adopting_commit_is_in_flight_lands(
+    tmp_path: Path,
+) -> None:
+    async with Journal(tmp_path / "j.db") as j:
+        v = new_alarm_id()
+        landing = asyncio.create_task(adopt(j, v))
+        await asyncio.sleep(0)  # record_press has taken what was held and queued its write
+        j.defer_transition(v, AlarmState.ACKNOWLEDGED, by="operator:li")
+        outcome = await landing
+        assert outcome.adopted
+        assert (await j.get_alarm(v)).state is AlarmState.ACKNOWLEDGED
+
+
+async def test_sms_sent_from_memory_are_adopted_forwards_only(tmp_path: Path) -> None:
+    async with Journal(tmp_path / "j.db", clock=Clock(4000.0)) as j:
+        a = await press(j, "d1", 3990.0)
+        [row] = await j.plan_notifications(a.alarm_id, 1,
+                                           [NotificationPlan("family", "n", "+861", "b")])
+
+        def mem(phone: str, state: NotificationState, sid: str | None) -> NotificationRecord:
+            return NotificationRecord(-1, a.alarm_id, MessageKind.ESCALATION, 1, "family",
+                                      "n", phone, "b", state, sid, 1, None, None, 9.0, 3995.0)
+
+        rows = await j.adopt_notifications(a.alarm_id, [
+            mem("+861", NotificationState.ACCEPTED, "SM1"),  # the row planned above
+            mem("+862", NotificationState.SENDING, None)])  # planned only in memory
+        got = {r.phone: r for r in rows}
+        assert got["+861"].id == row.id and got["+861"].state is NotificationState.ACCEPTED
+        assert got["+861"].sid == "SM1"
+        assert got["+862"].id > 0 and got["+862"].state is NotificationState.SENDING
+        # An older memory record never moves a row backwards.
+        rows = await j.adopt_notifications(a.alarm_id,
+                                           [mem("+861", NotificationState.SENDING, None)])
+        assert {r.phone: r.state for r in rows}["+861"] is NotificationState.ACCEPTED
