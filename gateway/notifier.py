@@ -114,10 +114,16 @@ class _Outage:
         self._clock = clock
         self.since: float | None = None
         self.delayed = 0  # rounds that failed during this outage
+        self._over_at: float | None = None  # when the last outage was seen to be over
 
-    def failed(self, exc: SmsSendError | None, error: str) -> None:
+    def failed(self, exc: SmsSendError | None, error: str, *, started: float) -> None:
+        """A round of attempts that began at ``started`` failed retryably."""
         self.delayed += 1
         if self.since is not None:
+            return
+        if self._over_at is not None and started < self._over_at:
+            # A straggler: its round began before Twilio was seen to accept again, so
+            # it belongs to the outage already reported over, not to a new one.
             return
         self.since = self._clock()
         log.warning("sms.outage", status=exc.status if exc else None,
@@ -138,6 +144,7 @@ class _Outage:
             self._clock(), "info"))
         self.since = None
         self.delayed = 0
+        self._over_at = self._clock()
 
 
 class Notifier:
@@ -192,13 +199,14 @@ class Notifier:
         bound = _bind(rec)
         sms = self._sms
         while True:
+            started = self._clock()
             try:
                 result = await self._twilio(origin, rec, background=background)
             except SmsSendError as exc:
                 if exc.permanent:
                     await self._failed(origin, rec, exc, bound)
                     return "failed"
-                self._outage.failed(exc, str(exc))
+                self._outage.failed(exc, str(exc), started=started)
                 if self._fallback is not None:
                     via = await self._via_fallback(rec, bound, str(exc))
                     if via is not None:
@@ -253,6 +261,7 @@ class Notifier:
         to one phone (a wave and a follow-up) are not matched to the same message."""
         bound = _bind(rec)
         since = datetime.fromtimestamp(rec.created_at, UTC) - RECONCILE_SLACK
+        started = self._clock()
         try:
             async with self._in_twilio(background=True):
                 found = await self._sender.find_sent(rec.phone, since=since,
@@ -261,7 +270,7 @@ class Notifier:
             # For an alarm, one duplicate SMS is better than one missing SMS.
             bound.warning("sms.reconcile_failed", error=str(exc), action="resend")
             if isinstance(exc, SmsSendError) and not exc.permanent:
-                self._outage.failed(exc, str(exc))
+                self._outage.failed(exc, str(exc), started=started)
             return await self.deliver(origin, rec, background=True)
         match = next(((sid, status) for sid, status in found if sid not in claimed), None)
         if match is None:

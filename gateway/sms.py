@@ -561,13 +561,14 @@ class TwilioSender:
                         timed_out=failure.timed_out,
                         attempts=tuple(attempts),
                     )
-                    log.warning(
-                        "sms.failed",
+                    # Not "sms.failed": the caller decides whether this is a failure
+                    # (permanent, or out of time) or a retry later, and logs it so.
+                    (log.warning if permanent else log.info)(
+                        "sms.refused" if permanent else "sms.round_exhausted",
                         to=masked,
                         attempts=number,
                         status=failure.status,
                         code=failure.code,
-                        permanent=permanent,
                         outcome_unknown=error.outcome_unknown,
                     )
                     raise error from exc
