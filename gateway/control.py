@@ -135,7 +135,8 @@ class ControlServer:
         return _json({
             "alarm": asdict(alarm),
             "notifications": [
-                {"role": n.role, "name": n.name, "to": mask_phone(n.phone), "wave": n.wave,
+                {"role": n.role, "name": n.name, "to": mask_phone(n.phone), "kind": n.kind,
+                 "wave": n.wave,
                  "state": n.state, "sid": n.sid, "attempts": n.attempts,
                  "latency_ms": n.latency_ms, "error_code": n.error_code}
                 for n in notes
