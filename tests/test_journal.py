@@ -265,6 +265,10 @@ async def test_reads_keep_working_while_writes_fail_for_space(tmp_path: Path) ->
         assert [r.alarm_id for r in await j.open_alarms()] == [a.alarm_id]
         assert (await j.get_alarm(a.alarm_id)).presses == 1
         assert [n.phone for n in await j.notifications(a.alarm_id)] == ["+86"]
+        # A batch that commits nothing proves nothing: still full.
+        with pytest.raises(UnknownAlarm):
+            await j.transition("NOPE-NOPE", AlarmState.RESOLVED)
+        assert j.state is JournalState.FULL
         await j._run(lambda c: c.execute("PRAGMA max_page_count = 1073741823"))
         assert (await press(j, "d2", 3000.0)).new  # the next batch just works again
         assert j.state is JournalState.OK
@@ -315,6 +319,13 @@ async def test_transitions_held_for_an_alarm_in_memory_follow_the_table(
         assert (rec.acknowledged_by, rec.acknowledged_at) == ("sms:王强", 3000.0)
         assert (rec.resolved_at, rec.note) == (3100.0, "false alarm")
         assert j.deferred_state(v) is AlarmState.JOURNALED  # nothing held any more
+        # Held for an alarm already journaled (its durable flag not flipped yet): the
+        # next press under its id lands it.
+        w = new_alarm_id()
+        await adopt(j, w, device="d2")
+        j.defer_transition(w, AlarmState.CANCELLED, by="device:d2")
+        assert (await adopt(j, w, device="d2", at=2001.0)).state is AlarmState.CANCELLED
+        assert (await j.get_alarm(w)).state is AlarmState.CANCELLED
 
 
 async def test_an_acknowledgement_made_while_the_adopting_commit_is_in_flight_lands(
