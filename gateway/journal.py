@@ -581,7 +581,11 @@ class Journal:
                 try:
                     first = self._queue.get(timeout=self._wait_s())
                 except queue.Empty:
-                    self._idle(conn, loop)
+                    try:
+                        self._idle(conn, loop)
+                    except Exception as exc:  # noqa: BLE001 - reported as the state
+                        self._post_state(loop, JournalState.FAILING,
+                                         JournalError(f"journal writer: {exc!r}"))
                     continue
                 if first is _STOP:
                     break
@@ -595,7 +599,16 @@ class Journal:
                         stopping = True
                         break
                     batch.append(item)
-                self._run_batch(conn, batch, loop)
+                try:
+                    self._run_batch(conn, batch, loop)
+                except Exception as exc:  # noqa: BLE001 - delivered to every caller
+                    # A bug here must not leave callers waiting for ever, nor stop the
+                    # writer: this batch fails loudly, the next one is tried.
+                    err = JournalError(f"journal writer: {exc!r}")
+                    self._w_state = JournalState.FAILING
+                    failed: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = [
+                        (f, None, err) for _, f in batch]
+                    loop.call_soon_threadsafe(self._finish, failed, JournalState.FAILING, err)
         finally:
             # A graceful stop folds the WAL into the database (making room if it must),
             # so a restart on a nearly full volume has nothing to replay.

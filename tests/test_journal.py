@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -362,3 +363,24 @@ async def test_sms_sent_from_memory_are_adopted_forwards_only(tmp_path: Path) ->
         rows = await j.adopt_notifications(a.alarm_id,
                                            [mem("+861", NotificationState.SENDING, None)])
         assert {r.phone: r.state for r in rows}["+861"] is NotificationState.ACCEPTED
+
+
+async def test_a_bug_in_the_writer_fails_its_batch_but_never_stops_the_writer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async with Journal(tmp_path / "j.db", probe_interval_s=60.0) as j:
+        real = Journal._attempt
+        calls = {"n": 0}
+
+        def once_broken(self: Journal, conn: sqlite3.Connection, batch: Any) -> Any:
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise RuntimeError("injected writer bug")
+            return real(self, conn, batch)
+
+        monkeypatch.setattr(Journal, "_attempt", once_broken)
+        with pytest.raises(JournalError, match="injected writer bug"):
+            await press(j, "d1", 1000.0)
+        assert j.state is JournalState.FAILING and not j.healthy
+        assert (await press(j, "d1", 1000.0)).new  # the same press, once more
+        assert j.state is JournalState.OK
