@@ -81,6 +81,7 @@ class WorldKeeper:
         self._seen: RegistryFingerprint | None = None  # files of the registry in use
         self._failed: RegistryFingerprint | None = None  # files a reload refused
         self.ref: WorldRef | None = None
+        self.looks = 0  # how often the file watch has looked (tests wait on it)
 
     def on_reloaded(self, callback: Callable[[], Awaitable[None]]) -> None:
         self._on_reloaded = callback
@@ -133,6 +134,7 @@ class WorldKeeper:
             # driving alarm timers with a fake clock must not see this loop spin it.
             await asyncio.sleep(interval_s)
             files = registry_fingerprint(directory)
+            self.looks += 1
             if files in (self._seen, self._failed):
                 settling = None
                 continue

@@ -63,7 +63,12 @@ async def test_outage_then_recovery_delivers_every_message_once(
         assert gw.journal is not None and gw.dispatcher is not None
         await twilio.outage(True, refuse=True)
         alarm_id = await press_first_contact_id(gw, pty)
-        await asyncio.sleep(1.5)
+
+        async def refused_twice() -> bool:  # the gateway tried, and Twilio was down
+            notes = await gw.journal.notifications(alarm_id)  # type: ignore[union-attr]
+            return bool(notes) and all(n.attempts >= 2 for n in notes)
+
+        await eventually(refused_twice, timeout=20)
         assert twilio.messages == []
         await twilio.outage(False)
         await gw.dispatcher.wait_idle(timeout=60)

@@ -135,7 +135,10 @@ async def test_sigkill_between_journal_and_sms_then_restart_sends_missing_sms(
     daemons.append(second)
     expected = {str(phone) for phone, _ in planned}
     await twilio.wait_for_messages(len(expected), timeout=30)
-    await asyncio.sleep(0.5)  # would-be duplicates have time to arrive
+    # The rows left 'sending' are all worked off (looked up, then resent): any duplicate
+    # would have been sent by now.
+    await eventually(lambda: any(e.get("event") == "sms.backlog_done"
+                                 for e in second.events()), timeout=30)
     sent = [m.to for m in twilio.messages]
     assert sorted(sent) == sorted(expected)  # each recipient exactly once
     assert all(alarm_id in m.body for m in twilio.messages)
@@ -188,7 +191,8 @@ async def test_sigkill_after_twilio_took_the_request_reconciles_without_a_second
     await eventually(lambda: len([e for e in second.events()
                                   if e.get("event") == "sms.reconciled"]) == expected,
                      timeout=30)
-    await asyncio.sleep(0.5)
+    await eventually(lambda: any(e.get("event") == "sms.backlog_done"
+                                 for e in second.events()), timeout=30)
     assert sorted(m.sid for m in twilio.messages) == sent_before  # nothing sent twice
     assert all(e.get("found") for e in second.events() if e.get("event") == "sms.reconciled")
     final = journal_rows(db, "SELECT state, sid FROM notifications")
