@@ -165,6 +165,12 @@ class Broker:
         subprocess.run(["mosquitto_passwd", "-U", str(plain)], check=True,
                        capture_output=True, timeout=120)
         make_certificates(self.workdir)
+        self.write_conf(self.overrides)
+
+    def write_conf(self, overrides: dict[str, str]) -> None:
+        """The shipped config with paths and ports moved (and ``overrides``, bench only)."""
+        overrides = dict(overrides)
+        plain = self.workdir / "alarm.passwd"
         paths = {
             "persistence_location": f"{self.workdir / 'data'}/",
             "password_file": str(plain),
@@ -180,12 +186,12 @@ class Broker:
         for option, value in shipped_settings(SHIPPED_CONF.read_text(encoding="utf-8")):
             if option == "listener":
                 lines.append(f"listener {next(listener_ports)} 127.0.0.1")
-            elif option in self.overrides:
-                lines.append(f"{option} {self.overrides.pop(option)}")
+            elif option in overrides:
+                lines.append(f"{option} {overrides.pop(option)}")
             else:
                 moved = paths.get(option, value) if option in PATH_OPTIONS else value
                 lines.append(f"{option} {moved}")
-        lines += [f"{k} {v}" for k, v in self.overrides.items()]
+        lines += [f"{k} {v}" for k, v in overrides.items()]
         (self.workdir / "mosquitto.conf").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
     @property
