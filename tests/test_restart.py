@@ -3,7 +3,6 @@ went out; a new gateway resumes the alarm and sends every missing SMS exactly on
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
