@@ -880,7 +880,7 @@ class Rig:
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
         users = [GATEWAY_USER, Z2M_USER, *(d.device_id for d in self.district.own)]
-        self.broker = Broker(self.workdir / "broker", users)
+        self.broker = Broker(self.workdir / "broker", users, overrides=broker_overrides())
         self.twilio = TwilioProc(self.workdir / "twilio")
         serial: list[dict[str, str]] = []
         if self.serial:
@@ -938,6 +938,14 @@ class Rig:
         tally.notes.append(f"gateway exit code after SIGTERM: {code}; "
                            f"starts {self.gateway.starts}")
         return tally
+
+
+def broker_overrides() -> dict[str, str]:
+    """Measurement only: ``CHAOS_BROKER_SET="autosave_on_changes=false,autosave_interval=30"``
+    runs the scenarios against another broker setting (e.g. the old shipped one, to compare
+    a power cut before and after). Unset (CI, scripts/chaos): the shipped config as is."""
+    spec = os.environ.get("CHAOS_BROKER_SET", "")
+    return dict(item.split("=", 1) for item in spec.split(",") if "=" in item)
 
 
 def storm(rng: random.Random, devices: list[Any], count: int) -> Iterator[Any]:

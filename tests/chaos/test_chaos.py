@@ -58,9 +58,11 @@ def evidence(rig: Rig) -> list[str]:
                                    r"Client gw-chaos disconnected|"
                                    r"Client gw-chaos closed its connection)", broker_log))
     denied = len(re.findall(r"Denied PUBLISH", broker_log))
+    autosave = ", ".join(line for line in rig.broker.conf_text.splitlines()
+                         if line.startswith("autosave"))
     return [f"gateway log (warning+): {dict(events.most_common(8))}",
              f"broker: gateway connections ended {gateway_drops}x, denied publishes "
-             f"logged {denied} (the shipped log_type does not log denials)"]
+             f"logged {denied} (the shipped log_type does not log denials); {autosave}"]
 
 
 def finish(rig: Rig, name: str, presses: list[Press], started: float, scale: Scale,
