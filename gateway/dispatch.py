@@ -77,6 +77,8 @@ __all__ = ["ActiveAlarm", "Dispatcher", "ReplyIntent"]
 
 log = structlog.get_logger(__name__)
 
+ADOPT_RETRY_S = 1.0  # between attempts to journal SMS sent from memory
+
 
 @dataclass(slots=True)
 class ActiveAlarm:
@@ -139,7 +141,8 @@ class Dispatcher:
         self._on_notice = on_notice
         self._notifier = Notifier(journal=journal, sender=sender, sms=sms, metrics=metrics,
                                   fallback=fallback, clock=clock, monotonic=monotonic,
-                                  sleep=sleep, on_notice=on_notice)
+                                  sleep=sleep, on_notice=on_notice,
+                                  on_unjournaled=self._remember)
         self._backlog = Backlog(self._notifier, workers=reconcile_workers)
         self._tg: asyncio.TaskGroup | None = None
         self._backlog_task: asyncio.Task[None] | None = None
@@ -149,6 +152,12 @@ class Dispatcher:
         # them: kept up to date as alarms are located and closed, so that a new alarm
         # does not scan every open one (1,000 open alarms in a storm).
         self._busy: dict[str, int] = {}
+        # SMS planned or sent while the journal could not record them, by alarm, the
+        # latest per (kind, wave, phone): journaled with the press of an alarm alerted
+        # from memory, or adopted into the journal once it can write again.
+        self._unjournaled: dict[str, dict[tuple[MessageKind, int | None, str],
+                                          NotificationRecord]] = {}
+        self._adopting: set[str] = set()
 
     @property
     def notifier(self) -> Notifier:
@@ -364,8 +373,72 @@ class Dispatcher:
             log.critical("journal.write_failed", what="notification plan", error=str(exc))
             self._metrics.journal_errors.inc()
             now = self._clock()
-            return [memory_record(alarm.alarm_id, kind, wave, p, -(i + 1), now)
-                    for i, p in enumerate(plans)]
+            records = [memory_record(alarm.alarm_id, kind, wave, p, -(i + 1), now)
+                       for i, p in enumerate(plans)]
+            self._remember(*records)
+            return records
+
+    # -- what the journal could not record yet -------------------------------------
+
+    def _remember(self, *records: NotificationRecord) -> None:
+        """SMS planned or sent from memory (the journal could not record them).
+
+        For an alarm whose press is not journaled yet they are held by the journal and
+        written with the press; otherwise they are adopted as soon as it can write.
+        Either way a restart reconciles or knows them instead of texting again."""
+        for rec in records:
+            held = self._unjournaled.setdefault(rec.alarm_id, {})
+            held[(rec.kind, rec.wave, rec.phone)] = rec
+            alarm = self.active.get(rec.alarm_id)
+            if alarm is not None and not alarm.durable:
+                self._journal.defer_notifications(rec.alarm_id, [rec])
+            else:
+                self._adopt_soon(rec.alarm_id)
+
+    def adopted(self, alarm_id: str) -> None:
+        """The press of an alarm alerted from memory is journaled under its id now."""
+        alarm = self.active.get(alarm_id)
+        if alarm is not None:
+            alarm.durable = True
+        if alarm_id in self._unjournaled:
+            # Written with the press; adopting again (forwards only) covers any change
+            # made while that commit was in flight.
+            self._adopt_soon(alarm_id)
+
+    def _adopt_soon(self, alarm_id: str) -> None:
+        if alarm_id in self._adopting or self._tg is None:
+            return
+        self._adopting.add(alarm_id)
+        self._spawn(self._adopt(alarm_id), f"adopt-{alarm_id}")
+
+    async def _adopt(self, alarm_id: str) -> None:
+        try:
+            while held := self._unjournaled.get(alarm_id):
+                await self._journal.wait_healthy()
+                batch = list(held.items())
+                try:
+                    await self._journal.adopt_notifications(alarm_id, [r for _, r in batch])
+                except JournalError as exc:
+                    log.warning("journal.adopt_retry", alarm_id=alarm_id, error=str(exc))
+                    await asyncio.sleep(ADOPT_RETRY_S)  # real time: the disk, not the alarm
+                    continue
+                for key, rec in batch:
+                    if held.get(key) is rec:
+                        del held[key]
+                if not held:
+                    del self._unjournaled[alarm_id]
+                log.info("journal.adopted", alarm_id=alarm_id, notifications=len(batch))
+        finally:
+            self._adopting.discard(alarm_id)
+
+    async def _change(self, alarm_id: str, wanted: AlarmState, *, by: str,
+                      note: str | None = None) -> AlarmState:
+        """A state change: journaled, or for an alarm alerted from memory held by the
+        journal and written with its press (so acknowledging it never answers 404)."""
+        alarm = self.active.get(alarm_id)
+        if alarm is not None and not alarm.durable:
+            return self._journal.defer_transition(alarm_id, wanted, by=by, note=note)
+        return await self._journal.transition(alarm_id, wanted, by=by, note=note)
 
     # -- alert -----------------------------------------------------------------
 
@@ -413,7 +486,7 @@ class Dispatcher:
         """Someone takes the alarm: stop the alert and the escalation, tell the others.
 
         Raises IllegalTransition when it was already acknowledged (the first one wins)."""
-        previous = await self._journal.transition(alarm_id, AlarmState.ACKNOWLEDGED, by=by)
+        previous = await self._change(alarm_id, AlarmState.ACKNOWLEDGED, by=by)
         if previous is AlarmState.ACKNOWLEDGED:
             raise IllegalTransition(alarm_id, previous, AlarmState.ACKNOWLEDGED)
         await self._closed(alarm_id)
@@ -428,7 +501,7 @@ class Dispatcher:
 
     async def cancel(self, alarm_id: str, by: str) -> AlarmState:
         """The elder (the device) cancelled: stop, and tell everyone already told."""
-        previous = await self._journal.transition(alarm_id, AlarmState.CANCELLED, by=by)
+        previous = await self._change(alarm_id, AlarmState.CANCELLED, by=by)
         await self._closed(alarm_id)
         log.info("alarm.cancelled", alarm_id=alarm_id, by=by, previous=previous.value)
         self._announce(alarm_id, AlarmState.CANCELLED, by=by)
@@ -438,8 +511,7 @@ class Dispatcher:
         return previous
 
     async def resolve(self, alarm_id: str, note: str | None, by: str = "operator") -> AlarmState:
-        previous = await self._journal.transition(alarm_id, AlarmState.RESOLVED, note=note,
-                                                  by=by)
+        previous = await self._change(alarm_id, AlarmState.RESOLVED, by=by, note=note)
         await self._closed(alarm_id)
         alarm = self.active.pop(alarm_id, None)
         self._metrics.open_alarms.set(len(self.active))
@@ -460,18 +532,21 @@ class Dispatcher:
                       skip: str | None = None) -> None:
         """A short follow-up to everyone already told (taken by ..., cancelled)."""
         structlog.contextvars.bind_contextvars(alarm_id=alarm_id)
-        told = await self._journal.notifications(alarm_id)
-        record = await self._journal.get_alarm(alarm_id)
-        elder = self._world.registry.elders.get(record.elder_id)
-        facts = AlarmFacts(alarm_id, elder.name if elder else record.device_id,
+        told = [*await self._journal.notifications(alarm_id),
+                *self._unjournaled.get(alarm_id, {}).values()]
+        alarm = self.active.get(alarm_id)
+        if alarm is None:
+            record = await self._journal.get_alarm(alarm_id)
+            elder = self._world.registry.elders.get(record.elder_id)
+            alarm = ActiveAlarm(alarm_id, record.device_id, elder, record.device_id,
+                                record.received_at, self._monotonic())
+        elder = alarm.elder
+        facts = AlarmFacts(alarm_id, elder.name if elder else alarm.device_id,
                            elder.community if elder else "", elder.address if elder else "",
-                           record.received_at)
+                           alarm.received_at)
         plans = self._planner.follow_up(kind, facts, told, by=by.split(":", 1)[-1], skip=skip)
         if not plans:
             return
-        alarm = self.active.get(alarm_id) or ActiveAlarm(
-            alarm_id, record.device_id, elder, record.device_id, record.received_at,
-            self._monotonic())
         records = await self._record_plan(alarm, kind, None, plans)
         await asyncio.gather(*(self._notifier.deliver(alarm, r) for r in records
                                if r.state in UNFINISHED_NOTIFICATION_STATES))
@@ -562,10 +637,8 @@ class Dispatcher:
         self._on_state(alarm_id, state.value, info)
 
     async def _transition(self, alarm: ActiveAlarm, state: AlarmState) -> None:
-        if not alarm.durable:
-            return
         try:
-            if await self._journal.transition(alarm.alarm_id, state) is not state:
+            if await self._change(alarm.alarm_id, state, by="gateway") is not state:
                 self._announce(alarm.alarm_id, state)
         except IllegalTransition:
             pass  # acknowledged or cancelled meanwhile: keep sending what was planned

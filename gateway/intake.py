@@ -169,8 +169,7 @@ class Intake:
             # Already alerted and dispatched under this id: no second start. From now
             # on the dispatcher journals what it does for it.
             self._volatile.pop(device_id, None)
-            if alerted is not None:
-                alerted.durable = True
+            self._dispatcher.adopted(outcome.alarm_id)
             if outcome.new:
                 self._metrics.alarms.labels(source).inc()
             bound.warning("alarm.adopted", alarm_id=outcome.alarm_id, presses=outcome.presses,

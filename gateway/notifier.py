@@ -34,7 +34,7 @@ import contextlib
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, Protocol
 
@@ -162,8 +162,12 @@ class Notifier:
         monotonic: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         on_notice: Callable[[Notice], None] | None = None,
+        on_unjournaled: Callable[[NotificationRecord], None] | None = None,
     ) -> None:
+        """``on_unjournaled`` hears of every outcome of a message the journal has no row
+        for (planned from memory on a full disk), so that it can be journaled later."""
         self._journal = journal
+        self._on_unjournaled = on_unjournaled
         self._sender = sender
         self._fallback = fallback
         self._sms = sms
@@ -353,15 +357,22 @@ class Notifier:
             if latency > budget:
                 self._metrics.sms_budget_breaches.inc()
                 bound.warning("sms.budget_exceeded", latency_ms=latency, budget_ms=budget)
+        # A message the journal has no row for, or whose row it cannot update now (a
+        # full disk): handed on, to be journaled once it can write, so that a restart
+        # knows it left (its sid) instead of texting the same person again.
+        unjournaled = replace(rec, state=NotificationState.ACCEPTED, sid=result.sid,
+                              attempts=result.attempts, latency_ms=latency)
         if rec.id <= 0:
+            self._unjournaled(unjournaled)
             return
         event = {"notification_id": rec.id, "sid": result.sid, "attempts": result.attempts,
                  "channel": channel}
         if reconciled:
             event["reconciled"] = True
-        await self._quietly(self._journal.update_notification(
-            rec.id, NotificationState.ACCEPTED, sid=result.sid, attempts=result.attempts,
-            latency_ms=None if reconciled else latency, event=("sms.accepted", event)))
+        if not await self._quietly(self._journal.update_notification(
+                rec.id, NotificationState.ACCEPTED, sid=result.sid, attempts=result.attempts,
+                latency_ms=None if reconciled else latency, event=("sms.accepted", event))):
+            self._unjournaled(unjournaled)
 
     async def _failed(self, origin: Origin, rec: NotificationRecord, exc: SmsSendError,
                       bound: Any) -> None:
@@ -377,14 +388,20 @@ class Notifier:
             f"编号{origin.alarm_id}：短信无法发送给{rec.name}（{mask_phone(rec.phone)}，"
             f"{'号码无效或已退订' if exc.permanent else '多次重试失败'}，代码 {exc.code}），"
             "请电话联系", self._clock()))
-        if rec.id > 0:
-            await self._quietly(self._journal.update_notification(
+        unjournaled = replace(rec, state=NotificationState.FAILED, error_code=exc.code,
+                              error=str(exc))
+        if rec.id <= 0 or not await self._quietly(self._journal.update_notification(
                 rec.id, NotificationState.FAILED, error_code=exc.code, error=str(exc),
                 event=("sms.failed", {"notification_id": rec.id, "recipient": rec.name,
                                       "role": rec.role, "code": exc.code,
-                                      "permanent": exc.permanent})))
+                                      "permanent": exc.permanent}))):
+            self._unjournaled(unjournaled)
 
     # -- helpers -----------------------------------------------------------------------
+
+    def _unjournaled(self, rec: NotificationRecord) -> None:
+        if self._on_unjournaled is not None:
+            self._on_unjournaled(rec)
 
     def _notify(self, notice: Notice) -> None:
         if self._on_notice is None:
@@ -394,7 +411,8 @@ class Notifier:
         except Exception:  # a notice must never break sending
             log.exception("notice.failed", kind=notice.kind)
 
-    async def _quietly(self, op: Awaitable[Any]) -> None:
+    async def _quietly(self, op: Awaitable[Any]) -> bool:
+        """Run a journal write; False when the journal could not take it."""
         try:
             await op
         except IllegalNotificationTransition as exc:
@@ -404,6 +422,8 @@ class Notifier:
                      state=exc.current.value, wanted=exc.wanted.value)
         except JournalError as exc:
             self._journal_failed(exc, "notification")
+            return False
+        return True
 
     def _journal_failed(self, exc: JournalError, what: str) -> None:
         self._metrics.journal_errors.inc()
