@@ -51,7 +51,6 @@ from gateway.metrics import Metrics
 from gateway.model import Registry
 from gateway.notices import NoticeBoard
 from gateway.registry import RegistryError
-from gateway.replies import InboundReply, StatusUpdate
 from gateway.responders import ResponderDesk
 from gateway.retention import prune_daily
 from gateway.sms import TwilioAccount, TwilioSender
@@ -75,6 +74,7 @@ class _Parts(NamedTuple):
     feed: AlarmStateFeed
     supervisor: Supervisor
     sender: TwilioSender
+    dispatcher: Dispatcher
 
 
 class StartupError(Exception):
@@ -214,7 +214,8 @@ class Gateway:
         if m.sms.public_url:
             hooks = TwilioWebhooks(auth_token=self._twilio_account().auth_token,
                                    public_url=m.sms.public_url,
-                                   on_reply=self._on_reply, on_status=self._on_status)
+                                   on_reply=dispatcher.reply_received,
+                                   on_status=dispatcher.status_received)
             routes = hooks.routes()
             log.info("webhooks.enabled", inbound=hooks.inbound_url, status=hooks.status_url)
         self.control = await self._open("control", ControlServer(
@@ -225,7 +226,7 @@ class Gateway:
         self._links(intake)
         if self.mqtt is not None:
             notices.attach(publish=self.mqtt.publish)
-        return _Parts(journal, notices, feed, supervisor, sender)
+        return _Parts(journal, notices, feed, supervisor, sender, dispatcher)
 
     async def main_loop(self) -> None:
         await self.stop_requested.wait()
@@ -292,14 +293,16 @@ class Gateway:
         if m.sms.poll_inbound_s > 0:
             if m.sms.from_number:
                 poller = InboundPoller(parts.sender, our_numbers=[m.sms.from_number],
-                                       on_reply=self._on_reply, interval_s=m.sms.poll_inbound_s)
+                                       on_reply=parts.dispatcher.reply_received,
+                                       interval_s=m.sms.poll_inbound_s)
                 intake(poller.run(), "poll-inbound")
             else:
                 log.warning("poll_inbound.unavailable",
                             reason="needs sms.from_number (a Messaging Service has many)")
         if m.sms.poll_status_s > 0:
-            intake(self._poll_status(StatusPoller(parts.sender), m.sms.poll_status_s),
-                   "poll-status")
+            intake(StatusPoller(parts.sender).run(
+                parts.journal, parts.dispatcher.status_received, m.sms.poll_status_s,
+                clock=self.clock), "poll-status")
         intake(prune_daily(parts.journal, m.gateway.retain_device_messages_days,
                            clock=self.clock), "prune")
         if m.registry.watch_interval_s > 0:
@@ -368,25 +371,6 @@ class Gateway:
             return TwilioAccount(sid, token)
         except ValueError as exc:
             raise StartupError(f"Twilio credentials: {exc}") from exc
-
-    async def _on_reply(self, reply: InboundReply) -> str | None:
-        if self.dispatcher is None:
-            return None
-        return await self.dispatcher.on_reply(reply.from_phone, reply.alarm_ref, reply.intent)
-
-    async def _on_status(self, update: StatusUpdate) -> None:
-        if self.dispatcher is not None:
-            await self.dispatcher.on_delivery(update.message_sid, update.status,
-                                              update.error_code)
-
-    async def _poll_status(self, poller: StatusPoller, every_s: float) -> None:
-        while True:
-            await asyncio.sleep(every_s)
-            if self.journal is None:
-                continue
-            pending = await self.journal.unfinished_deliveries(self.clock() - every_s)
-            for update in await poller.poll_once(r.sid for r in pending if r.sid):
-                await self._on_status(update)
 
     # -- what the control API shows ---------------------------------------------------------
 

@@ -70,6 +70,7 @@ from gateway.model import Elder
 from gateway.notices import Notice
 from gateway.notifier import Backlog, Notifier, Sender, TwilioLike, memory_record
 from gateway.redact import mask_phone
+from gateway.replies import InboundReply, StatusUpdate
 from gateway.wording import AlarmFacts, Composer
 from gateway.world import World, WorldRef
 
@@ -584,6 +585,14 @@ class Dispatcher:
             taker = (record.acknowledged_by or "").split(":", 1)[-1]
             return self._composer.reply("already", ref=ref, who=taker or "他人")
         return self._composer.reply("thanks", ref=ref)
+
+    async def reply_received(self, reply: InboundReply) -> str:
+        """An inbound SMS (webhook or poller); the answer to text back."""
+        return await self.on_reply(reply.from_phone, reply.alarm_ref, reply.intent)
+
+    async def status_received(self, update: StatusUpdate) -> None:
+        """A delivery report (webhook or poller)."""
+        await self.on_delivery(update.message_sid, update.status, update.error_code)
 
     async def on_delivery(self, sid: str, status: str, error_code: int | None) -> None:
         """A carrier status for one of our messages (webhook or polling)."""

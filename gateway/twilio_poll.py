@@ -24,8 +24,16 @@ from typing import Final
 import structlog
 
 from devices.backoff import Backoff
+from gateway.journal import Journal, JournalError
 from gateway.redact import mask_phone
-from gateway.replies import MAX_REPLY_CHARS, InboundReply, ReplyHandler, StatusUpdate, is_e164
+from gateway.replies import (
+    MAX_REPLY_CHARS,
+    InboundReply,
+    ReplyHandler,
+    StatusHandler,
+    StatusUpdate,
+    is_e164,
+)
 from gateway.sms import ListedMessage, SmsSendError, TwilioSender
 
 __all__ = ["InboundPoller", "StatusPoller"]
@@ -245,3 +253,18 @@ class StatusPoller:
         updates = [update for task in tasks if (update := task.result()) is not None]
         log.info("status_poll.done", asked=len(unique), answered=len(updates))
         return updates
+
+    async def run(self, journal: Journal, on_status: StatusHandler, every_s: float, *,
+                  clock: Callable[[], float] = time.time) -> None:
+        """Every ``every_s``, ask for the messages the journal still waits to hear about
+        (accepted or sent, older than one interval) and hand each answer to
+        ``on_status``. Until cancelled; a journal that cannot be read skips a round."""
+        while True:
+            await asyncio.sleep(every_s)
+            try:
+                pending = await journal.unfinished_deliveries(clock() - every_s)
+            except JournalError as exc:
+                log.warning("status_poll.journal_unreadable", error=str(exc))
+                continue
+            for update in await self.poll_once(r.sid for r in pending if r.sid):
+                await on_status(update)
