@@ -56,9 +56,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from gateway.world import load_world
     from gateway.geo import GeoError
     from gateway.registry import RegistryError, registry_summary
+    from gateway.world import load_world
 
     cfg = _config(args)
     try:
