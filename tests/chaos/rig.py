@@ -815,7 +815,9 @@ class Tally:
                 f"{self.resends:>7} {self.seconds:>6.1f}")
 
     def detail(self) -> str:
-        parts = [f"lost (acked, not journaled): {len(self.lost)} {self.lost[:5]}",
+        kinds = Counter(entry.split(":", 2)[1] for entry in self.lost)
+        parts = [f"lost (acked, not journaled): {len(self.lost)} by kind {dict(kinds)} "
+                 f"{self.lost[:12]}",
                  f"journaled without alarm: {len(self.no_alarm)} {self.no_alarm[:5]}",
                  f"alarm without family SMS: {len(self.no_sms)} {self.no_sms[:5]}",
                  *self.notes]
@@ -825,6 +827,12 @@ class Tally:
 HEADER = (f"{'scenario':<22} {'presses':>7} {'acked':>6} {'journaled':>9} {'first SMS':>9} "
           f"{'missing':>7} {'dup r/a/sms':<11} {'kills':>5} {'broker':>6} {'pulls':>5} "
           f"{'resends':>7} {'secs':>6}")
+
+
+def _kind(press: Press) -> str:
+    if press.topic == "serial":
+        return "contact_id"
+    return "own" if press.topic.startswith("alarm/buttons/") else "z2m"
 
 
 def reconcile(name: str, presses: list[Press], district: District, view: JournalView,
@@ -841,7 +849,7 @@ def reconcile(name: str, presses: list[Press], district: District, view: Journal
             tally.acked += 1
         if not rows:
             if press.acked_at is not None:
-                tally.lost.append(f"{press.device_id}:{press.marker}")
+                tally.lost.append(f"{press.device_id}:{_kind(press)}:{press.marker}")
             continue
         tally.journaled += 1
         presses_rows = [alarm_id for kind, alarm_id in rows if kind == "emergency"]
