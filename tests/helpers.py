@@ -156,3 +156,18 @@ async def eventually(predicate: Any, timeout: float = 10.0, interval: float = 0.
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout} s")
         await asyncio.sleep(interval)
+
+
+async def control(gw: Gateway, method: str, path: str,
+                  json: dict[str, Any] | None = None) -> tuple[int, Any]:
+    """Call the running gateway's control API as an operator's tool would: (status, body).
+
+    Tests go through this helper, so that the API's transport and credentials (unix
+    socket, bearer token) are decided in one place."""
+    import aiohttp
+
+    assert gw.control is not None, "gateway not running"
+    async with aiohttp.ClientSession() as http, http.request(
+            method, f"{gw.control.url}{path}", json=json) as r:
+        body = await r.json(content_type=None) if r.content_length != 0 else None
+        return r.status, body
