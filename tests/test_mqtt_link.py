@@ -95,6 +95,10 @@ async def running_link(broker: Mosquitto, sink: RecordingSink,
     try:
         await asyncio.wait_for(link.connected.wait(), 10)
         yield Running(link, states, stalls)
+        # paho only queues a PUBACK; a QoS 1 publish after it, once the broker has
+        # acknowledged it, proves every earlier packet reached the broker (one socket,
+        # in order), so stopping now cannot drop one and fake a withheld ack.
+        assert await link.publish("alarm/gateway/link-test/flush", b"")
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
