@@ -34,8 +34,9 @@ Theory of operation
   broker (measured in FIELD-NOTES: MQTT 5 with the default clean start loses them).
 * **Reconnect** with capped, jittered backoff around ``async with client``; aiomqtt
   has no reconnect of its own and the client is created inside the running loop.
-* **Status**: a retained ``online`` on connect and a retained ``offline`` will, so
-  dashboards see a dead gateway.
+* **Status**: a retained ``online`` on connect, a retained ``offline`` will, so
+  dashboards see a dead gateway, and a retained ``offline`` published on a graceful
+  stop (which sends no will).
 * Messages are handled concurrently (bounded by ``max_inflight``) so a storm of
   presses shares journal group commits; PUBACKs may go out of order, which MQTT
   allows.
@@ -164,6 +165,8 @@ class MqttLink:
         self.crashes = 0
         self.confirmed = 0
         self.stalled = 0
+        self.reconnects = 0  # connections made after the first (a metric)
+        self._connections = 0
 
     @property
     def healthy(self) -> bool:
@@ -234,8 +237,14 @@ class MqttLink:
                                              retain=True)
                         deliver_lost_cancel()
                         self._state.set(True)
+                        self._connections += 1
+                        self.reconnects = self._connections - 1
                         bound.info("mqtt.connected")
-                        await self._consume(client, handlers, limit)
+                        try:
+                            await self._consume(client, handlers, limit)
+                        except asyncio.CancelledError:
+                            await self._goodbye(client)
+                            raise
                 except (aiomqtt.MqttError, OSError) as exc:  # ssl.SSLError is an OSError
                     bound.warning("mqtt.disconnected", error=str(exc))
                 finally:
@@ -244,6 +253,19 @@ class MqttLink:
                 delay = self._backoff.next_delay()
                 bound.info("mqtt.reconnecting", retry_in_s=round(delay, 2))
                 await self._sleep(delay)
+
+    async def _goodbye(self, client: aiomqtt.Client) -> None:
+        """On stop: publish a retained ``offline`` and wait (briefly) for the broker.
+
+        A clean disconnect sends no will, so without this the status would stay
+        ``online`` after a graceful stop. Awaiting its PUBACK also flushes the PUBACKs
+        paho still had queued (``ack`` only queues them): stopping without that drops
+        them, and the broker redelivers those messages on the next start."""
+        try:
+            async with asyncio.timeout(2):
+                await client.publish(self._s.status_topic, b"offline", qos=1, retain=True)
+        except (aiomqtt.MqttError, OSError, TimeoutError) as exc:
+            log.warning("mqtt.goodbye_failed", error=str(exc) or type(exc).__name__)
 
     async def _consume(self, client: aiomqtt.Client, handlers: asyncio.TaskGroup,
                        limit: asyncio.Semaphore) -> None:
