@@ -201,7 +201,8 @@ class Broker:
     def start(self) -> None:
         with (self.workdir / "mosquitto.log").open("ab") as log:
             self.proc = subprocess.Popen(
-                ["mosquitto", "-c", str(self.workdir / "mosquitto.conf")],
+                [shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c",
+                 str(self.workdir / "mosquitto.conf")],
                 stdout=log, stderr=log)
         self.starts += 1
         try:
@@ -317,6 +318,8 @@ class GatewayProc:
     twilio: TwilioProc
     serial: list[dict[str, str]] = field(default_factory=list)
     control_port: int = field(default_factory=free_port)
+    # The control API's TCP listener needs a bearer token (CONTROL_TOKEN).
+    control_token: str = field(default_factory=lambda: secrets.token_hex(32))
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
     kills: int = 0
@@ -378,7 +381,8 @@ port = {self.control_port}
         if tree := os.environ.get("CHAOS_GATEWAY_TREE"):
             env["PYTHONPATH"] = tree
         env |= {"TWILIO_ACCOUNT_SID": ACCOUNT_SID, "TWILIO_AUTH_TOKEN": self.twilio.auth_token,
-                "MQTT_PASSWORD": self.broker.passwords[GATEWAY_USER]}
+                "MQTT_PASSWORD": self.broker.passwords[GATEWAY_USER],
+                "CONTROL_TOKEN": self.control_token}
         return env
 
     def start(self) -> None:
@@ -392,8 +396,9 @@ port = {self.control_port}
 
     def health(self) -> dict[str, Any] | None:
         try:
-            with urllib.request.urlopen(
-                    f"http://127.0.0.1:{self.control_port}/health", timeout=2) as answer:
+            req = urllib.request.Request(f"http://127.0.0.1:{self.control_port}/health",
+                                         headers={"Authorization": f"Bearer {self.control_token}"})
+            with urllib.request.urlopen(req, timeout=2) as answer:
                 return json.loads(answer.read())  # type: ignore[no-any-return]
         except (OSError, ValueError):
             return None
