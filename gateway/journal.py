@@ -107,6 +107,7 @@ from gateway.lifecycle import (
     check_transition,
     notification_may,
 )
+from gateway.redact import mask_phone
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -519,6 +520,10 @@ class Journal:
             await asyncio.to_thread(reader.join)
 
     def _open(self) -> sqlite3.Connection:
+        # Created 0600 here, not by sqlite3 (0644 less the umask: every local user could
+        # read the elders' addresses and phones). SQLite gives its -wal and -shm the
+        # main file's mode, so they follow. An existing file keeps the mode it has.
+        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         try:
             conn.execute("PRAGMA journal_mode=WAL")
@@ -546,6 +551,7 @@ class Journal:
             conn.execute("ROLLBACK")
         conn.executescript(_SCHEMA)
         _prepare_notifications(conn)
+        conn.executescript(_CLOSURE_SCHEMA)
         conn.execute(
             "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)",
             (str(SCHEMA_VERSION),),
@@ -1434,6 +1440,171 @@ class Journal:
         return await self._read(
             lambda conn: int(conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
         )
+
+    # -- closure, reports and retention (issue 10) -----------------------------------
+
+    async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn`` on the read-only connection (the daily report's queries): the last
+        committed state, off the writer, so a long read never holds up a press."""
+        return await self._read(fn)
+
+    async def acknowledged_alarms(self) -> list[tuple[AlarmRecord, KeepOpen | None]]:
+        """Alarms acknowledged and not resolved yet (also those cancelled after their
+        acknowledgement), oldest acknowledgement first, each with its "keep open" flag
+        (None: nobody asked to keep it open)."""
+
+        def op(conn: sqlite3.Connection) -> list[tuple[AlarmRecord, KeepOpen | None]]:
+            cols = ", ".join("a." + c.strip() for c in _ALARM_COLS.split(","))
+            rows = conn.execute(
+                f"SELECT {cols}, k.at, k.by, k.note FROM alarms a"
+                " LEFT JOIN alarm_keep_open k ON k.alarm_id = a.alarm_id"
+                " WHERE a.state = 'acknowledged' OR (a.state = 'cancelled'"
+                " AND a.acknowledged_at IS NOT NULL) ORDER BY a.acknowledged_at").fetchall()
+            n = len(_ALARM_COLS.split(","))
+            return [(_alarm(r[:n]), None if r[n] is None else KeepOpen(r[n], r[n + 1],
+                                                                       r[n + 2]))
+                    for r in rows]
+
+        return await self._read(op)
+
+    async def last_notices(self, kind: str) -> dict[str, float]:
+        """subject -> time of the latest notice of ``kind`` about it."""
+
+        def op(conn: sqlite3.Connection) -> dict[str, float]:
+            return {subject: at for subject, at in conn.execute(
+                "SELECT subject, MAX(at) FROM notices WHERE kind = ? GROUP BY subject",
+                (kind,))}
+
+        return await self._read(op)
+
+    async def set_keep_open(self, alarm_id: str, keep: bool, *, by: str,
+                            note: str | None = None) -> AlarmState:
+        """Ask that ``alarm_id`` stays open (``keep``) or may close by itself again.
+
+        Journaled with who and why (``alarm.keep_open`` / ``alarm.keep_open_ended`` in the
+        alarm's log). Returns the alarm's state; a resolved alarm is left as it is (the
+        caller says so). Raises :class:`UnknownAlarm`."""
+        when = self._clock()
+
+        def op(conn: sqlite3.Connection) -> AlarmState:
+            row = conn.execute("SELECT state FROM alarms WHERE alarm_id = ?",
+                               (alarm_id,)).fetchone()
+            if row is None:
+                raise UnknownAlarm(alarm_id)
+            state = AlarmState(row[0])
+            if state is AlarmState.RESOLVED:
+                return state
+            data: dict[str, Any] = {"by": by}
+            if note:
+                data["note"] = note
+            if keep:
+                conn.execute("INSERT OR REPLACE INTO alarm_keep_open(alarm_id, at, by, note)"
+                             " VALUES (?, ?, ?, ?)", (alarm_id, when, by, note))
+                _log(conn, alarm_id, when, "alarm.keep_open", data)
+            elif conn.execute("DELETE FROM alarm_keep_open WHERE alarm_id = ?",
+                              (alarm_id,)).rowcount:
+                _log(conn, alarm_id, when, "alarm.keep_open_ended", data)
+            return state
+
+        return await self._run(op)
+
+    async def save_report(self, day: str, zone: str, data: dict[str, Any]) -> None:
+        """Journal the report of local day ``day`` (YYYY-MM-DD); a newer one replaces it."""
+        at = self._clock()
+        text = json.dumps(data, ensure_ascii=False, sort_keys=True)
+        await self._run(lambda conn: conn.execute(
+            "INSERT OR REPLACE INTO reports(day, zone, created_at, data) VALUES (?, ?, ?, ?)",
+            (day, zone, at, text)))
+
+    async def stored_report(self, day: str) -> dict[str, Any] | None:
+        """The journaled report of ``day``, or None when none was made."""
+
+        def op(conn: sqlite3.Connection) -> dict[str, Any] | None:
+            row = conn.execute("SELECT data FROM reports WHERE day = ?", (day,)).fetchone()
+            return None if row is None else dict(json.loads(row[0]))
+
+        return await self._read(op)
+
+    async def delete_old_alarms(self, before: float, batch: int) -> tuple[int, int]:
+        """One batch: delete up to ``batch`` *resolved* alarms received before ``before``
+        with their log, notifications, device messages and keep-open flag. Returns
+        (alarms, other rows) deleted; (0, 0) when none is left. An open alarm is never
+        deleted, however old."""
+
+        def op(conn: sqlite3.Connection) -> tuple[int, int]:
+            ids = [(r[0],) for r in conn.execute(
+                "SELECT alarm_id FROM alarms WHERE state = 'resolved' AND received_at < ?"
+                " ORDER BY received_at LIMIT ?", (before, batch))]
+            rows = 0
+            for table in ("alarm_log", "notifications", "device_messages", "alarm_keep_open"):
+                before_changes = conn.total_changes
+                conn.executemany(f"DELETE FROM {table} WHERE alarm_id = ?", ids)
+                rows += conn.total_changes - before_changes
+            conn.executemany("DELETE FROM alarms WHERE alarm_id = ?", ids)
+            return len(ids), rows
+
+        return await self._run(op)
+
+    async def redact_notifications(self, before: float, batch: int) -> int:
+        """One batch: up to ``batch`` SMS records created before ``before`` lose their
+        personal data. The phone number is kept masked (``+86138****5678``, as in the
+        logs), the recipient's name and the text are emptied (the empty text marks a
+        redacted row), the number is masked in the error text too; role, kind, wave,
+        state, sid, attempts and latency stay. Returns the rows redacted (0: done)."""
+
+        def op(conn: sqlite3.Connection) -> int:
+            rows = conn.execute(
+                "SELECT id, alarm_id, kind, wave, phone, error FROM notifications"
+                " WHERE body != '' AND created_at < ? ORDER BY created_at LIMIT ?",
+                (before, batch)).fetchall()
+            for nid, alarm_id, kind, wave, phone, error in rows:
+                masked = mask_phone(phone) if "*" not in phone else phone
+                # One row per (alarm, kind, wave, phone): two numbers of one wave may
+                # mask alike, and the unique index must still hold.
+                if conn.execute(
+                        "SELECT 1 FROM notifications WHERE alarm_id = ? AND kind = ?"
+                        " AND IFNULL(wave, 0) = IFNULL(?, 0) AND phone = ? AND id != ?",
+                        (alarm_id, kind, wave, masked, nid)).fetchone():
+                    masked = f"{masked}#{nid}"
+                conn.execute(
+                    "UPDATE notifications SET phone = ?, name = '', body = '', error = ?"
+                    " WHERE id = ?",
+                    (masked, error.replace(phone, masked) if error else error, nid))
+            return len(rows)
+
+        return await self._run(op)
+
+
+@dataclass(frozen=True, slots=True)
+class KeepOpen:
+    """Someone asked that an alarm is not closed by the gateway (auto-resolve)."""
+
+    at: float
+    by: str
+    note: str | None
+
+
+# Closure, reports, retention (issue 10). The indexes keep retention's batches and the
+# report's day queries from scanning whole tables while they hold the writer.
+_CLOSURE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS alarm_keep_open(
+    alarm_id TEXT PRIMARY KEY,
+    at REAL NOT NULL,
+    by TEXT NOT NULL,
+    note TEXT
+);
+CREATE TABLE IF NOT EXISTS reports(
+    day TEXT PRIMARY KEY,  -- local day YYYY-MM-DD in ``zone``
+    zone TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    data TEXT NOT NULL  -- JSON
+);
+CREATE INDEX IF NOT EXISTS alarms_received ON alarms(received_at);
+CREATE INDEX IF NOT EXISTS device_messages_alarm ON device_messages(alarm_id)
+    WHERE alarm_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS notifications_unredacted ON notifications(created_at)
+    WHERE body != '';
+"""
 
 
 # -- the notifications table -------------------------------------------------------------
