@@ -19,20 +19,27 @@ The waves are the validated ``[[escalation.waves]]`` of the config
 
 One message per phone number per alarm: a phone already told, or reached by an earlier
 role in the same wave, is skipped (the first role wins).
+
+Never an SMS to a number that cannot take one (a landline, or ``voice_only`` in the
+registry: :attr:`gateway.model.Registry.no_sms`): :meth:`Planner.plan` returns those
+recipients apart, in :attr:`WavePlan.skipped`, for the dispatcher to log (and, later,
+to call). :func:`silent_waves` finds, for ``gateway check-config``, the waves that
+would reach nobody who can read an SMS.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence, Set
+from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from gateway.config import EscalationSection, GeoSection, WaveSection
 from gateway.geo import GeoResult, GeoService, Nearby
 from gateway.journal import MessageKind, NotificationPlan, NotificationRecord
-from gateway.model import Elder, FacilityKind, Registry, ResponderRole
+from gateway.model import Elder, FacilityKind, LonLat, Registry, ResponderRole
 from gateway.wording import AlarmFacts, Composer
 
-__all__ = ["Planner", "Situation", "supervisors_near"]
+__all__ = ["Planner", "SilentWave", "Situation", "WavePlan", "silent_waves", "supervisors_near"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +51,14 @@ class Situation:
     found: GeoResult  # on-duty staff, nearest first, and the nearest facilities
     supervisors: tuple[Nearby, ...] = ()
     map_url: str | None = None  # a map link for staff messages
+    no_sms: Set[str] = frozenset()  # phones no SMS reaches (the registry's ``no_sms``)
+
+
+class WavePlan(NamedTuple):
+    """One wave: the messages to send, and the recipients no SMS can reach (not sent)."""
+
+    messages: list[NotificationPlan]
+    skipped: list[NotificationPlan]
 
 
 class Planner:
@@ -78,9 +93,9 @@ class Planner:
             return None
         return t.format(lon=f"{elder.location.lon:.6f}", lat=f"{elder.location.lat:.6f}")
 
-    def plan(self, number: int, situation: Situation,
-             told: Set[str]) -> list[NotificationPlan]:
-        """The messages of wave ``number`` (1-based) for people not in ``told``."""
+    def plan(self, number: int, situation: Situation, told: Set[str]) -> WavePlan:
+        """The messages of wave ``number`` (1-based) for people not in ``told``, and
+        apart the recipients whose phone is in ``situation.no_sms``."""
         wave = self._waves[number - 1]
         s, c = situation, self._composer
         plans: list[NotificationPlan] = []
@@ -104,7 +119,11 @@ class Planner:
             if wanted and fac is not None:
                 plans.append(NotificationPlan("facility", fac.name, fac.phone,
                                               c.facility(s.facts)))
-        return _once_per_phone(plans, told)
+        unique = _once_per_phone(plans, told)
+        if not s.no_sms:
+            return WavePlan(unique, [])
+        return WavePlan([p for p in unique if p.phone not in s.no_sms],
+                        [p for p in unique if p.phone in s.no_sms])
 
     def follow_up(self, kind: MessageKind, facts: AlarmFacts, told: Iterable[NotificationRecord],
                   *, by: str = "", skip: str | None = None) -> list[NotificationPlan]:
@@ -152,3 +171,91 @@ def supervisors_near(registry: Registry, geo: GeoService, elder: Elder) -> tuple
         found.append(Nearby(sup.responder_id, sup.name, sup.phone, where, distance, bearing,
                             stale=from_base, kind=sup.role.value))
     return tuple(found)
+
+
+@dataclass(frozen=True, slots=True)
+class SilentWave:
+    """A wave that reaches nobody who can read an SMS, for ``elders`` of the registry.
+
+    ``number`` is 1-based; ``reasons`` say, per role of the wave, why nobody there
+    takes an SMS (a few distinct ones, e.g. the nearest hospital's landline)."""
+
+    number: int
+    wave: WaveSection
+    elders: tuple[str, ...]
+    total_elders: int
+    reasons: tuple[str, ...]
+
+
+def silent_waves(
+    waves: Sequence[WaveSection],
+    registry: Registry,
+    nearest_facilities: Callable[[LonLat], Mapping[FacilityKind, Nearby]],
+) -> list[SilentWave]:
+    """The waves that would reach nobody who can read an SMS, judged per elder.
+
+    Who is on duty changes while the gateway runs, so staff and supervisors count by
+    role (someone of that role takes SMS); family and facilities per elder (their
+    contacts; the nearest facility of the kind, from ``nearest_facilities``, which is
+    only asked when the facilities of a kind disagree)."""
+    staff_ok = any(r.sms_capable for r in registry.responders.values()
+                   if r.role is not ResponderRole.SUPERVISOR)
+    supervisor_ok = any(r.sms_capable for r in registry.responders.values()
+                        if r.role is ResponderRole.SUPERVISOR)
+    by_kind = {kind: [f for f in registry.facilities.values() if f.kind is kind]
+               for kind in FacilityKind}
+    nearest: dict[str, Mapping[FacilityKind, Nearby]] = {}
+
+    def facility_ok(elder: Elder, kind: FacilityKind) -> tuple[bool, str]:
+        facilities = by_kind[kind]
+        if not facilities:
+            return False, f"{kind.value}: none in the registry"
+        able = {f.sms_capable for f in facilities}
+        if able == {True}:
+            return True, ""
+        if able == {False}:
+            return False, f"{kind.value}: no {kind.value} duty phone takes SMS"
+        if elder.elder_id not in nearest:
+            nearest[elder.elder_id] = nearest_facilities(elder.location)
+        found = nearest[elder.elder_id].get(kind)
+        if found is None:
+            return False, f"{kind.value}: none found near the elder"
+        if found.phone in registry.no_sms:
+            return False, f"{kind.value}: the nearest, {found.name} ({found.id}), has a landline"
+        return True, ""
+
+    silent: list[SilentWave] = []
+    for number, wave in enumerate(waves, 1):
+        if (wave.staff and staff_ok) or (wave.supervisor and supervisor_ok):
+            continue
+        if not (wave.family or wave.staff or wave.supervisor or wave.clinic or wave.hospital):
+            silent.append(SilentWave(number, wave, tuple(registry.elders), len(registry.elders),
+                                     ("the wave names nobody",)))
+            continue
+        fixed = [why for wanted, why in (
+            (wave.staff, "staff: no grid leader or community worker takes SMS"),
+            (wave.supervisor, "supervisor: no supervisor takes SMS")) if wanted]
+        elders: list[str] = []
+        reasons: dict[str, None] = dict.fromkeys(fixed)
+        for elder in registry.elders.values():
+            why_not: list[str] = []
+            if wave.family:
+                if any(c.sms_capable for c in elder.contacts):
+                    continue
+                why_not.append("family: no contact takes SMS")
+            reached = False
+            for wanted, kind in ((wave.clinic, FacilityKind.CLINIC),
+                                 (wave.hospital, FacilityKind.HOSPITAL)):
+                if wanted:
+                    ok, why = facility_ok(elder, kind)
+                    reached |= ok
+                    if not ok:
+                        why_not.append(why)
+            if reached:
+                continue
+            elders.append(elder.elder_id)
+            reasons.update(dict.fromkeys(why_not))
+        if elders:
+            silent.append(SilentWave(number, wave, tuple(elders), len(registry.elders),
+                                     tuple(reasons)))
+    return silent

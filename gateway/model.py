@@ -32,6 +32,35 @@ class FacilityKind(StrEnum):
     CLINIC = "clinic"
 
 
+class LineType(StrEnum):
+    """What kind of line a number is, as ``phonenumbers.number_type`` tells from its prefix.
+
+    Only :data:`SMS_LINE_TYPES` are texted unless the registry's ``voice_only`` column
+    says otherwise; a landline can take a call, not an SMS.
+    """
+
+    MOBILE = "mobile"
+    FIXED_LINE = "fixed_line"
+    FIXED_LINE_OR_MOBILE = "fixed_line_or_mobile"  # the plan cannot tell (US, CA, ...)
+    VOIP = "voip"
+    PERSONAL_NUMBER = "personal_number"
+    PAGER = "pager"
+    TOLL_FREE = "toll_free"
+    PREMIUM_RATE = "premium_rate"
+    SHARED_COST = "shared_cost"
+    UAN = "uan"
+    VOICEMAIL = "voicemail"
+    UNKNOWN = "unknown"  # valid, but the numbering plan does not say what it is
+
+
+#: Line types an SMS may reach. Ambiguous types count as able: a missed text to a
+#: mobile costs more than a useless one to a landline (``voice_only`` settles a case).
+SMS_LINE_TYPES: frozenset[LineType] = frozenset({
+    LineType.MOBILE, LineType.FIXED_LINE_OR_MOBILE, LineType.VOIP,
+    LineType.PERSONAL_NUMBER, LineType.UNKNOWN,
+})
+
+
 @dataclass(frozen=True, slots=True)
 class Contact:
     """A family member (or neighbour) told when the elder presses the button."""
@@ -40,6 +69,8 @@ class Contact:
     phone: str  # E.164, e.g. "+8613800000000"
     relation: str = ""
     language: str = "zh"  # "zh" or "en": which SMS template they get
+    line_type: LineType = LineType.MOBILE
+    sms_capable: bool = True  # False: never texted (a landline, or voice_only = true)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +108,8 @@ class Responder:
     role: ResponderRole
     on_duty: bool
     base: LonLat  # where they are when no live position is known
+    line_type: LineType = LineType.MOBILE
+    sms_capable: bool = True  # False: never texted (a landline, or voice_only = true)
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +120,8 @@ class Facility:
     duty_phone: str  # E.164
     location: LonLat
     address: str = ""
+    line_type: LineType = LineType.MOBILE
+    sms_capable: bool = True  # False: never texted (a landline, or voice_only = true)
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +133,8 @@ class Registry:
     responders: Mapping[str, Responder]
     facilities: Mapping[str, Facility]
     _by_address: Mapping[DeviceAddress, Device] = field(default_factory=dict, repr=False)
+    #: Phones (E.164) of contacts, responders and facilities that no SMS can reach.
+    no_sms: frozenset[str] = field(default_factory=frozenset, repr=False)
 
     @classmethod
     def build(
@@ -108,7 +145,12 @@ class Registry:
         facilities: Mapping[str, Facility],
     ) -> Registry:
         by_address = {d.device_address: d for d in devices.values()}
-        return cls(elders, devices, responders, facilities, by_address)
+        # One set for the planner, so that it checks a phone, not which record it came from.
+        no_sms = frozenset(
+            [c.phone for e in elders.values() for c in e.contacts if not c.sms_capable]
+            + [r.phone for r in responders.values() if not r.sms_capable]
+            + [f.duty_phone for f in facilities.values() if not f.sms_capable])
+        return cls(elders, devices, responders, facilities, by_address, no_sms)
 
     def device_by_address(self, address: DeviceAddress) -> Device | None:
         return self._by_address.get(address)

@@ -32,11 +32,13 @@ import structlog
 
 from devices.events import AddressScheme, DeviceAddress
 from gateway.model import (
+    SMS_LINE_TYPES,
     Contact,
     Device,
     Elder,
     Facility,
     FacilityKind,
+    LineType,
     LonLat,
     Registry,
     Responder,
@@ -102,6 +104,23 @@ _LANGUAGES: Final = ("zh", "en")
 _TRUE: Final = frozenset({"true", "1", "yes"})
 _FALSE: Final = frozenset({"false", "0", "no"})
 _HEX: Final = frozenset("0123456789ABCDEF")
+_BOOLS: Final = ("true", "false", "1", "0", "yes", "no")
+
+_PN = phonenumbers.PhoneNumberType
+_LINE_TYPES: Final[Mapping[int, LineType]] = {
+    _PN.MOBILE: LineType.MOBILE,
+    _PN.FIXED_LINE: LineType.FIXED_LINE,
+    _PN.FIXED_LINE_OR_MOBILE: LineType.FIXED_LINE_OR_MOBILE,
+    _PN.VOIP: LineType.VOIP,
+    _PN.PERSONAL_NUMBER: LineType.PERSONAL_NUMBER,
+    _PN.PAGER: LineType.PAGER,
+    _PN.TOLL_FREE: LineType.TOLL_FREE,
+    _PN.PREMIUM_RATE: LineType.PREMIUM_RATE,
+    _PN.SHARED_COST: LineType.SHARED_COST,
+    _PN.UAN: LineType.UAN,
+    _PN.VOICEMAIL: LineType.VOICEMAIL,
+    _PN.UNKNOWN: LineType.UNKNOWN,
+}
 
 _T = TypeVar("_T")
 
@@ -297,15 +316,16 @@ _DEVICES: Final = _Table(
     ("device_id", "elder_id", "scheme", "address"), ("model", "test_interval_h"),
 )
 _CONTACTS: Final = _Table(
-    "contacts.csv", ("elder_id", "name", "phone"), ("relation", "language"),
+    "contacts.csv", ("elder_id", "name", "phone"), ("relation", "language", "voice_only"),
 )
 _RESPONDERS: Final = _Table(
     "responders.csv",
-    ("responder_id", "name", "phone", "community", "role", "on_duty", "lon", "lat"), (),
+    ("responder_id", "name", "phone", "community", "role", "on_duty", "lon", "lat"),
+    ("voice_only",),
 )
 _FACILITIES: Final = _Table(
     "facilities.csv",
-    ("facility_id", "name", "kind", "duty_phone", "lon", "lat"), ("address",),
+    ("facility_id", "name", "kind", "duty_phone", "lon", "lat"), ("address", "voice_only"),
 )
 
 
@@ -326,6 +346,15 @@ class _Problems:
 
 
 @dataclass(slots=True)
+class _Phone:
+    """One distinct number as written: parsed once, its line type looked up at most once."""
+
+    e164: str
+    number: phonenumbers.PhoneNumber
+    line_type: LineType | None = None  # None until a texted field asks for it
+
+
+@dataclass(slots=True)
 class _Context:
     """What every row check needs: settings, the problem list, and a parse cache."""
 
@@ -333,8 +362,11 @@ class _Context:
     bbox: tuple[float, float, float, float] | None
     problems: _Problems
     # Parsing dominates load time, and real registries repeat numbers (a couple's
-    # children are contacts of both): raw text -> (E.164, parsed number).
-    phones: dict[str, tuple[str, phonenumbers.PhoneNumber]]
+    # children are contacts of both): raw text -> the parsed number.
+    phones: dict[str, _Phone]
+    # E.164 -> (file, line, value) of the first row that set ``voice_only`` for it: a
+    # line either takes an SMS or not, whichever row names it.
+    overrides: dict[str, tuple[str, int, bool]]
 
 
 def _decode(path: Path, data: bytes, problems: _Problems) -> str | None:
@@ -470,8 +502,12 @@ class _Fields:
             self.problem(field, f"{value!r} is not one of {'|'.join(allowed)}")
             return None
 
-    def phone(self, field: str, *, required: bool = True, sms: bool = False) -> str | None:
-        """A phone number in E.164. ``sms``: the number is texted, so warn if it is a landline."""
+    def phone(self, field: str, *, required: bool = True) -> str | None:
+        """A phone number in E.164 (a number the gateway never texts)."""
+        known = self._phone(field, required=required)
+        return None if known is None else known.e164
+
+    def _phone(self, field: str, *, required: bool = True) -> _Phone | None:
         value = self.text(field) if required else self.optional(field)
         if not value:
             return None
@@ -482,16 +518,48 @@ class _Fields:
             except FieldValueError as exc:
                 self.problem(field, exc.reason)
                 return None
-            known = (phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164),
-                     number)
+            known = _Phone(
+                phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164), number)
             self.ctx.phones[value] = known
-        e164, number = known
-        # A landline is a legitimate contact (someone may ring it) but receives no SMS:
-        # worth a warning, not worth refusing to start.
-        if sms and phonenumbers.number_type(number) == phonenumbers.PhoneNumberType.FIXED_LINE:
-            log.warning("registry.phone_not_mobile", file=self.path.name,
-                        line=self.row.line, field=field, phone=mask_phone(e164))
-        return e164
+        return known
+
+    def texted_phone(
+        self, field: str, *, warn: bool = True
+    ) -> tuple[str, LineType, bool] | None:
+        """A number the gateway texts: E.164, its line type, and whether an SMS reaches it.
+
+        The row's ``voice_only`` (true/false), when given, overrides what the line type
+        says; one number given both ways is a problem. ``warn``: log the rows that cannot
+        be texted by line type alone (a landline is a legitimate contact, someone may ring
+        it, but a person expected to read an SMS should know).
+        """
+        known = self._phone(field)
+        voice_only = self.optional("voice_only")
+        override: bool | None = None
+        if voice_only:
+            try:
+                override = _parse_bool(voice_only)
+            except ValueError:
+                self.problem("voice_only", f"{voice_only!r} is not one of {'|'.join(_BOOLS)}")
+        if known is None:
+            return None
+        if known.line_type is None:  # the parse is reused; the lookup is done once too
+            known.line_type = _LINE_TYPES.get(phonenumbers.number_type(known.number),
+                                              LineType.UNKNOWN)
+        e164, line_type = known.e164, known.line_type
+        if override is None:
+            capable = line_type in SMS_LINE_TYPES
+            if warn and not capable:
+                log.warning("registry.phone_not_mobile", file=self.path.name,
+                            line=self.row.line, field=field, phone=mask_phone(e164),
+                            line_type=line_type.value)
+            return e164, line_type, capable
+        first = self.ctx.overrides.setdefault(e164, (self.path.name, self.row.line, override))
+        if first[2] != override:
+            self.problem("voice_only", f"{voice_only!r} contradicts {first[0]}:{first[1]}, "
+                         f"which says {'true' if first[2] else 'false'} for "
+                         f"{mask_phone(e164)}: a line either takes an SMS or not")
+        return e164, line_type, not override
 
     def number(self, field: str, *, required: bool = True) -> float | None:
         value = self.text(field) if required else self.optional(field)
@@ -599,7 +667,7 @@ def load_registry(
     if not directory.is_dir():
         problems.add(directory, None, None, "registry directory not found")
         raise RegistryError(problems.items)
-    ctx = _Context(default_region, bbox, problems, {})
+    ctx = _Context(default_region, bbox, problems, {}, {})
 
     elder_rows = _read_table(directory, _ELDERS, problems)
     device_rows = _read_table(directory, _DEVICES, problems)
@@ -633,6 +701,8 @@ def load_registry(
             problems.items, key=lambda p: (order.get(p.file.name, -1), p.line or 0)
         ))
 
+    if ctx.overrides:
+        _apply_overrides(ctx.overrides, contacts, responders, facilities)
     elder_map = {
         elder_id: replace(elder, contacts=tuple(contacts[elder_id]))
         for elder_id, elder in elders.items()
@@ -645,6 +715,29 @@ def load_registry(
     )
     log.info("registry.loaded", directory=str(directory), **registry_summary(registry))
     return registry
+
+
+def _apply_overrides(
+    overrides: Mapping[str, tuple[str, int, bool]],
+    contacts: dict[str, list[Contact]],
+    responders: dict[str, Responder],
+    facilities: dict[str, Facility],
+) -> None:
+    # ``voice_only`` describes the line, not the row: a facility's duty phone marked
+    # "takes SMS" is texted as a contact too. Only registries with overrides pay this pass.
+    def capable(phone: str, current: bool) -> bool:
+        found = overrides.get(phone)
+        return current if found is None else not found[2]
+
+    for people in contacts.values():
+        people[:] = [c if capable(c.phone, c.sms_capable) == c.sms_capable
+                     else replace(c, sms_capable=not c.sms_capable) for c in people]
+    for rid, r in responders.items():
+        if capable(r.phone, r.sms_capable) != r.sms_capable:
+            responders[rid] = replace(r, sms_capable=not r.sms_capable)
+    for fid, fac in facilities.items():
+        if capable(fac.duty_phone, fac.sms_capable) != fac.sms_capable:
+            facilities[fid] = replace(fac, sms_capable=not fac.sms_capable)
 
 
 def _parse_elders(
@@ -774,7 +867,8 @@ def _parse_contacts(
         if elder_id:
             owners.add(elder_id)
         name = f.text("name")
-        phone = f.phone("phone", sms=True)
+        texted = f.texted_phone("phone")
+        phone = None if texted is None else texted[0]
         language = f.optional("language").lower() or "zh"
         if language not in _LANGUAGES:
             f.problem("language", f"{f.optional('language')!r} is not one of zh|en")
@@ -783,10 +877,10 @@ def _parse_contacts(
             if first != row.line:
                 f.problem("phone", f"{mask_phone(phone)} is already a contact of "
                           f"{elder_id!r} (line {first}); they would be told twice")
-        if f.ok and elder_id and phone is not None:
+        if f.ok and elder_id and texted is not None:
             contacts.setdefault(elder_id, []).append(
-                Contact(name=name, phone=phone, relation=f.optional("relation"),
-                        language=language)
+                Contact(name=name, phone=texted[0], relation=f.optional("relation"),
+                        language=language, line_type=texted[1], sms_capable=texted[2])
             )
     return contacts, owners
 
@@ -805,14 +899,15 @@ def _parse_responders(
         f = _Fields(path, row, ctx)
         responder_id = _check_id(f, "responder_id", first_seen)
         name, community = f.text("name"), f.text("community")
-        phone = f.phone("phone", sms=True)
+        texted = f.texted_phone("phone")
         role = f.choice("role", ResponderRole, (r.value for r in ResponderRole))
-        on_duty = f.choice("on_duty", _parse_bool, ("true", "false", "1", "0", "yes", "no"))
+        on_duty = f.choice("on_duty", _parse_bool, _BOOLS)
         base = f.location()
-        if (f.ok and responder_id and phone is not None and role is not None
+        if (f.ok and responder_id and texted is not None and role is not None
                 and on_duty is not None and base is not None):
             responders[responder_id] = Responder(
-                responder_id, name, phone, community, role, on_duty, base
+                responder_id, name, texted[0], community, role, on_duty, base,
+                line_type=texted[1], sms_capable=texted[2],
             )
     return responders
 
@@ -832,11 +927,14 @@ def _parse_facilities(
         facility_id = _check_id(f, "facility_id", first_seen)
         name = f.text("name")
         kind = f.choice("kind", FacilityKind, (k.value for k in FacilityKind))
-        phone = f.phone("duty_phone")
+        # Duty desks are landlines as a rule: the check-config wave check reports what
+        # that means, rather than one warning per facility at every load.
+        texted = f.texted_phone("duty_phone", warn=False)
         location = f.location()
-        if f.ok and facility_id and kind is not None and phone is not None and location:
+        if f.ok and facility_id and kind is not None and texted is not None and location:
             facilities[facility_id] = Facility(
-                facility_id, name, kind, phone, location, f.optional("address")
+                facility_id, name, kind, texted[0], location, f.optional("address"),
+                line_type=texted[1], sms_capable=texted[2],
             )
     return facilities
 

@@ -3,14 +3,26 @@ already told in; the messages of one wave (or a follow-up) out. No I/O, no clock
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 
 from gateway.config import EscalationSection, GeoSection, WaveSection
-from gateway.escalation import Planner, Situation
+from gateway.escalation import Planner, Situation, WavePlan, silent_waves
 from gateway.geo import GeoResult, Nearby
 from gateway.journal import MessageKind, NotificationPlan, NotificationRecord
 from gateway.lifecycle import NotificationState
-from gateway.model import Contact, Elder, FacilityKind, LonLat
+from gateway.model import (
+    Contact,
+    Elder,
+    Facility,
+    FacilityKind,
+    LineType,
+    LonLat,
+    Registry,
+    Responder,
+    ResponderRole,
+)
 from gateway.wording import AlarmFacts, Composer
 
 HOME = LonLat(118.78, 32.04)
@@ -58,7 +70,7 @@ def test_the_waves_are_the_configs_defaults() -> None:
 
 
 def test_wave_one_reaches_the_family_in_their_language_and_the_two_nearest_staff() -> None:
-    plans = planner().plan(1, SITUATION, set())
+    plans = planner().plan(1, SITUATION, set()).messages
     assert [(p.role, p.name) for p in plans] == [
         ("family", "张丽"), ("family", "Tom Zhang"), ("responder", "员1"), ("responder", "员2")]
     assert plans[0].body == COMPOSER.family(FACTS, "zh")
@@ -68,7 +80,7 @@ def test_wave_one_reaches_the_family_in_their_language_and_the_two_nearest_staff
 
 
 def test_wave_two_takes_the_next_staff_and_the_supervisor() -> None:
-    plans = planner().plan(2, SITUATION, set())
+    plans = planner().plan(2, SITUATION, set()).messages
     assert [(p.role, p.name) for p in plans] == [
         ("responder", "员3"), ("responder", "员4"), ("responder", "员5"), ("supervisor", "主管")]
     # 员3 has no live position: the text says the distance is from the registered base.
@@ -80,18 +92,19 @@ def test_wave_two_takes_the_next_staff_and_the_supervisor() -> None:
 
 
 def test_wave_three_is_the_hospital() -> None:
-    plans = planner().plan(3, SITUATION, set())
+    plans = planner().plan(3, SITUATION, set()).messages
     assert plans == [NotificationPlan("facility", "市人民医院", HOSPITAL.phone,
                                       COMPOSER.facility(FACTS))]
 
 
 def test_nobody_is_told_twice() -> None:
     told = {"+8613800000001", staff(2).phone}
-    assert phones(planner().plan(1, SITUATION, told)) == ["+8613800000002", staff(1).phone]
+    assert phones(planner().plan(1, SITUATION, told).messages) == [
+        "+8613800000002", staff(1).phone]
     # Within one wave, a phone reached by an earlier role is skipped (the first role wins).
     twice = Situation(ELDER, FACTS, FOUND,
                       (SUPERVISOR._replace(phone=staff(4).phone),), SITUATION.map_url)
-    plans = planner().plan(2, twice, set())
+    plans = planner().plan(2, twice, set()).messages
     assert [(p.role, p.phone) for p in plans] == [
         ("responder", staff(3).phone), ("responder", staff(4).phone),
         ("responder", staff(5).phone)]
@@ -99,7 +112,7 @@ def test_nobody_is_told_twice() -> None:
 
 def test_nobody_on_duty_escalates_to_the_supervisors_at_once() -> None:
     empty = Situation(ELDER, FACTS, GeoResult((), FOUND.facilities), (SUPERVISOR,), None)
-    plans = planner().plan(1, empty, set())
+    plans = planner().plan(1, empty, set()).messages
     assert [p.role for p in plans] == ["family", "family", "supervisor"]
     assert plans[2].body == COMPOSER.staff(FACTS, 2500.0, from_base=True)  # no map link
 
@@ -109,15 +122,15 @@ def test_configured_waves_offset_the_staff_and_add_the_clinic() -> None:
                                           WaveSection(after_s=60, staff=2, clinic=True)))
     p = planner(escalation)
     assert p.staff_needed == 3 and p.first_wave_staff == 1
-    assert phones(p.plan(1, SITUATION, set())) == [staff(1).phone]
-    assert phones(p.plan(2, SITUATION, set())) == [staff(2).phone, staff(3).phone,
+    assert phones(p.plan(1, SITUATION, set()).messages) == [staff(1).phone]
+    assert phones(p.plan(2, SITUATION, set()).messages) == [staff(2).phone, staff(3).phone,
                                                    CLINIC.phone]
 
 
 def test_a_missing_facility_is_left_out() -> None:
     no_hospital = Situation(ELDER, FACTS, GeoResult(FOUND.responders,
                                                     {FacilityKind.CLINIC: CLINIC}))
-    assert planner().plan(3, no_hospital, set()) == []
+    assert planner().plan(3, no_hospital, set()).messages == []
 
 
 def record(rid: int, phone: str, kind: MessageKind = MessageKind.ESCALATION,
@@ -147,3 +160,94 @@ def test_follow_ups_reach_everyone_an_escalation_wave_reached_once() -> None:
 def test_the_map_link_is_the_elders_home() -> None:
     assert planner().map_url(ELDER) == "https://uri.amap.com/marker?position=118.780000,32.040000"
     assert Planner(EscalationSection(), GeoSection(), COMPOSER).map_url(ELDER) is None
+
+
+# ---------------------------------------------------------------------------
+# Numbers no SMS reaches (issue 10, fault 7): never planned, returned apart
+
+
+def test_the_default_wave_three_never_texts_a_landline_hospital() -> None:
+    landline = Situation(ELDER, FACTS, FOUND, (SUPERVISOR,), SITUATION.map_url,
+                         no_sms=frozenset({HOSPITAL.phone}))
+    wave = planner().plan(3, landline, set())
+    assert wave == WavePlan([], [NotificationPlan("facility", "市人民医院", HOSPITAL.phone,
+                                                  COMPOSER.facility(FACTS))])
+
+
+def test_voice_only_recipients_are_returned_apart_once_and_the_rest_still_texted() -> None:
+    no_sms = frozenset({"+8613800000001", staff(2).phone, SUPERVISOR.phone})
+    s = Situation(ELDER, FACTS, FOUND, (SUPERVISOR,), SITUATION.map_url, no_sms=no_sms)
+    one = planner().plan(1, s, set())
+    assert phones(one.messages) == ["+8613800000002", staff(1).phone]
+    assert [(p.role, p.phone) for p in one.skipped] == [
+        ("family", "+8613800000001"), ("responder", staff(2).phone)]
+    # The dispatcher adds the skipped phones to those told: the next wave skips them silently.
+    told = {p.phone for p in one.messages + one.skipped}
+    two = planner().plan(2, s, told)
+    assert phones(two.messages) == [staff(3).phone, staff(4).phone, staff(5).phone]
+    assert [p.role for p in two.skipped] == ["supervisor"]
+
+
+# silent_waves: what check-config warns about, on a registry built in memory
+
+def _registry(*, hospital_sms: bool, family_sms: bool = True,
+              staff_sms: bool = True, clinic_sms: bool = True) -> Registry:
+    elder = Elder("E1", "张桂英", "地址", "社区", HOME, contacts=(
+        Contact("张丽", "+8613800000001", line_type=LineType.MOBILE, sms_capable=family_sms),))
+    responders = {"R1": Responder("R1", "员1", "+8613900000001", "社区",
+                                  ResponderRole.GRID_LEADER, True, HOME,
+                                  sms_capable=staff_sms),
+                  "S1": Responder("S1", "主管", "+8613700000001", "社区",
+                                  ResponderRole.SUPERVISOR, True, HOME, sms_capable=staff_sms)}
+    facilities = {"H1": Facility("H1", "县人民医院", FacilityKind.HOSPITAL, "+865462900009",
+                                 HOME, line_type=LineType.FIXED_LINE, sms_capable=hospital_sms),
+                  "C1": Facility("C1", "卫生站", FacilityKind.CLINIC, "+865462900010", HOME,
+                                 sms_capable=clinic_sms)}
+    return Registry.build({"E1": elder}, {}, responders, facilities)
+
+
+def _no_lookup(where: LonLat) -> dict[FacilityKind, Nearby]:
+    raise AssertionError(f"the facilities agree, no lookup was needed ({where})")
+
+
+def test_silent_waves_finds_the_default_hospital_wave_with_a_landline() -> None:
+    waves = EscalationSection().waves
+    silent = silent_waves(waves, _registry(hospital_sms=False), _no_lookup)
+    assert [(w.number, w.elders, w.total_elders) for w in silent] == [(3, ("E1",), 1)]
+    assert silent[0].reasons == ("hospital: no hospital duty phone takes SMS",)
+    assert silent_waves(waves, _registry(hospital_sms=True), _no_lookup) == []
+
+
+def test_silent_waves_judges_staff_by_role_and_family_per_elder() -> None:
+    waves = EscalationSection().waves
+    nobody = silent_waves(waves, _registry(hospital_sms=False, family_sms=False,
+                                           staff_sms=False), _no_lookup)
+    assert [w.number for w in nobody] == [1, 2, 3]
+    assert nobody[0].reasons == ("staff: no grid leader or community worker takes SMS",
+                                 "family: no contact takes SMS")
+    # A staff wave with someone who takes SMS is never silent, whatever the family has.
+    assert [w.number for w in silent_waves(
+        waves, _registry(hospital_sms=False, family_sms=False), _no_lookup)] == [3]
+
+
+def test_silent_waves_asks_for_the_nearest_facility_when_the_kind_is_mixed() -> None:
+    reg = _registry(hospital_sms=False)
+    mobile = Facility("H2", "市医院", FacilityKind.HOSPITAL, "+8613600000009", HOME)
+    reg = Registry.build(reg.elders, reg.devices, reg.responders,
+                         {**reg.facilities, "H2": mobile})
+    waves = (WaveSection(after_s=0, hospital=True),)
+    asked: list[LonLat] = []
+
+    def nearest(found: Nearby) -> Callable[[LonLat], dict[FacilityKind, Nearby]]:
+        def lookup(where: LonLat) -> dict[FacilityKind, Nearby]:
+            asked.append(where)
+            return {FacilityKind.HOSPITAL: found}
+        return lookup
+
+    near_landline = Nearby("H1", "县人民医院", "+865462900009", HOME, 10.0, 0.0)
+    near_mobile = Nearby("H2", "市医院", "+8613600000009", HOME, 10.0, 0.0)
+    silent = silent_waves(waves, reg, nearest(near_landline))
+    assert [w.reasons for w in silent] == [
+        ("hospital: the nearest, 县人民医院 (H1), has a landline",)]
+    assert silent_waves(waves, reg, nearest(near_mobile)) == []
+    assert asked == [HOME, HOME]

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import codecs
 import re
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import phonenumbers
 import pytest
 from structlog.testing import capture_logs
 
 from devices.events import AddressScheme, DeviceAddress
-from gateway.model import FacilityKind, LonLat, ResponderRole
+from gateway.model import FacilityKind, LineType, LonLat, ResponderRole
 from gateway.registry import (
     MAX_SHOWN_PROBLEMS,
     REGISTRY_FILES,
@@ -91,6 +94,14 @@ def edit(name: str, old: str, new: str) -> dict[str, str | bytes | None]:
 
 def append(name: str, row: str) -> dict[str, str | bytes | None]:
     return {name: VALID[name] + row + "\n"}
+
+
+def voice_only(name: str, *values: str, text: str | None = None) -> dict[str, str | bytes | None]:
+    """VALID[name] (or ``text``) with a voice_only column: ``values`` for its rows, in order."""
+    header, *rows = (VALID[name] if text is None else text).splitlines()
+    assert len(rows) == len(values), f"test bug: {name} has {len(rows)} rows"
+    lines = [f"{header},voice_only"] + [f"{r},{v}" for r, v in zip(rows, values, strict=True)]
+    return {name: "\n".join(lines) + "\n"}
 
 
 # ---------------------------------------------------------------------------
@@ -232,8 +243,103 @@ def test_landline_contact_loads_with_a_masked_warning(tmp_path: Path) -> None:
             "line": 2,
             "field": "phone",
             "phone": "+86546****0077",
+            "line_type": "fixed_line",
         }
     ]
+    contact = reg.elders["E1"].contacts[0]
+    assert (contact.line_type, contact.sms_capable) == (LineType.FIXED_LINE, False)
+    assert contact.phone in reg.no_sms
+
+
+# ---------------------------------------------------------------------------
+# Line types (issue 10, fault 7): every texted number is marked; voice_only overrides
+
+
+def test_every_texted_number_is_marked_by_its_line_type(tmp_path: Path) -> None:
+    reg = load_registry(write_registry(tmp_path))
+    assert {(c.line_type, c.sms_capable) for e in reg.elders.values() for c in e.contacts} \
+        == {(LineType.MOBILE, True)}
+    assert {(r.line_type, r.sms_capable) for r in reg.responders.values()} \
+        == {(LineType.MOBILE, True)}
+    # Duty desks on 0546- landlines: marked, never texted, and no warning per facility.
+    assert {(f.line_type, f.sms_capable) for f in reg.facilities.values()} \
+        == {(LineType.FIXED_LINE, False)}
+    assert reg.no_sms == {"+865462900009", "+865462900010"}
+
+
+def test_the_sample_facilities_are_landlines_and_its_people_take_sms() -> None:
+    reg = load_registry(SAMPLE)
+    assert reg.no_sms == {f.duty_phone for f in reg.facilities.values()}
+    assert all(f.line_type is LineType.FIXED_LINE for f in reg.facilities.values())
+
+
+def test_voice_only_overrides_the_line_type_either_way(tmp_path: Path) -> None:
+    # The hospital's duty line takes SMS (a desk phone that does, on a landline prefix);
+    # a responder on a mobile number cannot read texts any more.
+    changes = {**voice_only("facilities.csv", "false", ""),
+               **voice_only("responders.csv", "TRUE", "")}
+    with capture_logs() as logs:
+        reg = load_registry(write_registry(tmp_path, changes))
+    assert (reg.facilities["F1"].line_type, reg.facilities["F1"].sms_capable) == (
+        LineType.FIXED_LINE, True)
+    assert reg.facilities["F2"].sms_capable is False  # empty: by line type
+    assert (reg.responders["R1"].line_type, reg.responders["R1"].sms_capable) == (
+        LineType.MOBILE, False)
+    assert reg.responders["R2"].sms_capable is True
+    assert reg.no_sms == {"+865462900010", "+8615005460003"}
+    assert not [e for e in logs if e["event"] == "registry.phone_not_mobile"]
+
+
+def test_voice_only_describes_the_line_wherever_the_number_appears(tmp_path: Path) -> None:
+    # The clinic's landline takes SMS; the same number as a family contact is texted too.
+    changes = {**voice_only("facilities.csv", "", "no"),
+               **edit("contacts.csv", "13805460001", "0546-2900010")}
+    reg = load_registry(write_registry(tmp_path, changes))
+    assert reg.facilities["F2"].sms_capable is True
+    assert reg.elders["E1"].contacts[0].sms_capable is True
+    assert reg.no_sms == {"+865462900009"}
+
+
+def test_voice_only_given_both_ways_for_one_number_is_a_problem(tmp_path: Path) -> None:
+    contacts = voice_only("contacts.csv", "true", "", "")
+    responders = voice_only("responders.csv", "false", "", text=VALID["responders.csv"]
+                            .replace("15005460003", "13805460001"))
+    problems = problems_of(write_registry(tmp_path, {**contacts, **responders}))
+    assert located(problems) == [("responders.csv", 2, "voice_only")]
+    assert str(problems[0]) == (
+        "responders.csv:2: field 'voice_only': 'false' contradicts contacts.csv:2, which "
+        "says true for +86138****0001: a line either takes an SMS or not")
+
+
+def test_voice_only_must_be_a_boolean(tmp_path: Path) -> None:
+    problems = problems_of(write_registry(tmp_path, voice_only("facilities.csv", "maybe", "")))
+    assert [str(p) for p in problems] == [
+        "facilities.csv:2: field 'voice_only': 'maybe' is not one of true|false|1|0|yes|no"]
+
+
+def test_each_distinct_number_is_parsed_and_typed_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Registry load time is phone parsing: the line type reuses the one parse per number.
+    calls: Counter[str] = Counter()
+    parse, number_type = phonenumbers.parse, phonenumbers.number_type
+
+    def counted_parse(*args: Any, **kwargs: Any) -> phonenumbers.PhoneNumber:
+        calls["parse"] += 1
+        return parse(*args, **kwargs)
+
+    def counted_type(number: phonenumbers.PhoneNumber) -> int:
+        calls["number_type"] += 1
+        return number_type(number)
+
+    monkeypatch.setattr(phonenumbers, "parse", counted_parse)
+    monkeypatch.setattr(phonenumbers, "number_type", counted_type)
+    # E1's son is also E2's contact and a responder: written the same way three times.
+    changes = {**append("contacts.csv", "E2,王伟,邻居,13805460001,zh"),
+               **edit("responders.csv", "15005460003", "13805460001")}
+    load_registry(write_registry(tmp_path, changes))
+    # elders 1 + devices 1 (caller id) + contacts 3 + responders 1 + facilities 2 distinct texts
+    assert calls == {"parse": 8, "number_type": 6}
 
 
 # ---------------------------------------------------------------------------
