@@ -10,10 +10,12 @@ are counted and printed (see the summary table at the end of the run).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import re
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -88,6 +90,12 @@ def finish(rig: Rig, name: str, presses: list[Press], started: float, scale: Sca
     return tally
 
 
+def shuffled(rig: Rig, devices: list[object]) -> Iterator[object]:
+    """The devices in random order, again and again: a long run presses some twice (a
+    second press joins the open alarm, so it is reconciled by its alarm reference)."""
+    return itertools.cycle(rig.rng.sample(devices, len(devices)))
+
+
 def mqtt_devices(district: District) -> list[object]:
     return [*district.z2m, *district.own]
 
@@ -128,7 +136,7 @@ def test_broker_sigkilled_during_a_storm(tmp_path: Path, district: District,
     started = time.monotonic()
     with Rig(tmp_path, district, seed=2) as rig:
         presser = MqttPresser(rig.broker, district, confirm=confirmation_exists())
-        devices = iter(rig.rng.sample(mqtt_devices(district), len(mqtt_devices(district))))
+        devices = shuffled(rig, mqtt_devices(district))
         try:
             for _ in range(scale.broker_kills):
                 for _ in range(scale.batch // 2):
@@ -159,7 +167,7 @@ def test_power_cut_broker_and_gateway(tmp_path: Path, district: District,
     with Rig(tmp_path, district, seed=3) as rig:
         confirm = confirmation_exists()
         presser = MqttPresser(rig.broker, district, confirm=confirm)
-        devices = iter(rig.rng.sample(mqtt_devices(district), len(mqtt_devices(district))))
+        devices = shuffled(rig, mqtt_devices(district))
         try:
             for cut in range(scale.power_cuts):
                 if cut % 2 == 0:
@@ -194,7 +202,7 @@ def test_journal_disk_filled_and_freed(tmp_path: Path, district: District, scale
     started = time.monotonic()
     with Rig(tmp_path, district, seed=4, state_dir=small_disk / "state") as rig:
         presser = MqttPresser(rig.broker, district, confirm=confirmation_exists())
-        devices = iter(rig.rng.sample(mqtt_devices(district), len(mqtt_devices(district))))
+        devices = shuffled(rig, mqtt_devices(district))
         try:
             for _ in range(scale.batch // 2):
                 presser.press(next(devices))
@@ -239,8 +247,8 @@ def test_serial_line_pulled(tmp_path: Path, district: District, scale: Scale) ->
         receiver = SurGardReceiver(rig.line)
         receiver.start()
         presser = MqttPresser(rig.broker, district, confirm=confirmation_exists())
-        panels = iter(rig.rng.sample(district.contact_id, len(district.contact_id)))
-        buttons = iter(rig.rng.sample(mqtt_devices(district), len(mqtt_devices(district))))
+        panels = shuffled(rig, district.contact_id)
+        buttons = shuffled(rig, mqtt_devices(district))
         per_pull = max(1, min(len(district.contact_id) // (scale.line_pulls + 1), 15))
         try:
             for _ in range(scale.line_pulls):
@@ -268,7 +276,7 @@ def test_twilio_down_then_429_then_healthy(tmp_path: Path, district: District,
     started = time.monotonic()
     with Rig(tmp_path, district, seed=6) as rig:
         presser = MqttPresser(rig.broker, district, confirm=confirmation_exists())
-        devices = iter(rig.rng.sample(mqtt_devices(district), len(mqtt_devices(district))))
+        devices = shuffled(rig, mqtt_devices(district))
         try:
             rig.twilio.control("/outage", {"on": True, "refuse": True})
             down = [presser.press(next(devices)) for _ in range(scale.batch)]
