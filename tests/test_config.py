@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from gateway.config import ConfigError, load_config, load_secrets, read_secret
+from gateway.config import (
+    ConfigError,
+    check_twilio_secrets,
+    load_config,
+    load_secrets,
+    read_secret,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 MINIMAL = '[sms]\nfrom_number = "+15005550006"\n'
@@ -121,3 +130,118 @@ def test_secrets_from_env_and_systemd_credentials(tmp_path: Path) -> None:
     assert read_secret("missing", {}) is None
     no_user = load_secrets(load_config(write(tmp_path, MINIMAL)), env)
     assert no_user.mqtt_password is None
+
+
+# ---------------------------------------------------------------------------
+# Settings that passed check-config and failed later (issue 10, fault 6)
+
+@pytest.mark.parametrize("url", [
+    "https://alarm.kenli.example.cn", "https://alarm.kenli.example.cn/gateway",
+    "http://10.0.0.7:8443", "https://[2001:db8::1]/gw", "https://xn--fiq228c.example.cn",
+])
+def test_public_url_accepts_a_base_url(tmp_path: Path, url: str) -> None:
+    cfg = load_config(write(tmp_path, MINIMAL + f'public_url = "{url}"\n'))
+    assert cfg.model.sms.public_url == url
+
+
+@pytest.mark.parametrize(("url", "reason"), [
+    # Startup died on these with an uncaught ValueError (the webhooks refuse them).
+    ("https://alarm.example.cn/?token=1", "has a query or fragment"),
+    ("https://alarm.example.cn?x", "has a query or fragment"),
+    ("https://alarm.example.cn/#top", "has a query or fragment"),
+    # Twilio refuses callback URLs whose host has an underscore.
+    ("https://alarm_gw.example.cn", "has an underscore, which Twilio refuses"),
+    ("https://alarm.example.cn/", "ends with '/'"),
+    ("ftp://alarm.example.cn", "not an absolute http(s) URL"),
+    ("https:///twilio", "not an absolute http(s) URL"),
+    ("https://ops:pw@alarm.example.cn", "carries credentials"),
+    ("https://alarm.example.cn:99999", "Port out of range"),
+    ("https://-alarm.example.cn", "not a valid host name"),
+    ("https://alarm.example.cn/a b", "whitespace"),
+])
+def test_public_url_refuses_what_twilio_or_startup_would(tmp_path: Path, url: str,
+                                                         reason: str) -> None:
+    path = write(tmp_path, MINIMAL + f'public_url = "{url}"\n')
+    err = error_of(path)
+    assert (err.file, err.key) == (str(path.resolve()), "sms.public_url")
+    assert reason in err.reason
+
+
+GOOD_SID = "AC" + "0123456789abcdef" * 2
+
+
+def test_twilio_secrets_missing_or_malformed_name_the_credential(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, MINIMAL))
+
+    def problem(env: dict[str, str]) -> ConfigError:
+        with pytest.raises(ConfigError) as info:
+            check_twilio_secrets(cfg, load_secrets(cfg, env), env)
+        return info.value
+
+    err = problem({"TWILIO_AUTH_TOKEN": "t"})
+    assert (err.key, err.file) == ("sms.account_sid_secret", str(cfg.source))
+    assert "not set (systemd credential 'twilio_account_sid' or env TWILIO_ACCOUNT_SID)" \
+        in err.reason
+    # One hex digit short: Twilio would answer every send with a 4xx.
+    err = problem({"TWILIO_ACCOUNT_SID": GOOD_SID[:-1], "TWILIO_AUTH_TOKEN": "t"})
+    assert err.key == "sms.account_sid_secret"
+    assert "in env TWILIO_ACCOUNT_SID is not 'AC' followed by 32 hex digits" in err.reason
+    assert GOOD_SID[:-1] not in str(err)
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "twilio_account_sid").write_text("SK" + GOOD_SID[2:] + "\n")
+    err = problem({"CREDENTIALS_DIRECTORY": str(creds), "TWILIO_AUTH_TOKEN": "t"})
+    assert f"in credential file {creds / 'twilio_account_sid'} is not 'AC'" in err.reason
+    err = problem({"TWILIO_ACCOUNT_SID": GOOD_SID})
+    assert err.key == "sms.auth_token_secret" and "TWILIO_AUTH_TOKEN" in err.reason
+    env = {"TWILIO_ACCOUNT_SID": GOOD_SID, "TWILIO_AUTH_TOKEN": "t"}
+    check_twilio_secrets(cfg, load_secrets(cfg, env), env)  # well-formed: no error
+
+
+def _check_config(config: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items()
+             if not k.startswith("TWILIO_") and k != "CREDENTIALS_DIRECTORY"}
+    return subprocess.run([sys.executable, "-m", "gateway.cli", "check-config", "--config",
+                           str(config)], capture_output=True, text=True, timeout=120,
+                          env={**clean, **env}, check=False)
+
+
+@pytest.mark.integration  # runs the gateway CLI as a subprocess
+def test_check_config_refuses_a_bad_account_sid_and_a_missing_token() -> None:
+    example = REPO / "config" / "gateway.example.toml"
+    res = _check_config(example, {"TWILIO_ACCOUNT_SID": "AC1234", "TWILIO_AUTH_TOKEN": "t"})
+    assert res.returncode == 2, res.stderr
+    assert f"config error: {example}: sms.account_sid_secret: the Twilio Account SID in " \
+           "env TWILIO_ACCOUNT_SID is not 'AC' followed by 32 hex digits" in res.stderr
+    res = _check_config(example, {"TWILIO_ACCOUNT_SID": GOOD_SID})
+    assert res.returncode == 2
+    assert f"{example}: sms.auth_token_secret: the Twilio auth token is not set" in res.stderr
+
+
+@pytest.mark.integration  # runs the gateway CLI as a subprocess
+def test_check_config_warns_once_per_wave_that_reaches_nobody_by_sms(tmp_path: Path) -> None:
+    example = REPO / "config" / "gateway.example.toml"
+    secrets = {"TWILIO_ACCOUNT_SID": GOOD_SID, "TWILIO_AUTH_TOKEN": "t"}
+    res = _check_config(example, secrets)
+    assert res.returncode == 0, res.stderr
+    waves = [line for line in res.stderr.splitlines() if "escalation.waves" in line]
+    # The default wave 3 is the hospital alone, and the sample's county hospital is a landline.
+    assert waves == [
+        f"warning: {example}: escalation.waves[2]: wave 3 (after 300 s: hospital) reaches "
+        "nobody who can read an SMS for 88 of 88 elders (hospital: no hospital duty phone "
+        "takes SMS); they are not texted: add a role, or set voice_only = false in the "
+        "registry for a number that does take SMS"]
+    # With the hospital's desk marked as taking SMS, no wave is silent.
+    registry = tmp_path / "sample"
+    registry.mkdir()
+    for f in (REPO / "config" / "sample").glob("*.csv"):
+        (registry / f.name).write_bytes(f.read_bytes())
+    facilities = (registry / "facilities.csv").read_text(encoding="utf-8").splitlines()
+    rows = [facilities[0] + ",voice_only"] + [
+        row + (",false" if ",hospital," in row else ",") for row in facilities[1:]]
+    (registry / "facilities.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    cfg = write(tmp_path, MINIMAL + f'[registry]\ndirectory = "{registry}"\n'
+                f'[gateway]\nstate_dir = "{tmp_path}/state"\n[mqtt]\nenabled = false\n')
+    res = _check_config(cfg, secrets)
+    assert res.returncode == 0, res.stderr
+    assert "escalation.waves" not in res.stderr
