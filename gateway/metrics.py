@@ -1,8 +1,25 @@
-"""Prometheus metrics, one registry per gateway instance (tests run several)."""
+"""Prometheus metrics, one registry per gateway instance (tests run several).
+
+Most are counted where they happen. What other parts already count (notices by kind
+on the notice board, MQTT reconnects on the link, offline and overdue devices in
+supervision) is read at scrape time through :meth:`Metrics.watch`, so those parts
+need no metrics object and the figures cannot drift from what ``/healthz`` and
+``gateway status`` show.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from importlib import metadata
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+import gateway
+
+DISTRIBUTION = "elder-alarm-gateway"
 
 _LATENCY_BUCKETS_MS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2000, 5000, 10000, 30000)
 
@@ -50,5 +67,56 @@ class Metrics:
             "gateway_responders_live", "Responders with a fresh position from their phone",
             registry=r)
 
+        self.deliveries = Counter(
+            "gateway_sms_deliveries", "Carrier delivery reports that changed a message's state",
+            ["status"], registry=r)
+        self.build = Info("gateway_build", "The running gateway's version", registry=r)
+        self.build.info({"version": build_version()})
+        self._watched = _Watched()
+        r.register(self._watched)
+
+    def watch(self, *, notices_by_kind: Mapping[str, int] | None = None,
+              mqtt_reconnects: Callable[[], int] | None = None,
+              devices: Callable[[], tuple[int, int]] | None = None) -> None:
+        """Read these at each scrape: the notice board's counts by kind, the MQTT link's
+        reconnects, supervision's (offline, overdue) device counts."""
+        w = self._watched
+        w.notices_by_kind = notices_by_kind if notices_by_kind is not None else w.notices_by_kind
+        w.mqtt_reconnects = mqtt_reconnects or w.mqtt_reconnects
+        w.devices = devices or w.devices
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def build_version() -> str:
+    """The installed distribution's version (what pip installed), else the source's."""
+    try:
+        return metadata.version(DISTRIBUTION)
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return gateway.__version__
+
+
+@dataclass(eq=False)  # registered in a dict: hashable by identity
+class _Watched(Collector):
+    notices_by_kind: Mapping[str, int] | None = None
+    mqtt_reconnects: Callable[[], int] | None = None
+    devices: Callable[[], tuple[int, int]] | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        notices = CounterMetricFamily("gateway_notices", "Operator notices raised, by kind",
+                                      labels=["kind"])
+        for kind, n in sorted((self.notices_by_kind or {}).items()):
+            notices.add_metric([kind], n)
+        yield notices
+        if self.mqtt_reconnects is not None:
+            yield CounterMetricFamily("gateway_mqtt_reconnects",
+                                      "MQTT connections made after the first",
+                                      value=self.mqtt_reconnects())
+        if self.devices is not None:
+            offline, overdue = self.devices()
+            yield GaugeMetricFamily("gateway_devices_offline",
+                                    "Devices with an offline notice outstanding", value=offline)
+            yield GaugeMetricFamily("gateway_devices_overdue",
+                                    "Devices offline or past their expected check-in",
+                                    value=overdue)

@@ -74,6 +74,7 @@ class NoticeBoard:
         # subject -> alert id of the critical notice sounding for it
         self._sounding: dict[str, str] = {}
         self.raised = 0
+        self.raised_by_kind: dict[str, int] = {}  # the gateway_notices metric reads it
 
     def attach(self, *, player: AlertPlayer | None = None, publish: Publish | None = None) -> None:
         """Late wiring: the alert player and the MQTT link start after the board."""
@@ -87,6 +88,7 @@ class NoticeBoard:
     def raise_notice(self, notice: Notice) -> None:
         """Queue ``notice``; it is logged, journaled, published and sounded by :meth:`run`."""
         self.raised += 1
+        self.raised_by_kind[notice.kind] = self.raised_by_kind.get(notice.kind, 0) + 1
         self._queue.append(notice)
         self._idle.clear()
         self._ready.set()

@@ -38,7 +38,7 @@ __all__ = ["DeviceHealth", "Notice", "Supervisor"]
 
 @dataclass(slots=True)
 class _DeviceState:
-    last_seen: float
+    last_seen: float | None  # None: never heard from (an offline notice may still be out)
     battery_pct: float | None = None
     offline: bool = False  # an offline notice is outstanding
     low_battery: bool = False
@@ -114,7 +114,7 @@ class Supervisor:
                 notices.append(Notice("device.offline", device_id,
                                       f"设备 {device_id} 离线（网关报告不可用）", at))
             return notices
-        state.last_seen = max(state.last_seen, at)
+        state.last_seen = at if state.last_seen is None else max(state.last_seen, at)
         notices += self._condition(event, device_id, at)
         if state.offline:
             state.offline = False
@@ -186,10 +186,11 @@ class Supervisor:
             if device.test_interval_h is None:
                 continue
             state = self._devices.get(device.device_id)
-            last = state.last_seen if state is not None else self._started
+            seen = state.last_seen if state is not None else None
+            last = seen if seen is not None else self._started
             if now - last > device.test_interval_h * 3600 * self.settings.grace:
                 if state is None:
-                    state = self._devices[device.device_id] = _DeviceState(last)
+                    state = self._devices[device.device_id] = _DeviceState(None)
                 if not state.offline:
                     state.offline = True
                     hours = (now - last) / 3600
@@ -212,6 +213,15 @@ class Supervisor:
         while True:
             await self.sleep(self.settings.check_every_s)
             self.publish(self.check())
+
+    def counts(self) -> tuple[int, int]:
+        """(offline, overdue) devices now, for the metrics (as :meth:`health` counts them)."""
+        offline = overdue = 0
+        for h in self.health():
+            state = self._devices.get(h.device_id)
+            offline += bool(state is not None and state.offline)
+            overdue += h.overdue
+        return offline, overdue
 
     def health(self) -> list[DeviceHealth]:
         now = self.clock()
