@@ -143,7 +143,11 @@ class Intake:
     async def _press(self, event: DeviceEvent, source: str, device_id: str, elder_id: str,
                      shown: str, now: float, t0: float, reg: Registry) -> None:
         bound = log.bind(device_id=device_id, source=source)
-        bound.info("alarm.received", code=event.code, address=shown)
+        # Two lines per press: ``press.received`` now (proof that the gateway has it, even
+        # if the commit hangs or the process dies before it), and ``alarm.received`` once
+        # the journal has said which alarm it is, a new one or an open one it joined
+        # (that is only known after the commit), so ``select(.alarm_id == X)`` finds it.
+        bound.info("press.received", code=event.code, address=shown)
         # A press alerted from memory (the journal could not commit) keeps that id: its
         # resend, or the link's retry, is journaled under it, with what happened meanwhile.
         volatile = self._volatile.get(device_id)
@@ -161,10 +165,14 @@ class Intake:
             self._metrics.journal_errors.inc()
             bound.critical("journal.write_failed", what="press", error=str(exc),
                            action="alarming from memory; device not acknowledged")
-            await self._volatile_alarm(device_id, reg, now, t0, shown)
+            alarm_id = await self._volatile_alarm(device_id, reg, now, t0, shown)
+            bound.info("alarm.received", alarm_id=alarm_id, code=event.code, address=shown,
+                       journaled=False)
             raise
         latency = round((self._monotonic() - t0) * 1000, 3)
         self._metrics.journal_latency.observe(latency)
+        bound.info("alarm.received", alarm_id=outcome.alarm_id, code=event.code, address=shown,
+                   journaled=True, new=outcome.new, presses=outcome.presses)
         if outcome.adopted:
             # Already alerted and dispatched under this id: no second start. From now
             # on the dispatcher journals what it does for it.
@@ -188,11 +196,12 @@ class Intake:
             received_at=now, t0=t0))
 
     async def _volatile_alarm(self, device_id: str, reg: Registry, now: float, t0: float,
-                              shown: str) -> None:
+                              shown: str) -> str:
+        """Alert a press the journal could not take from memory; returns its alarm id."""
         prev = self._volatile.get(device_id)
         if prev is not None and now - prev.last_press <= self._window:
             self._volatile[device_id] = _Volatile(prev.alarm_id, now)
-            return
+            return prev.alarm_id
         # Reads work on a full disk: a press that would have joined the device's open,
         # journaled alarm is already being alerted; it is no new alarm.
         try:
@@ -202,11 +211,11 @@ class Intake:
         if open_alarm is not None and now - open_alarm.last_press_at <= self._window:
             log.warning("alarm.joined_from_memory", alarm_id=open_alarm.alarm_id,
                         device_id=device_id)
-            return
+            return open_alarm.alarm_id
         prev = self._volatile.get(device_id)  # a concurrent resend may have alerted it
         if prev is not None and now - prev.last_press <= self._window:
             self._volatile[device_id] = _Volatile(prev.alarm_id, max(now, prev.last_press))
-            return
+            return prev.alarm_id
         alarm_id = new_alarm_id()
         self._volatile[device_id] = _Volatile(alarm_id, now)
         device = reg.devices.get(device_id)
@@ -214,6 +223,7 @@ class Intake:
         self._dispatcher.start(ActiveAlarm(
             alarm_id=alarm_id, device_id=device_id, elder=elder, address_text=shown,
             received_at=now, t0=t0, durable=False))
+        return alarm_id
 
     async def _unknown(self, event: DeviceEvent, source: str, shown: str, now: float,
                        t0: float, reg: Registry) -> None:

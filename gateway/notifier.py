@@ -350,8 +350,11 @@ class Notifier:
         first_wave = rec.kind is MessageKind.ESCALATION and rec.wave == 1 and not reconciled
         budget = self._sms.budget_ms
         if not reconciled:
+            # latency_ms counts from the press (the first wave's budget); wave_latency_ms
+            # from this message's own wave (a later wave or a "taken by" waits on purpose).
             bound.info("sms.sent", sid=result.sid, attempts=result.attempts, channel=channel,
-                       segments=result.num_segments, latency_ms=latency, budget_ms=budget)
+                       segments=result.num_segments, latency_ms=latency, budget_ms=budget,
+                       wave_latency_ms=self._wave_latency(rec))
         if first_wave:  # the budget is for the first wave; later waves wait on purpose
             self._metrics.sms_latency.observe(latency)
             if latency > budget:
@@ -374,6 +377,10 @@ class Notifier:
                 latency_ms=None if reconciled else latency, event=("sms.accepted", event))):
             self._unjournaled(unjournaled)
 
+    def _wave_latency(self, rec: NotificationRecord) -> float:
+        """Since the message's wave began: its row is planned (``created_at``) then."""
+        return round(max(0.0, self._clock() - rec.created_at) * 1000, 2)
+
     async def _failed(self, origin: Origin, rec: NotificationRecord, exc: SmsSendError,
                       bound: Any) -> None:
         origin.failed += 1
@@ -381,7 +388,8 @@ class Notifier:
         self._metrics.sms_failed.labels(rec.role, reason).inc()
         bound.error("sms.failed", status=exc.status, code=exc.code, permanent=exc.permanent,
                     error=str(exc), recipient=rec.name,
-                    latency_ms=_since(self._monotonic, origin))
+                    latency_ms=_since(self._monotonic, origin),
+                    wave_latency_ms=self._wave_latency(rec))
         # Per recipient: the operator must phone this person.
         self._notify(Notice(
             "sms.failed", origin.alarm_id,

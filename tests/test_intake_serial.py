@@ -284,7 +284,7 @@ async def test_receiver_resending_an_unacked_frame_three_times_makes_one_alarm(
     frame = press(device, code="121")
 
     def received() -> int:
-        return [e["event"] for e in logs].count("alarm.received")
+        return [e["event"] for e in logs].count("press.received")
 
     with capture_logs() as logs:
         async with running(gw):
