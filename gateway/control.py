@@ -1,37 +1,85 @@
-"""The operator's control API on localhost (used by ``gateway ack|resolve|status``).
+"""The operator's control API (used by ``gateway ack|resolve|status|duty``).
 
-Bound to the loopback interface only: acknowledging an alarm is an operator act,
-and the command-center workstation talks to the gateway on the same host (or
-through an authenticated reverse proxy). ``GET /metrics`` serves Prometheus text.
+Only operators can act. Who is an operator is decided by the transport:
+
+* the **unix socket** (``control.socket`` in the state dir, mode 0660 or 0600) is
+  always there and is how the CLI talks to the gateway: the file's permissions
+  say who may connect;
+* a **TCP listener** exists only when ``control.port`` is set, and then every
+  request, reads included (``/alarms`` names elders, ``/metrics`` shows the
+  load), needs ``Authorization: Bearer <token>``, compared in constant time.
+
+On both, a request whose ``Host`` is not one of the listener's own names
+(loopback names, the bound address, ``control.public_names``) is refused with
+403: that is what a DNS-rebinding page sends. An ``Origin`` other than the
+request's own (a cross-site form or fetch) or a cross-site ``Sec-Fetch-Site``
+is refused too. Acting requests (POST) take only ``application/json`` bodies
+(415 otherwise), which no HTML form can send and no page can send cross-site
+without a CORS preflight that is never answered, and must name the person
+acting (``by``, 400 without it), which is journaled with the action.
+
+Twilio's webhooks are not served here: :class:`gateway.webhooks.WebhookServer`
+has a listener of its own, the only one a public reverse proxy may reach.
+``GET /metrics`` serves Prometheus text.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import hmac
 import json
+import os
+import socket
+import stat
+import tempfile
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import structlog
-from aiohttp import web
+from aiohttp import hdrs, web
 
+from gateway.config import ControlSection
 from gateway.dispatch import Dispatcher
 from gateway.journal import Journal, JournalError, UnknownAlarm
 from gateway.lifecycle import IllegalTransition
 from gateway.metrics import Metrics
 from gateway.notices import NoticeBoard
+from gateway.ratelimit import LogLimiter
 from gateway.redact import mask_phone
 from gateway.responders import ResponderDesk, UnknownResponder
 
 log = structlog.get_logger(__name__)
 
 MAX_BODY = 16 * 1024
+#: Longest ``by`` kept: a name or an operator id, not a note.
+MAX_BY = 64
+#: Host names every listener answers to (the unix socket's clients send one of these).
+LOOPBACK_NAMES: Final = frozenset({"localhost", "127.0.0.1", "::1"})
+# The checked JSON body of an acting request, for its handler.
+_BODY_KEY: Final = web.RequestKey("body", dict[str, Any])
+
+
+class ControlError(Exception):
+    """The control API cannot listen as configured; ``reason`` says why."""
+
+    def __init__(self, where: str, reason: str) -> None:
+        super().__init__(f"control API at {where}: {reason}")
+        self.where = where
+        self.reason = reason
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
     return web.json_response(data, status=status,
                              dumps=lambda d: json.dumps(d, ensure_ascii=False, default=str))
+
+
+def _error(status: int, reason: str, **headers: str) -> web.Response:
+    response = _json({"error": reason}, status)
+    response.headers.update(headers)
+    return response
 
 
 @web.middleware
@@ -46,42 +94,128 @@ async def _journal_unavailable(
         return _json({"error": f"journal unavailable, not done: {exc}"}, 503)
 
 
+def _host_name(value: str) -> str | None:
+    """The name part of a Host header (``[::1]:8765`` -> ``::1``); None if unreadable."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        name, bracket, rest = value[1:].partition("]")
+        if not bracket or (rest and not (rest.startswith(":") and rest[1:].isdigit())):
+            return None
+        return name
+    name, _, port = value.partition(":")
+    if port and not port.isdigit():
+        return None
+    return name.rstrip(".") or None
+
+
+def _via_tcp(request: web.Request) -> bool:
+    sock = request.transport.get_extra_info("socket") if request.transport else None
+    # No socket to ask (a closed transport): treat it as the stricter listener.
+    return sock is None or sock.family != socket.AF_UNIX
+
+
+def _bind_unix(path: Path, mode: int) -> socket.socket:
+    """A listening-ready unix socket at ``path`` with ``mode``, never looser meanwhile.
+
+    Bound inside a fresh 0700 folder next to ``path``, given its mode there and
+    renamed into place, so at no moment can anyone but the gateway's user reach
+    a socket with the umask's permissions; a stale socket of a dead gateway is
+    replaced by the rename, a live one is refused."""
+    where = str(path)
+    try:
+        info = path.lstat()
+    except FileNotFoundError:
+        info = None
+    if info is not None:
+        if not stat.S_ISSOCK(info.st_mode):
+            raise ControlError(where, "exists and is not a socket; not replacing it")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(where)
+        except ConnectionRefusedError:
+            pass  # a socket file left by a gateway that died: replaced below
+        except OSError as exc:
+            if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
+                raise ControlError(where, f"cannot check the existing socket: {exc}") from exc
+        else:
+            raise ControlError(where, "another gateway is listening there")
+        finally:
+            probe.close()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    private = Path(tempfile.mkdtemp(prefix=".c", dir=path.parent))
+    staged = private / "s"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(staged))
+        os.chmod(staged, mode)
+        os.replace(staged, path)
+    except OSError as exc:
+        sock.close()
+        raise ControlError(where, f"cannot bind: {exc.strerror or exc}") from exc
+    finally:
+        with contextlib.suppress(OSError):
+            staged.unlink()
+        private.rmdir()
+    return sock
+
+
 class ControlServer:
+    """The control API on its unix socket and, when configured, on TCP with a token.
+
+    ``settings`` is the validated ``[control]`` section; ``state_dir`` holds the
+    socket (unless ``settings.socket`` is absolute) and ``control.json``, where
+    the CLI learns the TCP address (the port may be ephemeral). ``token`` is the
+    bearer token, required when ``settings.port`` is set.
+    """
+
     def __init__(
         self,
         *,
-        host: str,
-        port: int,
+        settings: ControlSection,
+        state_dir: Path,
+        token: str | None,
         journal: Journal,
         dispatcher: Dispatcher,
         metrics: Metrics,
         health: Callable[[], dict[str, Any]],
-        state_file: Path | None = None,
-        extra_routes: list[web.RouteDef] | None = None,
         on_reload: Callable[[], Awaitable[bool]] | None = None,
         devices: Callable[[], list[dict[str, Any]]] | None = None,
         notices: NoticeBoard | None = None,
         desk: ResponderDesk | None = None,
+        write_state_file: bool = True,
     ) -> None:
-        self._host = host
-        self._port = port
+        self._settings = settings
+        self.socket_path = settings.socket_path(state_dir)
+        self._state_file = state_dir / "control.json" if write_state_file else None
+        self._token = token.encode() if token else None
         self._journal = journal
         self._dispatcher = dispatcher
         self._metrics = metrics
         self._health = health
-        self._state_file = state_file
-        self._extra = extra_routes or []
         self._on_reload = on_reload
         self._devices = devices
         self._notices = notices
         self._desk = desk
         self._runner: web.AppRunner | None = None
+        self._socket_inode: int | None = None
+        self._names = set(LOOPBACK_NAMES) | {n.lower().rstrip(".") for n in
+                                             settings.public_names}
+        if settings.host not in ("0.0.0.0", "::"):  # noqa: S104 - names, not a bind
+            self._names.add(settings.host.strip("[]").lower())
+        self._refusals = LogLimiter(60.0)
+        #: ``http://host:port`` of the TCP listener; empty when there is none.
         self.url = ""
 
     async def __aenter__(self) -> ControlServer:
-        app = web.Application(client_max_size=MAX_BODY)
+        settings = self._settings
+        if settings.port is not None and self._token is None:
+            raise ControlError(f"{settings.host}:{settings.port}",
+                               "a TCP listener needs a bearer token (control_token)")
+        app = web.Application(client_max_size=MAX_BODY,
+                              middlewares=[self._guard, _journal_unavailable])
         app.add_routes([
             web.get("/health", self._get_health),
+            web.get("/healthz", self._get_healthz),
             web.get("/metrics", self._get_metrics),
             web.get("/alarms", self._get_alarms),
             web.get("/alarms/{alarm_id}", self._get_alarm),
@@ -92,29 +226,122 @@ class ControlServer:
             web.post("/responders/{responder_id}/duty", self._post_duty),
             web.get("/notices", self._get_notices),
             web.post("/notices/{notice_id}/ack", self._post_notice_ack),
-            *self._extra,
         ])
-        app.middlewares.append(_journal_unavailable)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self._host, self._port)
-        await site.start()
-        server = site._server  # noqa: SLF001 - only way to learn an ephemeral port
-        sockets = getattr(server, "sockets", None) or []
-        port = sockets[0].getsockname()[1] if sockets else self._port
-        self.url = f"http://{self._host}:{port}"
+        sock = _bind_unix(self.socket_path, settings.socket_mode)
+        self._socket_inode = os.stat(self.socket_path).st_ino
+        await web.SockSite(self._runner, sock).start()
+        if settings.port is not None:
+            site = web.TCPSite(self._runner, settings.host, settings.port)
+            try:
+                await site.start()
+            except OSError as exc:
+                raise ControlError(f"{settings.host}:{settings.port}",
+                                   f"cannot listen: {exc.strerror or exc}") from exc
+            server = site._server  # noqa: SLF001 - only way to learn an ephemeral port
+            sockets = getattr(server, "sockets", None) or []
+            port = sockets[0].getsockname()[1] if sockets else settings.port
+            host = f"[{settings.host}]" if ":" in settings.host else settings.host
+            self.url = f"http://{host}:{port}"
         if self._state_file is not None:
-            self._state_file.write_text(json.dumps({"url": self.url}), encoding="utf-8")
-        log.info("control.listening", url=self.url)
+            self._state_file.write_text(json.dumps(
+                {"socket": str(self.socket_path), "url": self.url or None}), encoding="utf-8")
+        log.info("control.listening", socket=str(self.socket_path),
+                 mode=oct(settings.socket_mode), url=self.url or None,
+                 behind_tls_proxy=settings.behind_tls_proxy)
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        # Remove our socket only: a gateway started since may have put its own there.
+        with contextlib.suppress(OSError):
+            if os.stat(self.socket_path).st_ino == self._socket_inode:
+                self.socket_path.unlink()
+
+    # -- who may ask ----------------------------------------------------------------------
+
+    def _refuse(self, request: web.Request, status: int, reason: str,
+                **headers: str) -> web.Response:
+        suppressed = self._refusals.allow(f"{status}:{reason}")
+        if suppressed is not None:
+            log.warning("control.refused", status=status, reason=reason, path=request.path,
+                        method=request.method, remote=request.remote or "unix",
+                        suppressed=suppressed)
+        return _error(status, reason, **headers)
+
+    def _origin_ok(self, request: web.Request, host: str) -> bool:
+        origin = request.headers.get(hdrs.ORIGIN)
+        if origin is None:  # not a browser, or a same-origin GET
+            return True
+        # Same origin: the page came from this very listener under this very name
+        # (browsers leave the default port out of both Origin and Host).
+        scheme = "https" if _via_tcp(request) and self._settings.behind_tls_proxy else "http"
+        return origin.strip().lower().rstrip("/") == f"{scheme}://{host.strip().lower()}"
+
+    @web.middleware
+    async def _guard(
+        self, request: web.Request,
+        handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+    ) -> web.StreamResponse:
+        host = request.headers.get(hdrs.HOST, "")
+        name = _host_name(host)
+        if name is None or name not in self._names:
+            return self._refuse(request, 403, "Host is not a name of this gateway")
+        if not self._origin_ok(request, host):
+            return self._refuse(request, 403, "cross-origin request")
+        if request.headers.get("Sec-Fetch-Site", "same-origin") not in ("same-origin", "none"):
+            return self._refuse(request, 403, "cross-site request")
+        if _via_tcp(request) and not self._authorized(
+                request.headers.get(hdrs.AUTHORIZATION, "")):
+            return self._refuse(request, 401, "a valid bearer token is required",
+                                **{"WWW-Authenticate": 'Bearer realm="alarm-gateway"'})
+        if request.method == hdrs.METH_POST:
+            if request.content_type != "application/json":
+                return self._refuse(request, 415, "the body must be application/json")
+            try:
+                data = await request.json()
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                return _error(400, f"body is not JSON: {exc}")
+            if not isinstance(data, dict):
+                return _error(400, "body must be a JSON object")
+            by = data.get("by")
+            if not isinstance(by, str) or not by.strip():
+                return _error(400, "name who acts: 'by' must be a non-empty string")
+            if len(by.strip()) > MAX_BY:
+                return _error(400, f"'by' is longer than {MAX_BY} characters")
+            data["by"] = by.strip()
+            request[_BODY_KEY] = data
+        return await handler(request)
+
+    def _authorized(self, header: str) -> bool:
+        if self._token is None:
+            return False
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        # Constant time: a timing difference must not spell the token out.
+        return hmac.compare_digest(given.strip().encode(), self._token)
+
+    @staticmethod
+    def _body(request: web.Request) -> dict[str, Any]:
+        return request[_BODY_KEY]
+
+    # -- the routes -------------------------------------------------------------------------
 
     async def _get_health(self, _request: web.Request) -> web.Response:
         return _json(self._health())
+
+    async def _get_healthz(self, _request: web.Request) -> web.Response:
+        """For probes (the name ops tools expect): 200 ``{"status": "ok"}``, or 503 with
+        the reasons while starting or degraded, so a plain HTTP check turns red."""
+        health = self._health()
+        if health["status"] == "ok":
+            return _json({"status": "ok"})
+        return _json({"status": health["status"],
+                      "problems": health["problems"] or [health["status"]]}, 503)
 
     async def _get_metrics(self, _request: web.Request) -> web.Response:
         return web.Response(body=self._metrics.render(),
@@ -144,21 +371,10 @@ class ControlServer:
             "log": [{"at": at, "event": ev, "data": data} for at, ev, data in history],
         })
 
-    async def _body(self, request: web.Request) -> dict[str, Any]:
-        if not request.can_read_body:
-            return {}
-        try:
-            data = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise web.HTTPBadRequest(text=f"body is not JSON: {exc}") from None
-        if not isinstance(data, dict):
-            raise web.HTTPBadRequest(text="body must be a JSON object")
-        return data
-
     async def _post_ack(self, request: web.Request) -> web.Response:
         alarm_id = request.match_info["alarm_id"]
-        body = await self._body(request)
-        by = str(body.get("by") or "operator")[:64]
+        body = self._body(request)
+        by = body["by"]
         try:
             previous = await self._dispatcher.acknowledge(alarm_id, by=f"operator:{by}")
         except UnknownAlarm:
@@ -169,9 +385,9 @@ class ControlServer:
 
     async def _post_resolve(self, request: web.Request) -> web.Response:
         alarm_id = request.match_info["alarm_id"]
-        body = await self._body(request)
+        body = self._body(request)
         note = body.get("note")
-        by = str(body.get("by") or "operator")[:64]
+        by = body["by"]
         try:
             previous = await self._dispatcher.resolve(
                 alarm_id, None if note is None else str(note)[:2000], by=f"operator:{by}")
@@ -195,29 +411,32 @@ class ControlServer:
             notice_id = int(request.match_info["notice_id"])
         except ValueError:
             return _json({"error": "notice id must be a number"}, 400)
-        body = await self._body(request)
-        by = str(body.get("by") or "operator")[:64]
+        body = self._body(request)
+        by = body["by"]
         if self._notices is None or not await self._notices.acknowledge(notice_id, by):
             return _json({"error": f"no open notice {notice_id}"}, 404)
         return _json({"notice_id": notice_id, "acknowledged_by": by})
 
     async def _post_duty(self, request: web.Request) -> web.Response:
         responder_id = request.match_info["responder_id"]
-        body = await self._body(request)
+        body = self._body(request)
         on_duty = body.get("on_duty")
         if not isinstance(on_duty, bool):
             return _json({"error": "on_duty must be true or false"}, 400)
         if self._desk is None:
             return _json({"error": "duty changes not supported"}, 501)
-        by = str(body.get("by") or "operator")[:64]
+        by = body["by"]
         try:
             await self._desk.set_duty(responder_id, on_duty, by=f"operator:{by}")
         except UnknownResponder:
             return _json({"error": f"unknown responder {responder_id}"}, 404)
         return _json({"responder_id": responder_id, "on_duty": on_duty})
 
-    async def _post_reload(self, _request: web.Request) -> web.Response:
+    async def _post_reload(self, request: web.Request) -> web.Response:
         if self._on_reload is None:
             return _json({"error": "reload not supported"}, 501)
+        # A reload changes no alarm: it is logged with who asked (the journal keeps
+        # alarm, notice and duty history, and a reload is none of those).
+        log.info("control.reload", by=f"operator:{self._body(request)['by']}")
         ok = await self._on_reload()
         return _json({"reloaded": ok}, 200 if ok else 422)

@@ -2,12 +2,16 @@
 
 Twilio POSTs a form to ``<public_url>/twilio/inbound`` (a message came in) and
 ``<public_url>/twilio/status`` (the ``StatusCallback`` of our messages). The
-routes of :class:`TwilioWebhooks` are mounted on the gateway's control server.
-Every request must carry a valid ``X-Twilio-Signature`` (an HMAC of the public
-URL and the form, keyed with the auth token): a public URL can be reached by
-anybody, and an unsigned "1" must never acknowledge an alarm. A forged request
-is refused with 403 before any callback runs. The answer to an inbound message
-is TwiML; Twilio sends its ``<Message>`` back to the sender.
+routes of :class:`TwilioWebhooks` are served by :class:`WebhookServer`, a
+listener of their own (``[webhooks]``) with nothing else on it: the reverse
+proxy behind ``sms.public_url`` forwards to it, and the control API stays out of
+reach of the public URL. Every request must carry a valid
+``X-Twilio-Signature`` (an HMAC of the public URL and the form, keyed with the
+auth token): a public URL can be reached by anybody, and an unsigned "1" must
+never acknowledge an alarm. A forged request is refused with 403 before any
+callback runs; such refusals, which anybody can provoke, are logged at most
+once a minute per reason. The answer to an inbound message is TwiML; Twilio
+sends its ``<Message>`` back to the sender.
 
 A center behind NAT, which Twilio cannot reach, polls instead
 (:mod:`gateway.twilio_poll`). Either way replies are parsed by
@@ -28,6 +32,8 @@ from aiohttp import web
 from multidict import MultiDict
 from twilio.request_validator import RequestValidator
 
+from gateway.config import WebhooksSection
+from gateway.ratelimit import LogLimiter
 from gateway.redact import mask_phone
 from gateway.replies import (
     MAX_REPLY_CHARS,
@@ -43,6 +49,7 @@ __all__ = [
     "MAX_WEBHOOK_BODY",
     "STATUS_PATH",
     "TwilioWebhooks",
+    "WebhookServer",
     "twiml_response",
 ]
 
@@ -135,6 +142,12 @@ class TwilioWebhooks:
         self._on_status = on_status
         self._clock = clock
         self._max_body = max_body
+        self._refusals = LogLimiter(60.0)
+
+    @property
+    def max_body(self) -> int:
+        """Largest body accepted, in bytes."""
+        return self._max_body
 
     @property
     def inbound_url(self) -> str:
@@ -147,13 +160,16 @@ class TwilioWebhooks:
         return self._public_url + STATUS_PATH
 
     def routes(self) -> list[web.RouteDef]:
-        """The two POST routes, for ``ControlServer(extra_routes=...)``."""
+        """The two POST routes, for :class:`WebhookServer` (or a test's application)."""
         return [web.post(INBOUND_PATH, self._inbound), web.post(STATUS_PATH, self._status)]
 
     # -- request checks ---------------------------------------------------------------
 
     def _reject(self, request: web.Request, status: int, reason: str) -> web.HTTPException:
-        log.warning("webhook.rejected", path=request.path, status=status, reason=reason)
+        suppressed = self._refusals.allow(f"rejected:{status}:{reason}")
+        if suppressed is not None:
+            log.warning("webhook.rejected", path=request.path, status=status, reason=reason,
+                        suppressed=suppressed)
         if status == 413:
             return web.HTTPRequestEntityTooLarge(
                 max_size=self._max_body, actual_size=request.content_length or 0, text=reason
@@ -195,22 +211,31 @@ class TwilioWebhooks:
         if settings is None:
             valid = bool(signature) and bool(self._validator.validate(url, form, signature))
         elif self._shared_validator is None:
-            # A configuration error, not a forgery: Twilio signs with a key we lack.
-            log.error("webhook.shared_key_missing", path=path)
-            raise web.HTTPInternalServerError(text="no SharedKey secret configured")
+            # Twilio signing with a SharedKey we lack, or anybody sending the header:
+            # either way nothing here can check the request. Refused like a forgery
+            # (not a 500, which would read as our failure), logged once a minute.
+            suppressed = self._refusals.allow("shared_key_missing")
+            if suppressed is not None:
+                log.error("webhook.shared_key_missing", path=path, remote=request.remote,
+                          suppressed=suppressed,
+                          action="refused; configure the SharedKey secret if this is Twilio")
+            raise web.HTTPForbidden(text="signed with a SharedKey this gateway does not have")
         else:
             algorithm = _signature_algorithm(settings)
             valid = bool(signature) and bool(
                 self._shared_validator.validate(url, form, signature, algorithm)
             )
         if not valid:
-            log.warning(
-                "webhook.forged",
-                path=path,
-                remote=request.remote,
-                has_signature=bool(signature),
-                fields=len(form),
-            )
+            suppressed = self._refusals.allow("forged")
+            if suppressed is not None:
+                log.warning(
+                    "webhook.forged",
+                    path=path,
+                    remote=request.remote,
+                    has_signature=bool(signature),
+                    fields=len(form),
+                    suppressed=suppressed,
+                )
             raise web.HTTPForbidden(text="invalid X-Twilio-Signature")
 
     async def _verified_form(self, request: web.Request, path: str) -> MultiDict[str]:
@@ -264,6 +289,58 @@ class TwilioWebhooks:
             log.exception("webhook.status_handler_failed", sid=sid, status=status)
             raise web.HTTPInternalServerError(text="status handler failed") from None
         return web.Response(status=204)
+
+
+class WebhookServer:
+    """The listener of Twilio's webhooks: ``/twilio/*`` and nothing else.
+
+    Served apart from the control API so that the public reverse proxy can
+    forward everything it gets to this port without exposing a single control
+    route (anything else answers 404). ``settings`` is the validated
+    ``[webhooks]`` section; ``url`` is where this machine reaches it.
+    """
+
+    def __init__(self, webhooks: TwilioWebhooks, settings: WebhooksSection) -> None:
+        self._webhooks = webhooks
+        self._settings = settings
+        self._runner: web.AppRunner | None = None
+        self.url = ""
+
+    async def __aenter__(self) -> WebhookServer:
+        # The webhooks read their bodies themselves, up to their own limit.
+        app = web.Application(client_max_size=self._webhooks.max_body)
+        app.add_routes(self._webhooks.routes())
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self._settings.host, self._settings.port)
+        try:
+            await site.start()
+        except OSError as exc:
+            await self._runner.cleanup()
+            self._runner = None
+            raise WebhookListenError(self._settings.host, self._settings.port, exc) from exc
+        server = site._server  # noqa: SLF001 - only way to learn an ephemeral port
+        sockets = getattr(server, "sockets", None) or []
+        port = sockets[0].getsockname()[1] if sockets else self._settings.port
+        host = self._settings.host
+        self.url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+        log.info("webhooks.listening", url=self.url, inbound=self._webhooks.inbound_url,
+                 status=self._webhooks.status_url)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+
+class WebhookListenError(Exception):
+    """The webhook listener cannot bind ``host:port``."""
+
+    def __init__(self, host: str, port: int, error: OSError) -> None:
+        super().__init__(f"webhooks at {host}:{port}: cannot listen: {error.strerror or error}")
+        self.host = host
+        self.port = port
 
 
 def _twiml(message: str | None) -> web.Response:

@@ -113,7 +113,6 @@ def gateway_config(tmp_path: Path, twilio: TwilioDouble, **sections: Any) -> Con
             "request_timeout_s": 2,
             "max_attempts": 3,
         },
-        "control": {"port": 0},
     }
     for name, values in sections.items():
         if isinstance(values, dict):
@@ -159,15 +158,31 @@ async def eventually(predicate: Any, timeout: float = 10.0, interval: float = 0.
 
 
 async def control(gw: Gateway, method: str, path: str,
-                  json: dict[str, Any] | None = None) -> tuple[int, Any]:
-    """Call the running gateway's control API as an operator's tool would: (status, body).
+                  json: dict[str, Any] | None = None, *, tcp: bool = False,
+                  headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    """Call the running gateway's control API as an operator's tool would: (status, body),
+    the body decoded from JSON, or text for other answers (``/metrics``).
 
-    Tests go through this helper, so that the API's transport and credentials (unix
-    socket, bearer token) are decided in one place."""
+    Over its unix socket (as ``gateway ack`` does), or with ``tcp=True`` over its TCP
+    listener with the gateway's own bearer token. Tests go through this helper, so
+    that the API's transport and credentials are decided in one place."""
     import aiohttp
 
     assert gw.control is not None, "gateway not running"
-    async with aiohttp.ClientSession() as http, http.request(
-            method, f"{gw.control.url}{path}", json=json) as r:
-        body = await r.json(content_type=None) if r.content_length != 0 else None
-        return r.status, body
+    sent = dict(headers or {})
+    if tcp:
+        assert gw.control.url, "the gateway has no TCP control listener (control.port)"
+        assert gw.secrets.control_token, "the gateway has no control token"
+        sent.setdefault("Authorization", f"Bearer {gw.secrets.control_token}")
+        base, connector = gw.control.url, None
+    else:
+        base = "http://localhost"
+        connector = aiohttp.UnixConnector(path=str(gw.control.socket_path))
+    async with aiohttp.ClientSession(connector=connector) as http, http.request(
+            method, f"{base}{path}", json=json, headers=sent) as r:
+        # JSON answers decoded; /metrics (Prometheus text) and plain errors as text.
+        if r.content_length == 0:
+            return r.status, None
+        if r.content_type == "application/json":
+            return r.status, await r.json()
+        return r.status, await r.text()
