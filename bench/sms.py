@@ -590,7 +590,6 @@ def gateway_config(workdir: Path, registry: Path, sync: str, broker_port: int,
         "alert": {"backend": "none"},
         "sms": {"from_number": "+15005550006", "base_url": double.base_url,
                 "request_timeout_s": 5, "max_attempts": 3},
-        "control": {"port": 0},
         "escalation": {"waves": [{"after_s": 0, "family": True, "staff": 2}]},
     }
     return parse_config(data, workdir / "bench.toml")

@@ -65,7 +65,6 @@ async def run_demo(presses: int = 3, out: Path | None = None, sound: bool = Fals
                 "alert": {"backend": "auto" if sound else "file",
                           "output_dir": str(root / "alerts"), "repeat_interval_s": 3},
                 "sms": {"from_number": DEMO_FROM, "base_url": double.base_url},
-                "control": {"port": 0},
             }, root / "demo.toml")
             gw = Gateway(cfg, Secrets(double.account_sid, double.auth_token, None))
             runner = asyncio.create_task(gw.run(), name="gateway")
@@ -138,11 +137,13 @@ async def _presses(gw: Gateway, receiver: PtyDevice, double: TwilioDouble, press
         alarm_ids.append(rec.alarm_id)
         await _report(gw, rec.alarm_id, screen)
     ok = True
-    async with aiohttp.ClientSession() as http:
+    # The operator's way in: the control API's unix socket, as `gateway ack` uses it.
+    connector = aiohttp.UnixConnector(path=str(gw.control.socket_path))
+    async with aiohttp.ClientSession(connector=connector) as http:
         for alarm_id in alarm_ids:
             await gw.player.wait_played(alarm_id, 1, timeout=30)
             plays = gw.player.plays(alarm_id)
-            async with http.post(f"{gw.control.url}/alarms/{alarm_id}/ack",
+            async with http.post(f"http://localhost/alarms/{alarm_id}/ack",
                                  json={"by": "demo-operator"}) as resp:
                 ok = ok and resp.status == 200
             _p(screen, f"Operator acknowledged {alarm_id} via the control API -> alert "

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import aiohttp
 import pytest
 
 from devices.events import Qualifier
@@ -19,7 +18,7 @@ from gateway.journal import Journal, JournalFull
 from gateway.lifecycle import AlarmState, NotificationState
 from gateway.model import Device
 from gateway.sandbox.twilio_double import TwilioDouble
-from tests.helpers import Pty, eventually, gateway_config, running, secrets_for
+from tests.helpers import Pty, control, eventually, gateway_config, running, secrets_for
 
 pytestmark = pytest.mark.integration
 
@@ -115,9 +114,9 @@ async def test_an_alarm_texted_from_memory_is_acked_then_journaled_whole_never_t
         await gw.dispatcher.wait_idle(timeout=10)  # wave 1 texted from memory
         first_wave = list(twilio.messages)
         assert first_wave and all(alerted.alarm_id in m.body for m in first_wave)
-        url = f"{gw.control.url}/alarms/{alerted.alarm_id}/ack"
-        async with aiohttp.ClientSession() as http, http.post(url, json={"by": "wang"}) as r:
-            assert r.status == 200, await r.text()
+        status, answer = await control(gw, "POST", f"/alarms/{alerted.alarm_id}/ack",
+                                       json={"by": "wang"})
+        assert status == 200, answer
         # Everyone told hears who took it (from memory too).
         await twilio.wait_for_messages(2 * len(first_wave), timeout=10)
         assert {m.to for m in twilio.messages[len(first_wave):]} == {m.to for m in first_wave}

@@ -38,7 +38,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import aiomqtt
 import pytest
 from structlog.testing import capture_logs
@@ -48,7 +47,15 @@ from gateway.daemon import Gateway
 from gateway.lifecycle import AlarmState
 from gateway.model import Device
 from gateway.sandbox.twilio_double import TwilioDouble
-from tests.helpers import Mosquitto, eventually, gateway_config, running, wait_port, z2m_devices
+from tests.helpers import (
+    Mosquitto,
+    control,
+    eventually,
+    gateway_config,
+    running,
+    wait_port,
+    z2m_devices,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -403,11 +410,10 @@ async def test_mutual_tls_with_client_certificate(
 
 
 async def get_health(gw: Gateway) -> dict[str, Any]:
-    assert gw.control is not None
-    async with aiohttp.ClientSession() as http, http.get(f"{gw.control.url}/health") as resp:
-        assert resp.status == 200
-        body: dict[str, Any] = await resp.json()
-        return body
+    status, body = await control(gw, "GET", "/health")
+    assert status == 200
+    assert isinstance(body, dict)
+    return body
 
 
 async def assert_refused_and_gateway_keeps_running(

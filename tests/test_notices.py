@@ -9,7 +9,6 @@ import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import aiohttp
 import pytest
 from structlog.testing import capture_logs
 
@@ -22,7 +21,15 @@ from gateway.journal import Journal, JournalError
 from gateway.notices import NOTICE_TOPIC, Notice, NoticeBoard
 from gateway.registry import load_registry
 from gateway.sandbox.twilio_double import TwilioDouble
-from tests.helpers import SAMPLE, Pty, eventually, gateway_config, running, secrets_for
+from tests.helpers import (
+    SAMPLE,
+    Pty,
+    control,
+    eventually,
+    gateway_config,
+    running,
+    secrets_for,
+)
 
 
 class Published:
@@ -181,16 +188,14 @@ async def test_a_critical_notice_degrades_health_until_an_operator_acknowledges_
         pty.write(encode_mlr2("01", "1", account, Qualifier.NEW, "641", "01", "001"))
         assert await pty.read(1, timeout=5) == ACK
         notices = await eventually(gw.journal.open_notices)
-        async with aiohttp.ClientSession() as http:
-            async with http.get(f"{gw.control.url}/health") as r:
-                health = await r.json()
-            assert health["status"] == "degraded"
-            assert any("critical notice" in p for p in health["problems"])
-            async with http.post(f"{gw.control.url}/notices/{notices[0]['id']}/ack",
-                                 json={"by": "li"}) as r:
-                assert r.status == 200
-            async with http.get(f"{gw.control.url}/health") as r:
-                assert (await r.json())["status"] == "ok"
+        _, health = await control(gw, "GET", "/health")
+        assert health["status"] == "degraded"
+        assert any("critical notice" in p for p in health["problems"])
+        status, _ = await control(gw, "POST", f"/notices/{notices[0]['id']}/ack",
+                                  json={"by": "li"})
+        assert status == 200
+        _, health = await control(gw, "GET", "/health")
+        assert health["status"] == "ok"
 
 
 @pytest.mark.integration

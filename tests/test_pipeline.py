@@ -7,7 +7,6 @@ import json
 import sqlite3
 from pathlib import Path
 
-import aiohttp
 import aiomqtt
 import pytest
 from structlog.testing import capture_logs
@@ -20,6 +19,7 @@ from gateway.sandbox.twilio_double import TwilioDouble
 from tests.helpers import (
     Mosquitto,
     Pty,
+    control,
     eventually,
     gateway_config,
     running,
@@ -77,11 +77,8 @@ async def test_mqtt_press_becomes_journaled_alarm_alert_and_sms(
         await gw.player.wait_played(alarm.alarm_id, 2, timeout=20)
         wavs = list((tmp_path / "alerts").glob("*.wav"))
         assert wavs and wavs[0].stat().st_size > 20_000
-        async with (
-            aiohttp.ClientSession() as http,
-            http.post(f"{gw.control.url}/alarms/{alarm.alarm_id}/ack", json={"by": "li"}) as resp,
-        ):
-            assert resp.status == 200
+        status, _ = await control(gw, "POST", f"/alarms/{alarm.alarm_id}/ack", json={"by": "li"})
+        assert status == 200
         assert alarm.alarm_id not in gw.player.active()
         rec = await gw.journal.get_alarm(alarm.alarm_id)
         assert rec.state is AlarmState.ACKNOWLEDGED and rec.acknowledged_by == "operator:li"

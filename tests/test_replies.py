@@ -49,7 +49,7 @@ async def test_signed_reply_acknowledges_and_delivery_reports_are_tracked(
 ) -> None:
     port = free_port()
     public = f"http://127.0.0.1:{port}"
-    cfg = gateway_config(tmp_path, twilio, control={"port": port},
+    cfg = gateway_config(tmp_path, twilio, webhooks={"port": port},
                          sms={"public_url": public},
                          serial=[{"name": "rx", "port": pty.path, "protocol": "surgard"}])
     twilio.inbound_webhook_url = public + "/twilio/inbound"
@@ -146,7 +146,7 @@ async def test_an_undelivered_sms_is_resent_by_the_gsm_modem_once_and_the_operat
     public = f"http://127.0.0.1:{port}"
     async with SimulatedModem() as modem:
         cfg = gateway_config(
-            tmp_path, twilio, control={"port": port}, sms={"public_url": public},
+            tmp_path, twilio, webhooks={"port": port}, sms={"public_url": public},
             gsm={"port": modem.port_path, "command_timeout_s": 2, "send_timeout_s": 10},
             serial=[{"name": "rx", "port": pty.path, "protocol": "surgard"}])
         gw = Gateway(cfg, secrets_for(twilio))

@@ -52,9 +52,6 @@ from_number = "+15005550006"
 base_url = "{twilio.base_url}"
 request_timeout_s = {request_timeout_s}
 max_attempts = 20
-
-[control]
-port = 0
 """, encoding="utf-8")
     return cfg
 
