@@ -12,6 +12,7 @@ the edits an operator of this test machine would make (each named where it is ma
 from __future__ import annotations
 
 import base64
+import contextlib
 import csv
 import hashlib
 import json
@@ -449,8 +450,10 @@ def test_install_lays_out_the_readme_install_section(installed: Installed) -> No
         assert mode(f"/etc/mosquitto/{name}") == 0o640, name
     assert installed.at("/etc/mosquitto/conf.d/alarm.conf").read_bytes() \
         == (REPO / "config" / "mosquitto.conf").read_bytes()
-    # The unit's Documentation= names a file the installer put there.
     unit = Unit.parse(installed.at(UNIT))
+    # The journal goes where systemd's StateDirectory= makes a folder the DynamicUser owns.
+    assert cfg["gateway"]["state_dir"] == "/var/lib/" + unit.one("StateDirectory")
+    # The unit's Documentation= names a file the installer put there.
     doc = unit.one("Documentation")
     assert doc.startswith("file://") and installed.at(doc.removeprefix("file://")).is_file()
     # Not PID 1 here (or a staging root): systemctl is only shown.
@@ -540,3 +543,51 @@ def test_a_malformed_or_missing_credential_fails_before_anything_slow(tmp_path: 
     res = run_install(tmp_path, {})
     assert res.returncode == 2
     assert "set TWILIO_ACCOUNT_SID" in res.stderr
+
+
+def test_credentials_are_asked_on_the_terminal_without_echo(tmp_path: Path) -> None:
+    """No environment: the installer asks on its controlling terminal, echo off."""
+    import fcntl
+    import termios
+
+    master, slave = os.openpty()
+
+    def controlling_tty() -> None:  # getpass reads /dev/tty: make the pty this session's
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    clean = {k: v for k, v in os.environ.items() if k not in CREDENTIAL_ENV}
+    proc = subprocess.Popen([str(INSTALL), "--root", str(tmp_path)], env=clean, stdin=slave,
+                            stdout=slave, stderr=slave, preexec_fn=controlling_tty)
+    os.close(slave)
+    seen = b""
+    secrets = tmp_path / "etc/alarm-gateway/secrets"
+    try:
+        for prompt, answer in ((b"Twilio account SID", ACCOUNT_SID),
+                               (b"Twilio auth token", AUTH_TOKEN)):
+            deadline = time.monotonic() + 30
+            while prompt not in seen:
+                assert time.monotonic() < deadline, seen.decode(errors="replace")
+                seen += os.read(master, 4096)
+            os.write(master, answer.encode() + b"\n")
+        deadline = time.monotonic() + 30
+        while not (secrets / "twilio_auth_token").exists():
+            assert time.monotonic() < deadline and proc.poll() is None, \
+                seen.decode(errors="replace")
+            time.sleep(0.05)
+        # Stopped in the venv step that follows (its pip too: the installer leads its own
+        # session, so its process group): the credentials step is what is tested.
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+        os.set_blocking(master, False)
+        with contextlib.suppress(OSError):
+            seen += os.read(master, 65536)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+        os.close(master)
+    assert ACCOUNT_SID.encode() not in seen and AUTH_TOKEN.encode() not in seen
+    assert (secrets / "twilio_account_sid").read_text() == ACCOUNT_SID
+    assert (secrets / "twilio_auth_token").read_text() == AUTH_TOKEN
+    assert stat.S_IMODE((secrets / "twilio_auth_token").stat().st_mode) == 0o600
