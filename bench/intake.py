@@ -118,7 +118,7 @@ class Tap:
     def __call__(self, logger: Any, method: str,
                  event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
         event = event_dict.get("event")
-        if event == "alarm.received":
+        if event == "press.received":
             self.received.append(time.perf_counter())
         elif event in ("alarm.journaled", "alarm.joined"):
             self.committed.append((time.perf_counter(), float(event_dict["latency_ms"]),
@@ -318,7 +318,6 @@ class Bench:
             "alert": {"backend": "none", "repeat_interval_s": 600},
             "sms": {"from_number": "+15005550006", "base_url": self.twilio.base_url,
                     "request_timeout_s": 10, "concurrency": 64},
-            "control": {"port": 0},
         }, self.workdir / "bench.toml")
 
     def secrets(self) -> Secrets:

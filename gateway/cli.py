@@ -1,4 +1,5 @@
-"""The ``gateway`` command: run, check-config, demo, simulate, ack, resolve, status.
+"""The ``gateway`` command: run, check-config, demo, simulate, ack, resolve, status,
+broker-acl, broker-users.
 
 Only this module exits the process; everything below raises typed errors.
 Exit codes: 0 ok, 1 operation failed, 2 configuration or registry invalid,
@@ -9,21 +10,33 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import http.client
 import json
 import os
+import socket
 import sys
-import urllib.error
-import urllib.request
+import urllib.parse
+from datetime import datetime, tzinfo
 from pathlib import Path
 from typing import Any
 
 import structlog
 
 from gateway import __version__
-from gateway.config import Config, ConfigError, load_config, load_secrets
+from gateway.config import (
+    Config,
+    ConfigError,
+    check_control_token,
+    check_twilio_secrets,
+    load_config,
+    load_secrets,
+    read_secret,
+)
 from gateway.logs import configure_logging
 
 DEFAULT_CONFIG = Path(os.environ.get("GATEWAY_CONFIG", "/etc/alarm-gateway/gateway.toml"))
+# The broker roles' template in the source tree (the installer passes its own copy).
+DEFAULT_ACL_TEMPLATE = Path(__file__).resolve().parent.parent / "config" / "mosquitto.acl"
 
 EXIT_FAILED = 1
 EXIT_CONFIG = 2
@@ -34,39 +47,76 @@ def _config(args: argparse.Namespace) -> Config:
     return load_config(Path(args.config))
 
 
+def _cannot_start(exc: BaseException, code: int, *, bug: bool = False) -> int:
+    """The one line a failed start leaves (in journald: priority crit), then exit ``code``.
+
+    Nothing else is printed: under systemd stderr lands in the same journal, and ops
+    look for exactly one ``gateway.cannot_start`` per failed start."""
+    reason = _reason(exc)
+    structlog.get_logger("gateway").critical(
+        "gateway.cannot_start", reason=reason, error_type=type(exc).__name__, exit_code=code,
+        # A typed error says all; anything else is a bug, and its traceback is needed.
+        exc_info=exc if bug else None)
+    return code
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, BaseExceptionGroup):
+        return "; ".join(_reason(e) for e in exc.exceptions)
+    return str(exc) or type(exc).__name__
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from gateway.daemon import Gateway, StartupError, install_signal_handlers
     from gateway.journal import JournalError
 
-    cfg = _config(args)
+    try:
+        cfg = _config(args)
+    except ConfigError as exc:
+        configure_logging()  # the config could not say how: JSON, or journald's prefix
+        return _cannot_start(exc, EXIT_CONFIG)
     configure_logging(cfg.model.logging.level, cfg.model.logging.format)
-    gw = Gateway(cfg, load_secrets(cfg))
+    gw: Gateway | None = None
 
-    async def main() -> None:
+    async def main(gw: Gateway) -> None:
         install_signal_handlers(gw)
         await gw.run()
 
     try:
-        asyncio.run(main())
-    except (StartupError, JournalError) as exc:
-        structlog.get_logger("gateway").critical("gateway.cannot_start", error=str(exc))
-        print(f"gateway: cannot start: {exc}", file=sys.stderr)
-        return EXIT_START
+        secrets = load_secrets(cfg)
+        check_control_token(cfg, secrets)  # a TCP control port without a token: exit 2
+        gw = Gateway(cfg, secrets)
+        asyncio.run(main(gw))
+    except ConfigError as exc:
+        return _cannot_start(exc, EXIT_CONFIG)
+    except Exception as exc:  # noqa: BLE001 - a failed start, whatever raised, is one line
+        if gw is not None and gw.ready.is_set():
+            # It ran, then died: not a start failure (systemd restarts it).
+            structlog.get_logger("gateway").critical("gateway.crashed", exc_info=exc)
+            return EXIT_FAILED
+        # Every other failed start (registry, secrets, journal, a port in use, a bug).
+        typed = isinstance(exc, (StartupError, JournalError, OSError))
+        return _cannot_start(exc, EXIT_START, bug=not typed)
     return 0
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    from gateway.escalation import silent_waves
     from gateway.geo import GeoError
     from gateway.registry import RegistryError, registry_summary
     from gateway.world import load_world
 
     cfg = _config(args)
     try:
-        registry = load_world(cfg).registry
+        world = load_world(cfg)
     except (RegistryError, GeoError) as exc:
         print(f"registry {cfg.registry_dir}: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    registry = world.registry
     secrets = load_secrets(cfg)
+    check_control_token(cfg, secrets)
+    # A SID that passes here but not at Twilio would fail every SMS at the first press.
+    check_twilio_secrets(cfg, secrets)
     summary: dict[str, Any] = {
         "config": str(cfg.source),
         "registry": str(cfg.registry_dir),
@@ -75,11 +125,26 @@ def cmd_check_config(args: argparse.Namespace) -> int:
                  else "disabled"),
         "serial": [f"{s.name}={s.port} ({s.protocol})" for s in cfg.model.serial],
         "journal": str(cfg.model.gateway.journal_path),
+        "control": {"socket": str(cfg.model.control.socket_path(cfg.model.gateway.state_dir)),
+                    "tcp": (None if cfg.model.control.port is None
+                            else f"{cfg.model.control.host}:{cfg.model.control.port}")},
         "secrets": repr(secrets),
     }
     missing = []
-    if not secrets.twilio_account_sid or not secrets.twilio_auth_token:
-        missing.append("Twilio credentials are not set (the gateway will refuse to start)")
+    waves = cfg.model.escalation.waves
+    for gap in silent_waves(waves, registry,
+                            lambda where: world.geo.lookup(where, k=1).facilities):
+        w = gap.wave
+        roles = [r for r, on in (("family", w.family), (f"staff={w.staff}", w.staff),
+                                 ("supervisor", w.supervisor), ("clinic", w.clinic),
+                                 ("hospital", w.hospital)) if on]
+        shown = "; ".join(gap.reasons[:3]) + ("; ..." if len(gap.reasons) > 3 else "")
+        missing.append(
+            f"{cfg.source}: escalation.waves[{gap.number - 1}]: wave {gap.number} "
+            f"(after {w.after_s:g} s: {', '.join(roles) or 'nobody'}) reaches nobody who "
+            f"can read an SMS for {len(gap.elders)} of {gap.total_elders} elders "
+            f"({shown}); they are not texted: add a role, or set voice_only = false in "
+            "the registry for a number that does take SMS")
     for port in cfg.model.serial:
         if "://" not in port.port and not Path(port.port).exists():
             missing.append(f"{cfg.source}: serial[{port.name}].port: {port.port} does not exist "
@@ -118,30 +183,88 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _control_url(cfg: Config) -> str:
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    """HTTP over the gateway's unix socket (the Host header still says localhost)."""
+
+    def __init__(self, path: Path, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(str(self._path))
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+def _control_tcp(cfg: Config) -> tuple[str, int] | None:
+    """(host, port) of the TCP listener, from control.json (ephemeral ports) or the config."""
+    c = cfg.model.control
+    if c.port is None:
+        return None
     state = cfg.model.gateway.state_dir / "control.json"
     try:
-        return str(json.loads(state.read_text(encoding="utf-8"))["url"])
-    except (OSError, ValueError, KeyError):
-        c = cfg.model.control
-        return f"http://{c.host}:{c.port}"
+        url = json.loads(state.read_text(encoding="utf-8")).get("url")
+    except (OSError, ValueError, AttributeError):
+        url = None
+    host, port = c.host, c.port
+    if isinstance(url, str) and url.startswith("http://"):
+        parts = urllib.parse.urlsplit(url)
+        if parts.hostname and parts.port:
+            host, port = parts.hostname, parts.port
+    # A listener on every address is reached (and names itself) on loopback here.
+    return {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host), port  # noqa: S104
 
 
 def _call(cfg: Config, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-    url = _control_url(cfg) + path
-    if not url.startswith(("http://", "https://")):
-        raise RuntimeError(f"control URL must be http(s): {url}")
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method=method,  # noqa: S310 - checked above
-                                 headers={"Content-Type": "application/json"})
+    """One request to the running gateway's control API; its JSON answer, or RuntimeError.
+
+    Over the unix socket (``control.socket`` in the state dir) when it is there:
+    its file permissions make the caller an operator. Otherwise over TCP, when
+    ``control.port`` is set, with the bearer token from the same credential or
+    env variable the gateway reads (``CONTROL_TOKEN``)."""
+    sock_path = cfg.model.control.socket_path(cfg.model.gateway.state_dir)
+    tcp = _control_tcp(cfg)
+    headers = {"Host": "localhost", "Accept": "application/json"}
+    conn: http.client.HTTPConnection
+    if sock_path.exists() or tcp is None:
+        conn, where = _UnixHTTPConnection(sock_path, timeout=10), str(sock_path)
+    else:
+        host, port = tcp
+        token = read_secret(cfg.model.control.token_secret)
+        if token is None:
+            raise RuntimeError(
+                f"no control socket at {sock_path} and no token for {host}:{port} (set "
+                f"{cfg.model.control.token_secret.upper()} or run this on the gateway's host)")
+        headers["Authorization"] = f"Bearer {token}"
+        # Host as the listener knows itself (a loopback name or the bound address).
+        headers["Host"] = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        conn, where = http.client.HTTPConnection(host, port, timeout=10), f"{host}:{port}"
+    data = None
+    if body is not None:
+        data = json.dumps(body).encode()
+        headers["Content-Type"] = "application/json"
     try:
-        with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310 - checked above
-            return json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        detail = exc.read().decode("utf-8", "replace")
-        raise RuntimeError(f"{exc.code}: {detail}") from None
-    except urllib.error.URLError as exc:
-        raise RuntimeError(f"gateway not reachable at {url}: {exc.reason}") from None
+        conn.request(method, path, body=data, headers=headers)
+        resp = conn.getresponse()
+        raw = resp.read()
+    except PermissionError:
+        raise RuntimeError(f"not allowed to use {where}: run as the gateway's user or a "
+                           "member of its group (or with sudo)") from None
+    except (OSError, http.client.HTTPException) as exc:
+        raise RuntimeError(f"gateway not reachable at {where}: {exc}") from None
+    finally:
+        conn.close()
+    if resp.status >= 400:
+        raise RuntimeError(f"{resp.status}: {raw.decode('utf-8', 'replace')}")
+    try:
+        return json.loads(raw)
+    except ValueError:
+        raise RuntimeError(f"{resp.status}: not JSON: {raw[:200]!r}") from None
 
 
 def _post(args: argparse.Namespace, command: str, path: str, body: dict[str, Any]) -> int:
@@ -169,6 +292,27 @@ def cmd_duty(args: argparse.Namespace) -> int:
                  {"on_duty": args.state == "on", "by": args.by})
 
 
+_TIME_KEYS = ("at", "last_seen")  # besides every key ending in "_at"
+
+
+def local_times(data: Any, zone: tzinfo) -> Any:
+    """``data`` with its epoch times as local ISO times with their offset
+    (``2026-12-07T11:12:00+08:00``); a device never heard from is ``"never seen"``."""
+    if isinstance(data, list):
+        return [local_times(v, zone) for v in data]
+    if not isinstance(data, dict):
+        return data
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in _TIME_KEYS or key.endswith("_at"):
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                value = datetime.fromtimestamp(value, zone).isoformat(timespec="seconds")
+            elif value is None and key == "last_seen":
+                value = "never seen"
+        out[key] = local_times(value, zone)
+    return out
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     cfg = _config(args)
     try:
@@ -178,8 +322,129 @@ def cmd_status(args: argparse.Namespace) -> int:
     except RuntimeError as exc:
         print(f"status: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    print(json.dumps({"health": health, "open_alarms": alarms["alarms"],
-                      "devices": devices["devices"]}, ensure_ascii=False, indent=2))
+    shown = {"health": health, "open_alarms": alarms["alarms"], "devices": devices["devices"]}
+    print(json.dumps(local_times(shown, cfg.model.gateway.zone), ensure_ascii=False, indent=2))
+    return 0
+
+
+def cmd_notices(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    try:
+        notices = _call(cfg, "GET", "/notices")["notices"]
+    except RuntimeError as exc:
+        print(f"notices: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(json.dumps(local_times(notices, cfg.model.gateway.zone), ensure_ascii=False,
+                     indent=2))
+    return 0
+
+
+def cmd_notice_ack(args: argparse.Namespace) -> int:
+    return _post(args, "notice-ack", f"/notices/{args.notice_id}/ack", {"by": args.by})
+
+
+def _broker_registry(args: argparse.Namespace) -> tuple[Config, Any]:
+    """The config (its [mqtt] topics checked against the roles) and its registry."""
+    from gateway.broker import config_mismatches
+    from gateway.registry import load_registry
+
+    cfg = _config(args)
+    for key, reason in config_mismatches(cfg.model.mqtt):
+        raise ConfigError(cfg.source, key, reason)
+    registry = load_registry(cfg.registry_dir,
+                             default_region=cfg.model.registry.default_region)
+    return cfg, registry
+
+
+def cmd_broker_acl(args: argparse.Namespace) -> int:
+    from gateway.broker import BrokerRoleError, render_acl, write_atomically
+    from gateway.registry import RegistryError
+
+    try:
+        _, registry = _broker_registry(args)
+    except RegistryError as exc:
+        print(f"broker-acl: registry: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    template, out = Path(args.template), Path(args.out)
+    try:
+        text = render_acl(registry, template.read_text(encoding="utf-8"))
+        note = write_atomically(out, text, 0o640, args.group)
+    except OSError as exc:
+        print(f"broker-acl: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except BrokerRoleError as exc:
+        print(f"broker-acl: {template}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    users = sum(1 for line in text.splitlines() if line.startswith("user "))
+    print(f"broker-acl: wrote {out} (0640, {note}): {users} logins; "
+          "reload mosquitto to apply")
+    return 0
+
+
+def cmd_broker_users(args: argparse.Namespace) -> int:
+    from gateway.broker import BrokerRoleError, provision_users
+    from gateway.registry import RegistryError
+
+    try:
+        _, registry = _broker_registry(args)
+    except RegistryError as exc:
+        print(f"broker-users: registry: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    passwd, csv_out = Path(args.passwd), Path(args.credentials_out)
+    gw_out = Path(args.gateway_password_out)
+    try:
+        done = provision_users(registry, passwd, csv_out, gw_out,
+                               only_missing=args.only_missing, rotate=args.rotate,
+                               group=args.group)
+    except OSError as exc:
+        print(f"broker-users: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except BrokerRoleError as exc:
+        print(f"broker-users: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    plan = done.plan
+    print(f"broker-users: wrote {passwd} (0640, {done.group_note}): {len(plan.entries)} "
+          f"logins, {len(plan.created)} new, {len(plan.kept)} kept, {len(plan.removed)} "
+          "removed" + (f"; {done.csv_rows} new passwords appended to {csv_out}"
+                       if done.csv_rows else "")
+          + (f"; gateway password in {gw_out}" if done.gateway_written else "")
+          + "; reload mosquitto to apply")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """The daily report of a local day, read from the journal file (read-only)."""
+    import datetime as dt
+    import sqlite3
+    import time
+
+    from gateway.report import (
+        ReportError,
+        build_report,
+        format_report,
+        local_day,
+        open_journal_readonly,
+    )
+
+    cfg = _config(args)
+    zone = cfg.model.gateway.zone
+    try:
+        day = (dt.date.fromisoformat(args.day) if args.day
+               else local_day(time.time(), zone) - dt.timedelta(days=1))
+    except ValueError:
+        print(f"report: --day {args.day!r}: not a date (YYYY-MM-DD)", file=sys.stderr)
+        return EXIT_FAILED
+    path = Path(args.journal) if args.journal else cfg.model.gateway.journal_path
+    try:
+        conn = open_journal_readonly(path)
+        try:
+            data = build_report(conn, day, zone, generated_at=time.time())
+        finally:
+            conn.close()
+    except (ReportError, sqlite3.Error) as exc:
+        print(f"report: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(json.dumps(data, ensure_ascii=False, indent=2) if args.json else format_report(data))
     return 0
 
 
@@ -234,6 +499,52 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("status", help="health, open alarms and devices of a running gateway")
     with_config(sp)
     sp.set_defaults(func=cmd_status)
+    sp = sub.add_parser("notices", help="open operator notices of a running gateway "
+                                        "(local times)")
+    with_config(sp)
+    sp.set_defaults(func=cmd_notices)
+    sp = sub.add_parser("notice-ack", help="acknowledge an operator notice (stops its sound)")
+    with_config(sp)
+    sp.add_argument("notice_id", type=int)
+    sp.add_argument("--by", default=os.environ.get("USER", "operator"))
+    sp.set_defaults(func=cmd_notice_ack)
+    sp = sub.add_parser("broker-acl", help="write the broker's ACL: the static roles of the "
+                                           "template plus one block per own button and "
+                                           "staff phone in the registry")
+    with_config(sp)
+    sp.add_argument("--template", default=str(DEFAULT_ACL_TEMPLATE),
+                    help=f"static roles (default {DEFAULT_ACL_TEMPLATE})")
+    sp.add_argument("--out", default="/etc/mosquitto/alarm.acl",
+                    help="ACL to write, 0640 (default /etc/mosquitto/alarm.acl)")
+    sp.add_argument("--group", default="mosquitto",
+                    help="group of the file when it exists (Mosquitto reads it after "
+                         "dropping root; default mosquitto)")
+    sp.set_defaults(func=cmd_broker_acl)
+    sp = sub.add_parser("broker-users", help="create a broker password for every login of "
+                                             "the roles; new ones go to a 0600 CSV")
+    with_config(sp)
+    sp.add_argument("--passwd", required=True, help="Mosquitto password file (kept, 0640)")
+    sp.add_argument("--credentials-out", required=True,
+                    help="0600 CSV the new logins' passwords are appended to (login,password)")
+    sp.add_argument("--gateway-password-out", required=True,
+                    help="0600 file with the gateway's own password (the mqtt_password "
+                         "credential); must hold it when the gateway login exists")
+    sp.add_argument("--only-missing", action="store_true",
+                    help="only add logins; keep those the registry no longer has (default: "
+                         "remove them, so a retired phone or button loses its access)")
+    sp.add_argument("--rotate", action="append", default=[], metavar="LOGIN",
+                    help="give LOGIN a new password (repeatable), e.g. a lost phone")
+    sp.add_argument("--group", default="mosquitto",
+                    help="group of the password file when it exists (default mosquitto)")
+    sp.set_defaults(func=cmd_broker_users)
+    sp = sub.add_parser("report", help="the daily report of a local day (gateway.timezone), "
+                                       "read from the journal; works while the gateway runs")
+    with_config(sp)
+    sp.add_argument("--day", help="local day YYYY-MM-DD (default: yesterday)")
+    sp.add_argument("--json", action="store_true", help="print the report as JSON")
+    sp.add_argument("--journal", help="journal file (default: the config's state_dir/"
+                                      "journal_file)")
+    sp.set_defaults(func=cmd_report)
     return p
 
 

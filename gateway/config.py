@@ -8,20 +8,25 @@ reason, so an operator can fix a broken config without reading code.
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import math
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
+from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -57,10 +62,26 @@ class GatewaySection(_Section):
     # Routine device traffic (check-ins, batteries) older than this is pruned daily;
     # alarms, their logs and notifications are kept.
     retain_device_messages_days: float = Field(90.0, gt=0)
+    # The center's time zone (IANA name): local days for the daily report, local times.
+    timezone: str = "Asia/Shanghai"
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, v: str) -> str:
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {v!r} (an IANA name such as "
+                             "'Asia/Shanghai')") from None
+        return v
 
     @property
     def journal_path(self) -> Path:
         return self.state_dir / self.journal_file
+
+    @property
+    def zone(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
 
 
 class RegistrySection(_Section):
@@ -89,7 +110,9 @@ class RegistrySection(_Section):
 
 class LoggingSection(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
-    format: Literal["auto", "json", "console"] = "auto"
+    # journald: JSON with a <N> priority prefix (auto and json add it by themselves when
+    # stdout is systemd's journal stream; see gateway/logs.py).
+    format: Literal["auto", "json", "console", "journald"] = "auto"
 
 
 class GeoSection(_Section):
@@ -164,6 +187,48 @@ class AlertSection(_Section):
     espeak: str = Field("espeak-ng", min_length=1)
 
 
+# A DNS host name: dot-separated labels of letters, digits and inner hyphens. No
+# underscore: Twilio refuses callback URLs whose host has one (it is not a host name).
+_HOST_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+
+
+def twilio_callback_url(url: str) -> str:
+    """Check a URL that Twilio calls (webhooks, status callbacks); return it unchanged.
+
+    ``http``/``https``, a host name or IP address (an optional port), an optional path;
+    no query, fragment, credentials or trailing slash, because the gateway appends its
+    own paths and Twilio signs the exact URL. Raises ValueError with the reason."""
+    if url != url.strip() or any(c.isspace() for c in url):
+        raise ValueError(f"{url!r} contains whitespace")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"{url!r} is not an absolute http(s) URL")
+    if parts.query or parts.fragment or "?" in url or "#" in url:
+        raise ValueError(f"{url!r} has a query or fragment; give the base URL only "
+                         "(the gateway appends /twilio/...)")
+    if "@" in parts.netloc:
+        raise ValueError(f"{url!r} carries credentials; Twilio signs its requests instead")
+    if url.endswith("/"):
+        raise ValueError(f"{url!r} ends with '/'; give it without (the gateway appends "
+                         "/twilio/...)")
+    try:
+        host, _port = parts.hostname or "", parts.port
+    except ValueError as exc:  # a port that is not a number, or out of range
+        raise ValueError(f"{url!r}: {exc}") from None
+    if not host:
+        raise ValueError(f"{url!r} has no host")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        labels = host.rstrip(".").split(".")
+        if "_" in host:
+            raise ValueError(f"host {host!r} has an underscore, which Twilio refuses in "
+                             "callback URLs (use a name with hyphens)") from None
+        if len(host) > 253 or not all(_HOST_LABEL.fullmatch(label) for label in labels):
+            raise ValueError(f"host {host!r} is not a valid host name") from None
+    return url
+
+
 class SmsSection(_Section):
     provider: Literal["twilio"] = "twilio"
     from_number: str | None = None
@@ -184,7 +249,7 @@ class SmsSection(_Section):
     budget_ms: PositiveFloat = 2000.0
     # Public HTTPS URL at which Twilio reaches this gateway (reverse proxy to the control
     # port): enables StatusCallback delivery reports and acknowledgement by SMS reply.
-    public_url: str | None = Field(None, pattern=r"^https?://[^\s]+[^/]$")
+    public_url: str | None = None
     # Behind NAT (no webhooks): poll Twilio for replies / delivery reports (0 = off).
     poll_inbound_s: float = Field(0.0, ge=0)
     poll_status_s: float = Field(0.0, ge=0)
@@ -192,6 +257,11 @@ class SmsSection(_Section):
     map_url_template: str | None = None
     # Overrides of the message templates per language, e.g. [sms.templates.zh] family = "..."
     templates: dict[str, dict[str, str]] = Field(default_factory=dict)
+
+    @field_validator("public_url")
+    @classmethod
+    def _callback_url(cls, v: str | None) -> str | None:
+        return None if v is None else twilio_callback_url(v)
 
     @model_validator(mode="after")
     def _one_sender(self) -> SmsSection:
@@ -280,15 +350,115 @@ class EscalationSection(_Section):
         return v
 
 
+_UNIX_PATH_MAX = 107  # sun_path is 108 bytes on Linux, one for the terminating NUL
+
+
+def is_loopback(host: str) -> bool:
+    """True for names and addresses that never leave this machine."""
+    name = host.strip().strip("[]").lower().rstrip(".")
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
 class ControlSection(_Section):
-    host: str = "127.0.0.1"
-    port: int = Field(8765, ge=0, le=65535)
+    """The operator's control API, as :class:`gateway.control.ControlServer` reads it.
+
+    It always listens on the unix socket ``socket`` (relative: in
+    ``gateway.state_dir``), with mode ``socket_mode``: file permissions decide who
+    is an operator, and ``gateway ack|resolve|status|duty`` use it. A TCP listener
+    exists only when ``port`` is set (0: any free port); every request on it then
+    needs ``Authorization: Bearer <token>``, the token read from the credential
+    or env variable named by ``token_secret``. A non-loopback ``host`` is refused
+    unless ``behind_tls_proxy`` is true and ``public_names`` lists the names the
+    proxy serves (the Host header must be one of them, or a loopback name).
+    """
+
+    socket: Path = Path("control.sock")
+    socket_mode: int = 0o660
+    port: int | None = Field(None, ge=0, le=65535)
+    token_secret: str = "control_token"  # noqa: S105 - a credential name
+    behind_tls_proxy: bool = False
+    public_names: tuple[Annotated[str, Field(pattern=r"^[A-Za-z0-9.-]{1,253}$")], ...] = ()
+    # Declared after the proxy settings: its check reads them.
+    host: str = Field("127.0.0.1", min_length=1)
+
+    @field_validator("socket_mode")
+    @classmethod
+    def _mode(cls, v: int) -> int:
+        if v not in (0o600, 0o660):
+            raise ValueError("must be 0o600 (the gateway's user only) or 0o660 (and its group)")
+        return v
+
+    @field_validator("host")
+    @classmethod
+    def _loopback_unless_proxied(cls, v: str, info: ValidationInfo) -> str:
+        if is_loopback(v):
+            return v
+        if not (info.data.get("behind_tls_proxy") and info.data.get("public_names")):
+            raise ValueError(
+                f"{v!r} is not a loopback address: the control API acts on alarms and must "
+                "not be reachable from the network in clear text; keep 127.0.0.1, or set "
+                "control.behind_tls_proxy = true with control.public_names (the names your "
+                "TLS-terminating proxy serves) and a control_token credential")
+        return v
+
+    def socket_path(self, state_dir: Path) -> Path:
+        return self.socket if self.socket.is_absolute() else state_dir / self.socket
+
+
+class WebhooksSection(_Section):
+    """The listener of Twilio's webhooks (``/twilio/inbound``, ``/twilio/status``),
+    on only when ``sms.public_url`` is set. It serves nothing else, so the reverse
+    proxy behind ``sms.public_url`` forwards here and exposes no control route."""
+
+    host: str = Field("127.0.0.1", min_length=1)
+    port: int = Field(8766, ge=0, le=65535)
 
 
 class SupervisionSection(_Section):
     grace: float = Field(1.5, ge=1.0, le=10.0)  # a check-in may be this many intervals late
     low_battery_pct: float = Field(20.0, ge=0, le=100)
     check_every_s: PositiveFloat = 60.0
+
+
+class LifecycleSection(_Section):
+    """What closes an acknowledged alarm, as :class:`gateway.closure.Closure` reads it.
+
+    ``auto_resolve_after_min``: resolve it (by "gateway") this many minutes after its
+    acknowledgement unless someone asked to keep it open; 0 = never. ``remind_every_min``:
+    an operator notice ``alarm.still_open`` every this many minutes while it is
+    acknowledged but open; 0 = never. ``check_every_s``: how often the journal is looked
+    at (the most an action can be late)."""
+
+    auto_resolve_after_min: float = Field(240.0, ge=0, allow_inf_nan=False)
+    remind_every_min: float = Field(30.0, ge=0, allow_inf_nan=False)
+    check_every_s: PositiveFloat = 30.0
+
+
+class ReportSection(_Section):
+    """The daily report (:mod:`gateway.report`): made for each local day
+    ``after_midnight_min`` minutes after the center's midnight, journaled and logged."""
+
+    enabled: bool = True
+    after_midnight_min: float = Field(5.0, ge=0, le=720, allow_inf_nan=False)
+
+
+class RetentionSection(_Section):
+    """Personal data and old alarms, as :mod:`gateway.retention` prunes them daily.
+
+    ``alarms_years``: resolved alarms older than this are deleted with their log,
+    notifications and device messages. ``sms_personal_data_days``: SMS records older
+    than this lose the phone number (kept masked), the name and the text. Each
+    writer job handles at most ``batch_rows`` alarms or SMS records, so that a press
+    never waits behind more than one batch."""
+
+    alarms_years: float = Field(5.0, gt=0, allow_inf_nan=False)
+    sms_personal_data_days: float = Field(90.0, gt=0, allow_inf_nan=False)
+    batch_rows: int = Field(500, ge=1, le=100_000)
 
 
 class ContactIdSection(_Section):
@@ -314,10 +484,14 @@ class GatewayConfigModel(_Section):
     alert: AlertSection = AlertSection()
     sms: SmsSection
     control: ControlSection = ControlSection()
+    webhooks: WebhooksSection = WebhooksSection()
     contact_id: ContactIdSection = ContactIdSection()
     supervision: SupervisionSection = SupervisionSection()
     escalation: EscalationSection = EscalationSection()
     gsm: GsmSection | None = None
+    lifecycle: LifecycleSection = LifecycleSection()
+    report: ReportSection = ReportSection()
+    retention: RetentionSection = RetentionSection()
 
     @model_validator(mode="after")
     def _unique_serial_names(self) -> GatewayConfigModel:
@@ -325,6 +499,20 @@ class GatewayConfigModel(_Section):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"serial port names must be unique, repeated: {', '.join(dupes)}")
+        return self
+
+    @model_validator(mode="after")
+    def _control_listeners(self) -> GatewayConfigModel:
+        path = self.control.socket_path(self.gateway.state_dir)
+        # The socket is bound in a private folder next to it (see gateway.control):
+        # its path is a few bytes longer than the final one.
+        if len(os.fsencode(path)) + 12 > _UNIX_PATH_MAX:
+            raise ValueError(f"control.socket: {path} is too long for a unix socket "
+                             f"(at most {_UNIX_PATH_MAX - 12} bytes); use a shorter path")
+        c, w = self.control, self.webhooks
+        if self.sms.public_url and c.port and c.port == w.port:
+            raise ValueError(f"webhooks.port: {w.port} is also control.port; the webhook "
+                             "listener must be a port of its own")
         return self
 
 
@@ -335,6 +523,7 @@ class Secrets:
     twilio_account_sid: str | None
     twilio_auth_token: str | None
     mqtt_password: str | None
+    control_token: str | None = None
 
     def __repr__(self) -> str:
         def shown(v: str | None) -> str:
@@ -343,7 +532,8 @@ class Secrets:
         return (
             f"Secrets(twilio_account_sid={shown(self.twilio_account_sid)}, "
             f"twilio_auth_token={shown(self.twilio_auth_token)}, "
-            f"mqtt_password={shown(self.mqtt_password)})"
+            f"mqtt_password={shown(self.mqtt_password)}, "
+            f"control_token={shown(self.control_token)})"
         )
 
 
@@ -450,4 +640,67 @@ def load_secrets(cfg: Config, env: Mapping[str, str] | None = None) -> Secrets:
         twilio_account_sid=read_secret(m.sms.account_sid_secret, env),
         twilio_auth_token=read_secret(m.sms.auth_token_secret, env),
         mqtt_password=read_secret(m.mqtt.password_secret, env) if m.mqtt.username else None,
+        control_token=read_secret(m.control.token_secret, env),
     )
+
+
+#: Shortest control token accepted: a bearer token is a password nobody types.
+MIN_CONTROL_TOKEN = 24
+
+
+def check_control_token(cfg: Config, secrets: Secrets) -> None:
+    """Refuse a TCP control listener without a usable token (ConfigError naming the key).
+
+    Checked by ``check-config`` and before the gateway starts: the token is a
+    secret, so the file alone cannot say whether it is there."""
+    c = cfg.model.control
+    if c.port is None:
+        return
+    where = f"credential '{c.token_secret}' or env {c.token_secret.upper()}"
+    if secrets.control_token is None:
+        raise ConfigError(cfg.source, "control.port",
+                          f"a TCP listener needs a bearer token and none is set ({where}); "
+                          "remove control.port to use the unix socket only")
+    if len(secrets.control_token) < MIN_CONTROL_TOKEN:
+        raise ConfigError(cfg.source, "control.token_secret",
+                          f"the token in {where} is shorter than {MIN_CONTROL_TOKEN} "
+                          "characters (make one with: openssl rand -hex 32)")
+
+
+#: Twilio Account SIDs: "AC" and 32 hex digits (``gateway.sms.TwilioAccount`` checks the
+#: same at start; checked here too so that ``check-config`` cannot pass a SID that
+#: every send would then fail with).
+ACCOUNT_SID_PATTERN: Final = re.compile(r"AC[0-9a-fA-F]{32}")
+
+
+def secret_source(name: str, env: Mapping[str, str] | None = None) -> str:
+    """Where :func:`read_secret` looks for ``name``, for error messages (never the value)."""
+    env = os.environ if env is None else env
+    cred_dir = env.get("CREDENTIALS_DIRECTORY")
+    if cred_dir and (Path(cred_dir) / name).is_file():
+        return f"credential file {Path(cred_dir) / name}"
+    if env.get(name.upper(), "").strip():
+        return f"env {name.upper()}"
+    return f"systemd credential '{name}' or env {name.upper()}"
+
+
+def check_twilio_secrets(cfg: Config, secrets: Secrets,
+                         env: Mapping[str, str] | None = None) -> None:
+    """Refuse missing Twilio credentials or a malformed Account SID (ConfigError naming
+    the credential): what the file cannot show, checked before anything is sent."""
+    sms = cfg.model.sms
+    sid_name, token_name = sms.account_sid_secret, sms.auth_token_secret
+    if secrets.twilio_account_sid is None:
+        raise ConfigError(cfg.source, "sms.account_sid_secret",
+                          f"the Twilio Account SID is not set "
+                          f"({secret_source(sid_name, env)})")
+    if not ACCOUNT_SID_PATTERN.fullmatch(secrets.twilio_account_sid):
+        raise ConfigError(cfg.source, "sms.account_sid_secret",
+                          f"the Twilio Account SID in {secret_source(sid_name, env)} is not "
+                          f"'AC' followed by 32 hex digits (it has "
+                          f"{len(secrets.twilio_account_sid)} characters); copy it from "
+                          "the Twilio console")
+    if secrets.twilio_auth_token is None:
+        raise ConfigError(cfg.source, "sms.auth_token_secret",
+                          f"the Twilio auth token is not set "
+                          f"({secret_source(token_name, env)})")

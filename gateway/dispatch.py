@@ -269,7 +269,11 @@ class Dispatcher:
                 break
             if alarm.closed.is_set():
                 break
-            plans = self._planner.plan(number, situation, told)
+            plans, skipped = self._planner.plan(number, situation, told)
+            for p in skipped:  # a landline takes a call, not an SMS: never texted
+                log.warning("sms.skipped_landline", wave=number, role=p.role, name=p.name,
+                            to=mask_phone(p.phone))
+            told |= {p.phone for p in skipped}  # logged once per alarm, not every wave
             if number > 1:
                 log.warning("escalation.wave", wave=number, recipients=len(plans),
                             unacknowledged_s=round(self._clock() - alarm.received_at, 1))
@@ -277,12 +281,15 @@ class Dispatcher:
                 continue
             told |= {p.phone for p in plans}
             alarm.idle.clear()
+            started = self._monotonic()
             records = await self._record_plan(alarm, MessageKind.ESCALATION, number, plans)
-            await self._send_all(alarm, records)
+            await self._send_all(alarm, records, wave=number, started=started)
         log.info("alarm.escalation_done", sent=alarm.sent, failed=alarm.failed,
                  acknowledged=alarm.closed.is_set())
 
-    async def _send_all(self, alarm: ActiveAlarm, records: Sequence[NotificationRecord]) -> None:
+    async def _send_all(self, alarm: ActiveAlarm, records: Sequence[NotificationRecord], *,
+                        wave: int, started: float) -> None:
+        """Send one wave; ``started`` (monotonic) is the wave's start, for its latency."""
         alarm.idle.clear()
         try:
             # The state commit need not precede the requests: the rows are already
@@ -291,8 +298,9 @@ class Dispatcher:
                                  *(self._notifier.deliver(alarm, r) for r in records
                                    if r.state in UNFINISHED_NOTIFICATION_STATES))
             await self._transition(alarm, AlarmState.NOTIFIED)
-            log.info("alarm.notified", sent=alarm.sent, failed=alarm.failed,
-                     latency_ms=self._since(alarm))
+            log.info("alarm.notified", wave=wave, sent=alarm.sent, failed=alarm.failed,
+                     latency_ms=self._since(alarm),
+                     wave_latency_ms=round((self._monotonic() - started) * 1000, 2))
         finally:
             alarm.idle.set()
 
@@ -336,7 +344,7 @@ class Dispatcher:
             responder=geo.responders[0].name if geo.responders else None,
         )
         return Situation(elder, facts, geo, supervisors_near(world.registry, world.geo, elder),
-                         self._planner.map_url(elder))
+                         self._planner.map_url(elder), world.registry.no_sms)
 
     def _hold(self, alarm: ActiveAlarm) -> None:
         """Mark the first-wave staff of a located, open alarm busy."""
@@ -516,8 +524,8 @@ class Dispatcher:
         await self._closed(alarm_id)
         alarm = self.active.pop(alarm_id, None)
         self._metrics.open_alarms.set(len(self.active))
-        log.info("alarm.resolved", alarm_id=alarm_id, previous=previous.value,
-                 was_active=alarm is not None)
+        log.info("alarm.resolved", alarm_id=alarm_id, by=by, note=note,
+                 previous=previous.value, was_active=alarm is not None)
         self._announce(alarm_id, AlarmState.RESOLVED, by=by)
         return previous
 
@@ -548,9 +556,13 @@ class Dispatcher:
         plans = self._planner.follow_up(kind, facts, told, by=by.split(":", 1)[-1], skip=skip)
         if not plans:
             return
+        started = self._monotonic()
         records = await self._record_plan(alarm, kind, None, plans)
-        await asyncio.gather(*(self._notifier.deliver(alarm, r) for r in records
-                               if r.state in UNFINISHED_NOTIFICATION_STATES))
+        outcomes = await asyncio.gather(*(self._notifier.deliver(alarm, r) for r in records
+                                          if r.state in UNFINISHED_NOTIFICATION_STATES))
+        log.info("alarm.informed", kind=kind.value, by=by, recipients=len(records),
+                 sent=outcomes.count("accepted"), failed=outcomes.count("failed"),
+                 wave_latency_ms=round((self._monotonic() - started) * 1000, 2))
 
     async def on_reply(self, from_phone: str, alarm_ref: str | None,
                        intent: ReplyIntent) -> str:
@@ -603,6 +615,7 @@ class Dispatcher:
         rec, changed = found
         if not changed:
             return  # a repeated or late report
+        self._metrics.deliveries.labels(rec.state.value).inc()
         bound = log.bind(alarm_id=rec.alarm_id, to=mask_phone(rec.phone), role=rec.role,
                          notification_id=rec.id, sid=sid)
         if rec.state is NotificationState.DELIVERED:

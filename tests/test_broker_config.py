@@ -31,6 +31,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from structlog.testing import capture_logs
 
 from devices.mqtt_payloads import MqttDecoder, encode_own_event
+from gateway.broker import render_acl
 from gateway.config import Secrets
 from gateway.daemon import Gateway
 from gateway.model import Device, ResponderRole
@@ -117,10 +118,14 @@ class Broker:
 
 
 def prepare(workdir: Path, devices: list[Device]) -> Broker:
-    """The shipped ACL copied, a password file for the gateway, the bridge and devices."""
+    """The ACL as deployed (the shipped template of roles plus one block per own button
+    and phone, `gateway broker-acl`), a password file for the gateway, the bridge and
+    devices."""
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "data").mkdir()
-    shutil.copy(SHIPPED_ACL, workdir / "alarm.acl")
+    (workdir / "alarm.acl").write_text(
+        render_acl(load_registry(SAMPLE), SHIPPED_ACL.read_text(encoding="utf-8")),
+        encoding="utf-8")
     passwords = {GATEWAY_USER: "gw-secret", Z2M_USER: "z2m-secret"}
     passwords |= {d.device_id: f"pw-{d.device_id.lower()}" for d in devices}
     passwords |= {rid: f"pw-{rid.lower()}" for rid in phones()}
@@ -207,7 +212,7 @@ def test_shipped_config_keeps_the_settings_that_make_intake_lossless() -> None:
     options = dict(shipped)
     assert options["persistence"] == "true"
     assert options["max_queued_messages"] == "0"  # the default 1000 drops QoS 1 alarms
-    assert options["max_queued_bytes"] == "0"
+    assert int(options["max_queued_bytes"]) > 0  # memory per client is bounded
     assert options["allow_anonymous"] == "false"
     assert options["password_file"] and options["acl_file"]
     listeners = [value for option, value in shipped if option == "listener"]
@@ -332,7 +337,8 @@ def test_a_device_publishing_on_another_devices_topic_gets_0x87_with_mqtt5(
         client.loop_stop()
     # 0x87 Not authorized; the connection survives it, and the next publish is taken
     # (0x10 No matching subscribers: nobody listens in this test).
-    assert outcomes == {denied.mid: 0x87, allowed.mid: 0x10}
+    assert outcomes[denied.mid] == 0x87
+    assert outcomes[allowed.mid] in (0x00, 0x10)  # taken (0x10: nobody subscribed yet)
     assert denied_in_log(broker, f"{other.address}/event")
 
 
@@ -383,8 +389,10 @@ async def test_the_gateway_user_may_do_what_the_gateway_does(
             async with asyncio.timeout(10):
                 async for message in button.messages:
                     assert message.topic.value == f"{mine.address}/confirm"
-                    assert json.loads(bytes(message.payload))["seq"] == 7  # type: ignore[arg-type]
-                    break
+                    confirm = json.loads(bytes(message.payload))  # type: ignore[arg-type]
+                    assert confirm["digest"]
+                    if confirm.get("seq") == 7:  # an earlier press's confirm may come first
+                        break
         alarms = await eventually(lambda: _alarm_devices(gw), timeout=10)
         # Both allowed presses are journaled and the broker logged its refusal of the one
         # on another device's topic: the press on it can never make a third alarm.

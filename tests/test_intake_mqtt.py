@@ -206,7 +206,6 @@ def daemon_config(tmp_path: Path, mq: Mosquitto, twilio: TwilioDouble, name: str
         "alert": {"backend": "none"},
         "sms": {"from_number": "+15005550006", "base_url": twilio.base_url,
                 "request_timeout_s": 2},
-        "control": {"port": 0},
     })
 
 
@@ -326,7 +325,7 @@ async def test_connection_lost_while_a_press_is_being_journaled_still_dispatches
                 task = gateway_task()
                 with journal_lock(db):
                     await publish_all(mq, [(press_topic(device), press_payload(device, 1))])
-                    await eventually(lambda: any(e["event"] == "alarm.received" for e in logs))
+                    await eventually(lambda: any(e["event"] == "press.received" for e in logs))
                     # The broker goes away while the commit waits for the lock.
                     await asyncio.to_thread(mq.stop)
                     await while_alive(task, lambda: not link.connected.is_set())
@@ -362,7 +361,7 @@ async def test_sigkill_between_receipt_and_commit_is_redelivered_and_journaled_o
         await first.wait_for("mqtt.connected")
         with journal_lock(db) as lock:
             await publish_all(mq, [(press_topic(device), press_payload(device, 7))])
-            await first.wait_for("alarm.received", device_id=device.device_id)
+            await first.wait_for("press.received", device_id=device.device_id)
             # Received, and its commit is waiting for our lock: kill it now.
             first.kill()
             assert first.events("alarm.journaled") == []

@@ -63,7 +63,7 @@ async def alarm(j: Journal, device: str, at: float, *, resolve: bool = True,
 
 def rows_of(path: Path, alarm_id: str) -> dict[str, int]:
     with sqlite3.connect(path) as conn:
-        return {t: conn.execute(f"SELECT COUNT(*) FROM {t} WHERE alarm_id = ?",  # noqa: S608
+        return {t: conn.execute(f"SELECT COUNT(*) FROM {t} WHERE alarm_id = ?",
                                 (alarm_id,)).fetchone()[0]
                 for t in ("alarms", "alarm_log", "notifications", "device_messages",
                           "alarm_keep_open")}

@@ -1,10 +1,12 @@
 """The chaos rig: the gateway as deployed, its broker, the Twilio double, and press makers.
 
 Everything runs as its own process and is driven only through the deployed surface:
-``gateway run --config FILE``, MQTT through Mosquitto started with the SHIPPED
-``config/mosquitto.conf`` and ``config/mosquitto.acl`` (only paths and ports moved,
-``user root`` when run as root), a Sur-Gard line over a socat pty pair, the journal
-file (read from a copy), the Twilio double's list API and the control API's /health.
+``gateway run --config FILE``, MQTT through Mosquitto started as on a Debian server:
+the stock main file with the SHIPPED drop-in ``config/mosquitto.conf`` and the ACL
+rendered from the shipped template ``config/mosquitto.acl`` and the district (only
+paths and ports moved, ``user root`` when run as root), a Sur-Gard line over a socat
+pty pair, the journal file (read from a copy), the Twilio double's list API and the
+control API's /health.
 
 Each press carries a unique marker (a ``chaos`` field in the JSON payload; the zone of
 a Contact ID frame), so the reconciliation can follow it from the broker's PUBACK to the
@@ -17,7 +19,6 @@ import base64
 import contextlib
 import json
 import os
-import pwd
 import random
 import re
 import secrets
@@ -43,13 +44,13 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from devices.events import Qualifier
 from devices.surgard import ACK, encode_mlr2
+from gateway.broker import render_acl
 from gateway.model import Registry
 from gateway.registry import load_registry
 from tests.support.ports import free_port, wait_port
+from tests.support.stock_broker import SHIPPED_TEMPLATE, StockBroker
 
 REPO = Path(__file__).resolve().parents[2]
-SHIPPED_CONF = REPO / "config" / "mosquitto.conf"
-SHIPPED_ACL = REPO / "config" / "mosquitto.acl"
 VENV_BIN = Path(sys.executable).parent
 GATEWAY_BIN = VENV_BIN / "gateway"
 ACCOUNT_SID = "AC" + "c4" * 16
@@ -57,9 +58,6 @@ FROM_NUMBER = "+15005550006"
 GATEWAY_USER = "gateway"
 Z2M_USER = "zigbee2mqtt"
 REF = re.compile(r"[0-9A-Z]{4}-[0-9A-Z]{4}")
-# Options that name host paths; only these (and listener ports) are rewritten.
-PATH_OPTIONS = {"persistence_location", "password_file", "acl_file", "cafile", "certfile",
-                "keyfile"}
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float, what: str,
@@ -115,123 +113,68 @@ class District:
 # ----------------------------------------------------------------------------- broker
 
 
-def shipped_settings(text: str) -> list[tuple[str, str]]:
-    pairs = []
-    for line in text.splitlines():
-        line = line.strip()
-        if line and not line.startswith("#"):
-            option, _, value = line.partition(" ")
-            pairs.append((option, value.strip()))
-    return pairs
-
-
-def make_certificates(workdir: Path) -> None:
-    """A throw-away CA and broker certificate, because the shipped TLS listener needs them."""
-    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-
-    def run(*args: str) -> None:
-        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=workdir,
-                       timeout=30)
-
-    run("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.crt", "-days", "1",
-        "-subj", "/CN=chaos CA")
-    run("req", *ec, "-keyout", "broker.key", "-out", "broker.csr", "-subj", "/CN=127.0.0.1")
-    (workdir / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n", encoding="utf-8")
-    run("x509", "-req", "-in", "broker.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-        "-CAcreateserial", "-out", "broker.crt", "-days", "1", "-extfile", "san.ext")
-
-
 @dataclass
 class Broker:
-    """Mosquitto with the shipped config and ACL; ``overrides`` only for the benchmark."""
+    """Mosquitto as on the server: Debian's stock main file, the shipped drop-in and the
+    ACL ``gateway broker-acl`` renders from the shipped template and the district's
+    registry (tests/support/stock_broker.py). ``overrides`` only for the benchmark."""
 
     workdir: Path
     users: Iterable[str]
     overrides: dict[str, str] = field(default_factory=dict)
+    registry: Registry | None = None  # None: the static roles only (gateway, bridge, ...)
     port: int = field(default_factory=free_port)
     tls_port: int = field(default_factory=free_port)
-    proc: subprocess.Popen[bytes] | None = None
     passwords: dict[str, str] = field(default_factory=dict)
-    starts: int = 0
+    _mosquitto: StockBroker = field(init=False)
+
+    def __post_init__(self) -> None:
+        # No debug log: a storm of presses would be written line by line.
+        self._mosquitto = StockBroker(self.workdir, self.port, self.tls_port, debug_log=False)
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes] | None:
+        return self._mosquitto.proc
+
+    @property
+    def starts(self) -> int:
+        return self._mosquitto.starts
 
     def prepare(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        (self.workdir / "data").mkdir(exist_ok=True)
-        shutil.copy(SHIPPED_ACL, self.workdir / "alarm.acl")
+        registry = self.registry or Registry.build({}, {}, {}, {})
+        (self.workdir / "alarm.acl").write_text(
+            render_acl(registry, SHIPPED_TEMPLATE.read_text(encoding="utf-8")),
+            encoding="utf-8")
         self.passwords = {u: "pw-" + secrets.token_hex(6) for u in self.users}
         plain = self.workdir / "alarm.passwd"
         plain.write_text("".join(f"{u}:{p}\n" for u, p in self.passwords.items()),
                          encoding="utf-8")
         subprocess.run(["mosquitto_passwd", "-U", str(plain)], check=True,
                        capture_output=True, timeout=120)
-        make_certificates(self.workdir)
         self.write_conf(self.overrides)
 
     def write_conf(self, overrides: dict[str, str]) -> None:
-        """The shipped config with paths and ports moved (and ``overrides``, bench only)."""
-        overrides = dict(overrides)
-        plain = self.workdir / "alarm.passwd"
-        paths = {
-            "persistence_location": f"{self.workdir / 'data'}/",
-            "password_file": str(plain),
-            "acl_file": str(self.workdir / "alarm.acl"),
-            "cafile": str(self.workdir / "ca.crt"),
-            "certfile": str(self.workdir / "broker.crt"),
-            "keyfile": str(self.workdir / "broker.key"),
-        }
-        # Started as root, Mosquitto drops to user "mosquitto", which cannot write into
-        # pytest's 0700 tmp folders (FIELD-NOTES); so it stays the user we are.
-        lines = [f"user {pwd.getpwuid(os.geteuid()).pw_name}"]
-        listener_ports = iter([self.port, self.tls_port])
-        for option, value in shipped_settings(SHIPPED_CONF.read_text(encoding="utf-8")):
-            if option == "listener":
-                lines.append(f"listener {next(listener_ports)} 127.0.0.1")
-            elif option in overrides:
-                lines.append(f"{option} {overrides.pop(option)}")
-            else:
-                moved = paths.get(option, value) if option in PATH_OPTIONS else value
-                lines.append(f"{option} {moved}")
-        lines += [f"{k} {v}" for k, v in overrides.items()]
-        (self.workdir / "mosquitto.conf").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        """Main file and drop-in, paths and ports moved (and ``overrides``, bench only)."""
+        self._mosquitto.lay_out(overrides)
 
     @property
     def conf_text(self) -> str:
-        return (self.workdir / "mosquitto.conf").read_text(encoding="utf-8")
+        """The drop-in as started (where the shipped settings are)."""
+        return self._mosquitto.dropin.read_text(encoding="utf-8")
 
     def start(self) -> None:
-        with (self.workdir / "mosquitto.log").open("ab") as log:
-            self.proc = subprocess.Popen(
-                [shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c",
-                 str(self.workdir / "mosquitto.conf")],
-                stdout=log, stderr=log)
-        self.starts += 1
-        try:
-            wait_port(self.port, 15)
-        except TimeoutError:
-            raise AssertionError("mosquitto did not start:\n" + self.log_tail()) from None
+        self._mosquitto.start()
 
     def kill(self) -> None:
         """SIGKILL: nothing is saved beyond the last autosave."""
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait(10)
-            self.proc = None
+        self._mosquitto.kill()
 
     def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-            self.proc = None
+        self._mosquitto.stop()
 
     def log_tail(self, n: int = 20) -> str:
-        path = self.workdir / "mosquitto.log"
-        if not path.exists():
-            return ""
-        return "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-n:])
+        return "\n".join(self._mosquitto.log.splitlines()[-n:])
 
 
 # ----------------------------------------------------------------------------- Twilio
@@ -893,7 +836,8 @@ class Rig:
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
         users = [GATEWAY_USER, Z2M_USER, *(d.device_id for d in self.district.own)]
-        self.broker = Broker(self.workdir / "broker", users, overrides=broker_overrides())
+        self.broker = Broker(self.workdir / "broker", users, overrides=broker_overrides(),
+                             registry=self.district.registry)
         self.twilio = TwilioProc(self.workdir / "twilio")
         serial: list[dict[str, str]] = []
         if self.serial:
