@@ -63,3 +63,28 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             "tests using the mosquitto, pty or twilio fixtures must be marked "
             "@pytest.mark.integration:\n  " + "\n  ".join(unmarked)
         )
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """Put logging back as it was after each test.
+
+    A test that runs ``gateway.cli.main`` in-process configures structlog and stdlib
+    logging onto the streams of that moment; under ``capsys`` those are pytest's capture
+    buffers, closed when the test ends, and every later test's log line would then fail
+    with "I/O operation on closed file"."""
+    import logging
+
+    import structlog
+
+    saved = structlog.get_config()
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        yield
+    finally:
+        structlog.configure(**saved)
+        for handler in list(root.handlers):
+            if handler not in handlers:
+                root.removeHandler(handler)
+        root.setLevel(level)
