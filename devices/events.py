@@ -57,6 +57,23 @@ class DeviceAddress:
 
 
 @dataclass(frozen=True, slots=True)
+class Drill:
+    """A press that is a drill (``devices/drills.py``): who runs it and who may be told.
+
+    ``notify``: phone numbers (E.164) or responder ids that the drill's SMS may reach;
+    empty means a dry run, where the plan is journaled and nobody is texted."""
+
+    drill_id: str
+    device_id: str
+    by: str
+    notify: tuple[str, ...] = ()
+
+    @property
+    def dry_run(self) -> bool:
+        return not self.notify
+
+
+@dataclass(frozen=True, slots=True)
 class DeviceEvent:
     """One thing a device said. ``raw`` is the frame as received, for the journal."""
 
@@ -71,6 +88,7 @@ class DeviceEvent:
     voltage_mv: int | None = None
     link_quality: int | None = None
     extra: tuple[tuple[str, str], ...] = field(default=())
+    drill: Drill | None = None  # set only by the drill decoder
 
 
 class DeviceProtocolError(Exception):

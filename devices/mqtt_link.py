@@ -24,11 +24,12 @@ Theory of operation
   gateway's health turns red. Any other exception is a handler bug: reported
   through ``sink.crashed`` (operator notice, health red), journaled as a rejection
   and acknowledged, so a poison message can never fill the in-flight window.
-* **End-to-end confirmation for our own buttons.** After a message of our own
-  schema is committed the link publishes ``MqttDecoder.confirmation`` (QoS 1, not
+* **End-to-end confirmation for our own buttons and drills.** After a message of our
+  own schema is committed the link publishes ``MqttDecoder.confirmation`` (QoS 1, not
   retained) on ``<own_base>/<device>/confirm``; the button resends until it sees it
-  (``devices/SCHEMA.md``). That covers a broker that acknowledged the button and
-  then lost the message (crash or power cut before its persistence snapshot).
+  (``devices/SCHEMA.md``); a drill gets ``DrillDecoder.confirmation``. That covers a
+  broker that acknowledged the button and then lost the message (crash or power cut
+  before its persistence snapshot).
 * **Persistent session.** Fixed client id and MQTT 3.1.1 ``clean_session=False``:
   messages published while the gateway is down or restarting are queued by the
   broker (measured in FIELD-NOTES: MQTT 5 with the default clean start loses them).
@@ -57,6 +58,7 @@ import paho.mqtt.client as paho
 import structlog
 
 from devices.backoff import Backoff
+from devices.drills import DrillDecoder
 from devices.events import DeviceEvent, DeviceProtocolError
 from devices.links import CommitFailed, EventSink, LinkState
 from devices.mqtt_payloads import MqttDecoder
@@ -64,8 +66,8 @@ from devices.responder_app import ResponderAppDecoder, ResponderCommand
 
 log = structlog.get_logger(__name__)
 
-TopicDecoder = MqttDecoder | ResponderAppDecoder
-"""What the link routes messages to: button messages or responder-app commands."""
+TopicDecoder = MqttDecoder | DrillDecoder | ResponderAppDecoder
+"""What the link routes messages to: button messages, drills or responder-app commands."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,7 +150,8 @@ class MqttLink:
         self._s = settings
         self._decoders = tuple(decoders)
         self._routes = [(f, d) for d in self._decoders for f in d.subscriptions()]
-        self._buttons = tuple(d for d in self._decoders if isinstance(d, MqttDecoder))
+        self._confirmers = tuple(d for d in self._decoders
+                                 if isinstance(d, MqttDecoder | DrillDecoder))
         self._sink = sink
         self._state = LinkState(on_state)
         self._on_stalled = on_stalled
@@ -346,8 +349,8 @@ class MqttLink:
             await self._commit(pending, lambda e=event: self._sink.handle(  # type: ignore[misc]
                 e, "mqtt", received=received))
         for event in events:
-            for buttons in self._buttons:
-                confirmation = buttons.confirmation(event)
+            for confirmer in self._confirmers:
+                confirmation = confirmer.confirmation(event)
                 if confirmation is not None:
                     return confirmation
         return None

@@ -259,7 +259,7 @@ class MqttDecoder:
         cannot listen for it. Never raises.
         """
         prefix = f"{self._own_base}/"
-        if event.address.scheme is not AddressScheme.MQTT or not (
+        if event.drill is not None or event.address.scheme is not AddressScheme.MQTT or not (
                 event.address.value.startswith(prefix)):
             return None
         device = event.address.value[len(prefix):]

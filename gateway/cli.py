@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import http.client
 import json
 import os
@@ -41,6 +42,7 @@ DEFAULT_ACL_TEMPLATE = Path(__file__).resolve().parent.parent / "config" / "mosq
 EXIT_FAILED = 1
 EXIT_CONFIG = 2
 EXIT_START = 3
+
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -170,16 +172,46 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from gateway.simulate import SimulationError, simulate_press
+    from gateway.simulate import (
+        ReadBackError,
+        SimulationError,
+        drill_password,
+        line_test,
+        run_drill,
+    )
 
     cfg = _config(args)
+
+    def read_back(path: str) -> Any:
+        try:
+            return _call(cfg, "GET", path)
+        except ControlCallError as exc:
+            raise ReadBackError(exc.status, str(exc)) from exc
+
+    if args.port is not None and not args.live:
+        print("simulate: --port writes the device's own frame to the serial line: the "
+              "gateway raises a REAL alarm (a Contact ID frame cannot say 'drill') and texts "
+              "the real recipients; add --live to do that, or leave --port out for a drill",
+              file=sys.stderr)
+        return EXIT_FAILED
+    if args.port is None and args.kind not in ("sos", "cancel"):
+        print("simulate: a drill is an sos or its cancel", file=sys.stderr)
+        return EXIT_FAILED
     try:
-        result = asyncio.run(simulate_press(cfg, args.device, port=args.port,
-                                            kind=args.kind, timeout_s=args.timeout))
+        if args.port is not None:
+            print(asyncio.run(line_test(cfg, args.device, args.port, read_back,
+                                        kind=args.kind, timeout_s=args.timeout)))
+            return 0
+        password = drill_password(Path(args.password_file) if args.password_file else None)
+        result = asyncio.run(run_drill(
+            cfg, args.device, read_back, by=args.by, notify=args.notify or (),
+            kind=args.kind, password=password, drill_id=args.drill_id,
+            timeout_s=args.timeout))
     except SimulationError as exc:
         print(f"simulate: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    print(result)
+    print(result.summary() if args.kind == "sos" else
+          f"drill {result.drill_id}: cancel published for {args.device}")
     return 0
 
 
@@ -220,8 +252,18 @@ def _control_tcp(cfg: Config) -> tuple[str, int] | None:
     return {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host), port  # noqa: S104
 
 
+class ControlCallError(RuntimeError):
+    """A control-API request failed: ``status`` is the HTTP status, None when the
+    gateway could not be reached at all."""
+
+    def __init__(self, status: int | None, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 def _call(cfg: Config, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-    """One request to the running gateway's control API; its JSON answer, or RuntimeError.
+    """One request to the running gateway's control API; its JSON answer, or
+    :class:`ControlCallError`.
 
     Over the unix socket (``control.socket`` in the state dir) when it is there:
     its file permissions make the caller an operator. Otherwise over TCP, when
@@ -237,7 +279,7 @@ def _call(cfg: Config, method: str, path: str, body: dict[str, Any] | None = Non
         host, port = tcp
         token = read_secret(cfg.model.control.token_secret)
         if token is None:
-            raise RuntimeError(
+            raise ControlCallError(None,
                 f"no control socket at {sock_path} and no token for {host}:{port} (set "
                 f"{cfg.model.control.token_secret.upper()} or run this on the gateway's host)")
         headers["Authorization"] = f"Bearer {token}"
@@ -253,18 +295,18 @@ def _call(cfg: Config, method: str, path: str, body: dict[str, Any] | None = Non
         resp = conn.getresponse()
         raw = resp.read()
     except PermissionError:
-        raise RuntimeError(f"not allowed to use {where}: run as the gateway's user or a "
-                           "member of its group (or with sudo)") from None
+        raise ControlCallError(None, f"not allowed to use {where}: run as the gateway's "
+                                     "user or a member of its group (or with sudo)") from None
     except (OSError, http.client.HTTPException) as exc:
-        raise RuntimeError(f"gateway not reachable at {where}: {exc}") from None
+        raise ControlCallError(None, f"gateway not reachable at {where}: {exc}") from None
     finally:
         conn.close()
     if resp.status >= 400:
-        raise RuntimeError(f"{resp.status}: {raw.decode('utf-8', 'replace')}")
+        raise ControlCallError(resp.status, f"{resp.status}: {raw.decode('utf-8', 'replace')}")
     try:
         return json.loads(raw)
     except ValueError:
-        raise RuntimeError(f"{resp.status}: not JSON: {raw[:200]!r}") from None
+        raise ControlCallError(resp.status, f"{resp.status}: not JSON: {raw[:200]!r}") from None
 
 
 def _post(args: argparse.Namespace, command: str, path: str, body: dict[str, Any]) -> int:
@@ -471,11 +513,26 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_demo)
     sp = sub.add_parser("simulate", help="inject device messages into a running gateway")
     ssub = sp.add_subparsers(dest="what", required=True)
-    press = ssub.add_parser("press", help="press a device's button (same path as the device)")
+    press = ssub.add_parser(
+        "press", help="a drill: a press marked as a drill, read back from the gateway "
+                      "(exit 1 with the reason unless it was journaled)")
     with_config(press)
     press.add_argument("--device", required=True, help="device id from the registry")
-    press.add_argument("--port", help="serial port wired to the gateway's serial line "
-                                      "(for contact_id / phone devices)")
+    press.add_argument("--by", default=getpass.getuser(),
+                       help="who runs the drill (journaled; default: your login)")
+    press.add_argument("--notify", action="append", metavar="PHONE_OR_RESPONDER_ID",
+                       help="who the drill may text (repeat; E.164 numbers or responder ids);"
+                            " none: a dry run that texts nobody")
+    press.add_argument("--drill-id", help="the drill's id (default: time and random)")
+    press.add_argument("--password-file",
+                       help="the drill login's password: a file holding it, or the "
+                            "installer's broker-logins.csv (default: credential or env "
+                            "DRILL_PASSWORD)")
+    press.add_argument("--port", help="line test instead of a drill: write the device's own "
+                                      "frame to this serial port wired to the gateway's line "
+                                      "(contact_id / phone devices; needs --live)")
+    press.add_argument("--live", action="store_true",
+                       help="with --port: yes, raise a real alarm")
     press.add_argument("--kind", choices=["sos", "cancel", "test"], default="sos")
     press.add_argument("--timeout", type=float, default=10.0)
     press.set_defaults(func=cmd_simulate)

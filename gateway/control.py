@@ -41,9 +41,10 @@ from typing import Any, Final
 import structlog
 from aiohttp import hdrs, web
 
+from gateway.closure import AlarmNotOpen, Closure
 from gateway.config import ControlSection
 from gateway.dispatch import Dispatcher
-from gateway.journal import Journal, JournalError, UnknownAlarm
+from gateway.journal import AlarmRecord, Journal, JournalError, UnknownAlarm
 from gateway.lifecycle import IllegalTransition
 from gateway.metrics import Metrics
 from gateway.notices import NoticeBoard
@@ -182,6 +183,7 @@ class ControlServer:
         devices: Callable[[], list[dict[str, Any]]] | None = None,
         notices: NoticeBoard | None = None,
         desk: ResponderDesk | None = None,
+        closure: Closure | None = None,
         write_state_file: bool = True,
     ) -> None:
         self._settings = settings
@@ -196,6 +198,7 @@ class ControlServer:
         self._devices = devices
         self._notices = notices
         self._desk = desk
+        self._closure = closure
         self._runner: web.AppRunner | None = None
         self._socket_inode: int | None = None
         self._names = set(LOOPBACK_NAMES) | {n.lower().rstrip(".") for n in
@@ -221,6 +224,8 @@ class ControlServer:
             web.get("/alarms/{alarm_id}", self._get_alarm),
             web.post("/alarms/{alarm_id}/ack", self._post_ack),
             web.post("/alarms/{alarm_id}/resolve", self._post_resolve),
+            web.post("/alarms/{alarm_id}/keep-open", self._post_keep_open),
+            web.get("/drills/{drill_id}", self._get_drill),
             web.get("/devices", self._get_devices),
             web.post("/reload", self._post_reload),
             web.post("/responders/{responder_id}/duty", self._post_duty),
@@ -357,10 +362,27 @@ class ControlServer:
             alarm = await self._journal.get_alarm(alarm_id)
         except UnknownAlarm:
             return _json({"error": f"unknown alarm {alarm_id}"}, 404)
+        return await self._alarm_view(alarm)
+
+    async def _get_drill(self, request: web.Request) -> web.Response:
+        """The alarm a drill was journaled as (``gateway simulate press`` reads it back);
+        404 until the gateway has committed it."""
+        drill_id = request.match_info["drill_id"]
+        alarm = await self._journal.alarm_for_drill(drill_id)
+        if alarm is None:
+            return _json({"error": f"no alarm journaled for drill {drill_id}"}, 404)
+        return await self._alarm_view(alarm)
+
+    async def _alarm_view(self, alarm: AlarmRecord) -> web.Response:
+        alarm_id = alarm.alarm_id
+        drill = await self._journal.drill_of(alarm_id) if alarm.drill else None
         notes = await self._journal.notifications(alarm_id)
         history = await self._journal.alarm_log(alarm_id)
         return _json({
             "alarm": asdict(alarm),
+            "drill": None if drill is None else {
+                "drill_id": drill.drill_id, "by": drill.by, "dry_run": drill.dry_run,
+                "notify": [mask_phone(w) if w.startswith("+") else w for w in drill.notify]},
             "notifications": [
                 {"role": n.role, "name": n.name, "to": mask_phone(n.phone), "kind": n.kind,
                  "wave": n.wave,
@@ -396,6 +418,27 @@ class ControlServer:
         except IllegalTransition as exc:
             return _json({"error": str(exc)}, 409)
         return _json({"alarm_id": alarm_id, "state": "resolved", "previous": previous})
+
+    async def _post_keep_open(self, request: web.Request) -> web.Response:
+        """``{"by": ..., "keep": true|false, "note": ...}``: the gateway must not (or may
+        again) resolve the alarm by itself after its acknowledgement."""
+        alarm_id = request.match_info["alarm_id"]
+        body = self._body(request)
+        keep = body.get("keep", True)
+        if not isinstance(keep, bool):
+            return _error(400, "'keep' must be true or false")
+        note = body.get("note")
+        if self._closure is None:
+            return _error(503, "alarm closure is not running")
+        try:
+            state = await self._closure.keep_open(
+                alarm_id, f"operator:{body['by']}", keep=keep,
+                note=None if note is None else str(note)[:2000])
+        except UnknownAlarm:
+            return _json({"error": f"unknown alarm {alarm_id}"}, 404)
+        except AlarmNotOpen as exc:
+            return _json({"error": str(exc)}, 409)
+        return _json({"alarm_id": alarm_id, "state": state, "keep_open": keep})
 
     async def _get_devices(self, _request: web.Request) -> web.Response:
         if self._devices is not None:

@@ -33,6 +33,7 @@ import structlog
 
 from devices.callerid import DEFAULT_INIT_COMMANDS, CallerIdDecoder
 from devices.contact_id import DEFAULT_EVENT_KINDS
+from devices.drills import DrillDecoder
 from devices.mqtt_link import MqttLink, MqttSettings
 from devices.mqtt_payloads import MqttDecoder
 from devices.responder_app import ResponderAppDecoder
@@ -233,7 +234,8 @@ class Gateway:
                 settings=m.control, state_dir=m.gateway.state_dir,
                 token=self.secrets.control_token, journal=journal, dispatcher=dispatcher,
                 metrics=self.metrics, health=self.health, on_reload=self.reload,
-                devices=self.device_health, notices=notices, desk=desk))
+                devices=self.device_health, notices=notices, desk=desk,
+                closure=self.closure))
         except ControlError as exc:
             raise StartupError(str(exc)) from exc
         self._links(intake)
@@ -372,7 +374,7 @@ class Gateway:
             )
             decoder = MqttDecoder(z2m_base=q.z2m_base, own_base=q.own_base,
                                   emergency_actions=frozenset(q.emergency_actions))
-            self.mqtt = MqttLink(settings, [decoder, ResponderAppDecoder()], intake,
+            self.mqtt = MqttLink(settings, [decoder, DrillDecoder(), ResponderAppDecoder()], intake,
                                  on_state=self._link_state("mqtt"))
 
     def _link_state(self, channel: str) -> Callable[[bool], None]:

@@ -39,6 +39,7 @@ whoever receives them queues the work in tasks of their own.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
@@ -46,6 +47,7 @@ from typing import Any, Literal
 
 import structlog
 
+from devices.events import Drill
 from gateway.alert import AlertPlayer
 from gateway.config import EscalationSection, GeoSection, SmsSection
 from gateway.escalation import Planner, Situation, supervisors_near
@@ -71,7 +73,7 @@ from gateway.notices import Notice
 from gateway.notifier import Backlog, Notifier, Sender, TwilioLike, memory_record
 from gateway.redact import mask_phone
 from gateway.replies import InboundReply, StatusUpdate
-from gateway.wording import AlarmFacts, Composer
+from gateway.wording import DRILL_SMS_PREFIX, DRILL_SPOKEN_PREFIX, AlarmFacts, Composer
 from gateway.world import World, WorldRef
 
 __all__ = ["ActiveAlarm", "Dispatcher", "ReplyIntent"]
@@ -100,6 +102,7 @@ class ActiveAlarm:
     hurry: asyncio.Event = field(default_factory=asyncio.Event)  # a decline: next wave now
     idle: asyncio.Event = field(default_factory=asyncio.Event)  # no wave being sent
     holds: tuple[str, ...] = ()  # responders this open alarm keeps busy (exclude_busy)
+    drill: Drill | None = None  # a drill: texts only whom it names, holds nobody busy
 
 
 ReplyIntent = Literal["ack", "decline", "unknown"]
@@ -215,6 +218,7 @@ class Dispatcher:
                 alarm_id=rec.alarm_id, device_id=rec.device_id, elder=elder,
                 address_text=rec.device_id, received_at=rec.received_at,
                 t0=self._monotonic() - age,
+                drill=await self._journal.drill_of(rec.alarm_id) if rec.drill else None,
             )
             log.info("alarm.resumed", alarm_id=rec.alarm_id, device_id=rec.device_id,
                      state=rec.state.value, age_s=round(age, 1))
@@ -274,6 +278,9 @@ class Dispatcher:
                 log.warning("sms.skipped_landline", wave=number, role=p.role, name=p.name,
                             to=mask_phone(p.phone))
             told |= {p.phone for p in skipped}  # logged once per alarm, not every wave
+            if alarm.drill is not None:  # the withheld too: each is planned only once
+                told |= {p.phone for p in plans}
+                plans = await self._drill_plan(alarm, number, plans)
             if number > 1:
                 log.warning("escalation.wave", wave=number, recipients=len(plans),
                             unacknowledged_s=round(self._clock() - alarm.received_at, 1))
@@ -346,10 +353,32 @@ class Dispatcher:
         return Situation(elder, facts, geo, supervisors_near(world.registry, world.geo, elder),
                          self._planner.map_url(elder), world.registry.no_sms)
 
+    async def _drill_plan(self, alarm: ActiveAlarm, wave: int,
+                          plans: Sequence[NotificationPlan]) -> list[NotificationPlan]:
+        """What a drill's wave really sends: only to the people the drill names, each
+        SMS marked as a drill; the rest of the plan is journaled, never sent."""
+        drill = alarm.drill
+        assert drill is not None
+        reg = self._world.registry
+        allowed = {who for who in drill.notify if who.startswith("+")}
+        allowed |= {reg.responders[who].phone for who in drill.notify if who in reg.responders}
+        sent = [dataclasses.replace(p, body=DRILL_SMS_PREFIX + p.body)
+                for p in plans if p.phone in allowed]
+        withheld = [p for p in plans if p.phone not in allowed]
+        await self._journal_quietly(self._journal.log_event(alarm.alarm_id, "drill.plan", {
+            "wave": wave, "dry_run": drill.dry_run,
+            "sent": [{"role": p.role, "name": p.name, "to": mask_phone(p.phone)}
+                     for p in sent],
+            "withheld": [{"role": p.role, "name": p.name, "to": mask_phone(p.phone)}
+                         for p in withheld]}))
+        log.info("drill.plan", wave=wave, dry_run=drill.dry_run, sent=len(sent),
+                 withheld=len(withheld))
+        return sent
+
     def _hold(self, alarm: ActiveAlarm) -> None:
-        """Mark the first-wave staff of a located, open alarm busy."""
+        """Mark the first-wave staff of a located, open alarm busy (never for a drill)."""
         if not self._geo_settings.exclude_busy or alarm.geo is None or alarm.closed.is_set() \
-                or alarm.holds:
+                or alarm.holds or alarm.drill is not None:
             return
         alarm.holds = tuple(r.id for r in alarm.geo.responders[: self._planner.first_wave_staff])
         busy = self._busy
@@ -459,6 +488,8 @@ class Dispatcher:
             text = self._composer.spoken(facts)
         else:
             text = self._composer.spoken(None, alarm.address_text)
+        if alarm.drill is not None:
+            text = DRILL_SPOKEN_PREFIX + text
         # Rendering runs in a thread; don't hold up the SMS behind it.
         if self._tg is None:
             raise RuntimeError("dispatcher is not running")
@@ -548,12 +579,16 @@ class Dispatcher:
             record = await self._journal.get_alarm(alarm_id)
             elder = self._world.registry.elders.get(record.elder_id)
             alarm = ActiveAlarm(alarm_id, record.device_id, elder, record.device_id,
-                                record.received_at, self._monotonic())
+                                record.received_at, self._monotonic(),
+                                drill=await self._journal.drill_of(alarm_id)
+                                if record.drill else None)
         elder = alarm.elder
         facts = AlarmFacts(alarm_id, elder.name if elder else alarm.device_id,
                            elder.community if elder else "", elder.address if elder else "",
                            alarm.received_at)
         plans = self._planner.follow_up(kind, facts, told, by=by.split(":", 1)[-1], skip=skip)
+        if alarm.drill is not None:  # only those the drill texted are in ``told``
+            plans = [dataclasses.replace(p, body=DRILL_SMS_PREFIX + p.body) for p in plans]
         if not plans:
             return
         started = self._monotonic()

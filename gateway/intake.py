@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from devices.events import DeviceEvent, DeviceProtocolError, EventKind, Qualifier
+from devices.events import DeviceEvent, DeviceProtocolError, Drill, EventKind, Qualifier
 from devices.links import CommitFailed
 from devices.responder_app import ResponderCommand
 from gateway.dispatch import ActiveAlarm, Dispatcher
@@ -89,6 +89,12 @@ class Intake:
         now = self._clock()
         self._metrics.device_messages.labels(source, event.kind.value).inc()
         reg = self._world.registry
+        if event.drill is not None:
+            try:
+                await self._drill(event, event.drill, source, reg, now, t0)
+            except JournalError as exc:
+                raise CommitFailed(str(exc)) from exc
+            return
         device = reg.device_by_address(event.address)
         try:
             await self._handle(event, source, device, reg, now, t0)
@@ -139,6 +145,49 @@ class Intake:
                                             EventKind.INACTIVITY) else "info"
         getattr(bound, level)(f"device.{event.kind.value}", code=event.code,
                               battery_pct=event.battery_pct)
+
+    async def _drill(self, event: DeviceEvent, drill: Drill, source: str, reg: Registry,
+                     now: float, t0: float) -> None:
+        """A drill press (or its cancel) for a registered device; never a real alarm.
+
+        A drill is journaled before it is acknowledged, like a press, and needs the
+        journal: it is never alerted from memory (CommitFailed: the link retries)."""
+        bound = log.bind(device_id=drill.device_id, drill=drill.drill_id, by=drill.by,
+                         source=source)
+        device = reg.devices.get(drill.device_id)
+        if device is None:
+            bound.error("drill.unknown_device")
+            await self._journal.record_device_message(
+                source=source, address=str(event.address), raw=event.raw, received_at=now,
+                kind="drill", code=event.code, error=f"drill for unknown device "
+                                                     f"{drill.device_id!r}")
+            return
+        if event.kind is EventKind.CANCEL:
+            record = await self._journal.alarm_for_drill(drill.drill_id)
+            if record is None:
+                bound.info("drill.cancel_without_alarm")
+                return
+            try:
+                await self._dispatcher.cancel(record.alarm_id, by=f"drill:{drill.by}")
+            except IllegalTransition as exc:
+                bound.info("drill.cancel_ignored", alarm_id=record.alarm_id, reason=str(exc))
+            return
+        bound.info("drill.received", notify=len(drill.notify), dry_run=drill.dry_run)
+        outcome = await self._journal.record_press(
+            device_id=device.device_id, elder_id=device.elder_id, code=event.code or "drill",
+            source=source, address=str(event.address), raw=event.raw, received_at=now,
+            dedupe_window_s=self._window, drill=drill)
+        latency = round((self._monotonic() - t0) * 1000, 3)
+        if not outcome.new:
+            bound.info("drill.joined", alarm_id=outcome.alarm_id, presses=outcome.presses)
+            return
+        self._metrics.drills.inc()
+        bound.warning("drill.journaled", alarm_id=outcome.alarm_id, latency_ms=latency,
+                      dry_run=drill.dry_run)
+        self._dispatcher.start(ActiveAlarm(
+            alarm_id=outcome.alarm_id, device_id=device.device_id,
+            elder=reg.elders.get(device.elder_id), address_text=_shown_address(event),
+            received_at=now, t0=t0, drill=drill))
 
     async def _press(self, event: DeviceEvent, source: str, device_id: str, elder_id: str,
                      shown: str, now: float, t0: float, reg: Registry) -> None:

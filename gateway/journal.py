@@ -98,6 +98,7 @@ from urllib.parse import quote
 
 import structlog
 
+from devices.events import Drill
 from gateway.lifecycle import (
     NOTIFICATION_TRANSITIONS,
     AlarmState,
@@ -141,7 +142,8 @@ CREATE TABLE IF NOT EXISTS alarms(
     acknowledged_at REAL,
     resolved_at REAL,
     note TEXT,
-    raw BLOB
+    raw BLOB,
+    drill INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS alarms_device ON alarms(device_id, last_press_at);
 CREATE INDEX IF NOT EXISTS alarms_open ON alarms(state) WHERE state != 'resolved';
@@ -262,6 +264,7 @@ class AlarmRecord:
     acknowledged_at: float | None
     resolved_at: float | None
     note: str | None
+    drill: bool = False  # a drill (``drills`` table): kept out of the daily figures
 
 
 @dataclass(frozen=True, slots=True)
@@ -339,7 +342,7 @@ def new_alarm_id() -> str:
 
 _ALARM_COLS = (
     "alarm_id, device_id, elder_id, code, state, source, received_at, last_press_at, presses,"
-    " acknowledged_by, acknowledged_at, resolved_at, note"
+    " acknowledged_by, acknowledged_at, resolved_at, note, drill"
 )
 _NOTE_COLS = (
     "id, alarm_id, kind, wave, role, name, phone, body, state, sid, attempts, error_code,"
@@ -350,7 +353,7 @@ _NOTE_COLS = (
 def _alarm(row: Sequence[Any]) -> AlarmRecord:
     return AlarmRecord(
         row[0], row[1], row[2], row[3], AlarmState(row[4]), row[5], row[6], row[7], row[8],
-        row[9], row[10], row[11], row[12],
+        row[9], row[10], row[11], row[12], bool(row[13]),
     )
 
 
@@ -550,6 +553,9 @@ class Journal:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         conn.executescript(_SCHEMA)
+        if "drill" not in {r[1] for r in conn.execute("PRAGMA table_info(alarms)")}:
+            # Journals from before drills: a constant default, so no table rewrite.
+            conn.execute("ALTER TABLE alarms ADD COLUMN drill INTEGER NOT NULL DEFAULT 0")
         _prepare_notifications(conn)
         conn.executescript(_CLOSURE_SCHEMA)
         conn.execute(
@@ -919,6 +925,7 @@ class Journal:
         kind: str = "emergency",
         alarm_id: str | None = None,
         alerted_at: float | None = None,
+        drill: Drill | None = None,
     ) -> PressOutcome:
         """Journal an emergency press: a new alarm, or joined to the device's open one.
 
@@ -927,7 +934,10 @@ class Journal:
         to it if it is already here and open, else a new alarm with that id (never joined
         to another alarm, so every reference someone was texted exists), with
         ``alerted_at`` as its received time and, in the same commit, the transitions
-        and SMS held for it (:meth:`defer_transition`, :meth:`defer_notifications`)."""
+        and SMS held for it (:meth:`defer_transition`, :meth:`defer_notifications`).
+
+        ``drill``: the press is a drill. It joins only the alarm of the same drill id
+        (a redelivery), never a real alarm, and a real press never joins a drill's."""
         held_transitions = tuple(self._deferred.get(alarm_id, ())) if alarm_id else ()
         held_notes = tuple(self._held.get(alarm_id, {}).values()) if alarm_id else ()
 
@@ -937,11 +947,16 @@ class Journal:
                 row = conn.execute(
                     "SELECT alarm_id, presses, state, received_at FROM alarms"
                     " WHERE alarm_id = ? AND state != 'resolved'", (alarm_id,)).fetchone()
-            if row is None and alarm_id is None:
+            if row is None and alarm_id is None and drill is not None:
+                row = conn.execute(
+                    "SELECT a.alarm_id, a.presses, a.state, a.received_at FROM drills d"
+                    " JOIN alarms a ON a.alarm_id = d.alarm_id WHERE d.drill_id = ?",
+                    (drill.drill_id,)).fetchone()
+            elif row is None and alarm_id is None:
                 row = conn.execute(
                     "SELECT alarm_id, presses, state, received_at FROM alarms"
                     " WHERE device_id = ? AND state != 'resolved' AND last_press_at >= ?"
-                    " ORDER BY last_press_at DESC LIMIT 1",
+                    " AND drill = 0 ORDER BY last_press_at DESC LIMIT 1",
                     (device_id, received_at - dedupe_window_s),
                 ).fetchone()
             if row is not None:
@@ -964,11 +979,18 @@ class Journal:
                     else received_at
                 conn.execute(
                     f"INSERT INTO alarms({_ALARM_COLS}, raw) VALUES"
-                    " (?, ?, ?, ?, ?, ?, ?, ?, 1, NULL, NULL, NULL, NULL, ?)",
+                    " (?, ?, ?, ?, ?, ?, ?, ?, 1, NULL, NULL, NULL, NULL, ?, ?)",
                     (new_id, device_id, elder_id, code, AlarmState.JOURNALED, source,
-                     first, received_at, raw),
+                     first, received_at, int(drill is not None), raw),
                 )
                 data: dict[str, Any] = {"source": source}
+                if drill is not None:
+                    conn.execute(
+                        "INSERT INTO drills(drill_id, alarm_id, device_id, by, notify, at)"
+                        " VALUES (?, ?, ?, ?, ?, ?)",
+                        (drill.drill_id, new_id, device_id, drill.by,
+                         json.dumps(list(drill.notify)), received_at))
+                    data["drill"] = drill.drill_id
                 if alarm_id is not None:
                     data["alerted_from_memory_at"] = first
                 _log(conn, new_id, received_at, "alarm.journaled", data)
@@ -1336,6 +1358,29 @@ class Journal:
 
         return await self._read(op)
 
+    async def drill_of(self, alarm_id: str) -> Drill | None:
+        """The drill an alarm is, or None for a real alarm."""
+
+        def op(conn: sqlite3.Connection) -> Drill | None:
+            row = conn.execute("SELECT drill_id, device_id, by, notify FROM drills"
+                               " WHERE alarm_id = ?", (alarm_id,)).fetchone()
+            return None if row is None else Drill(row[0], row[1], row[2],
+                                                  tuple(json.loads(row[3])))
+
+        return await self._read(op)
+
+    async def alarm_for_drill(self, drill_id: str) -> AlarmRecord | None:
+        """The alarm journaled for a drill id (what ``gateway simulate`` reads back)."""
+
+        def op(conn: sqlite3.Connection) -> AlarmRecord | None:
+            cols = ", ".join("a." + c.strip() for c in _ALARM_COLS.split(","))
+            row = conn.execute(f"SELECT {cols} FROM drills d JOIN alarms a"
+                               " ON a.alarm_id = d.alarm_id WHERE d.drill_id = ?",
+                               (drill_id,)).fetchone()
+            return None if row is None else _alarm(row)
+
+        return await self._read(op)
+
     async def open_alarms(self) -> list[AlarmRecord]:
         def op(conn: sqlite3.Connection) -> list[AlarmRecord]:
             rows = conn.execute(
@@ -1350,7 +1395,7 @@ class Journal:
         def op(conn: sqlite3.Connection) -> AlarmRecord | None:
             row = conn.execute(
                 f"SELECT {_ALARM_COLS} FROM alarms WHERE device_id = ? AND state != 'resolved'"
-                " ORDER BY last_press_at DESC LIMIT 1",
+                " AND drill = 0 ORDER BY last_press_at DESC LIMIT 1",
                 (device_id,),
             ).fetchone()
             return None if row is None else _alarm(row)
@@ -1536,7 +1581,8 @@ class Journal:
                 "SELECT alarm_id FROM alarms WHERE state = 'resolved' AND received_at < ?"
                 " ORDER BY received_at LIMIT ?", (before, batch))]
             rows = 0
-            for table in ("alarm_log", "notifications", "device_messages", "alarm_keep_open"):
+            for table in ("alarm_log", "notifications", "device_messages", "alarm_keep_open",
+                          "drills"):
                 before_changes = conn.total_changes
                 conn.executemany(f"DELETE FROM {table} WHERE alarm_id = ?", ids)
                 rows += conn.total_changes - before_changes
@@ -1604,6 +1650,14 @@ CREATE INDEX IF NOT EXISTS device_messages_alarm ON device_messages(alarm_id)
     WHERE alarm_id IS NOT NULL;
 CREATE INDEX IF NOT EXISTS notifications_unredacted ON notifications(created_at)
     WHERE body != '';
+CREATE TABLE IF NOT EXISTS drills(
+    drill_id TEXT PRIMARY KEY,
+    alarm_id TEXT NOT NULL UNIQUE,
+    device_id TEXT NOT NULL,
+    by TEXT NOT NULL,
+    notify TEXT NOT NULL,  -- JSON list of E.164 numbers / responder ids; [] = dry run
+    at REAL NOT NULL
+);
 """
 
 

@@ -37,6 +37,8 @@ class Metrics:
         self.unknown_devices = Counter(
             "gateway_unknown_devices", "Messages from devices not in the registry", registry=r)
         self.alarms = Counter("gateway_alarms", "Alarms opened", ["source"], registry=r)
+        self.drills = Counter("gateway_drills", "Drill alarms opened (not in gateway_alarms)",
+                              registry=r)
         self.presses_joined = Counter(
             "gateway_presses_joined", "Presses joined to an open alarm", registry=r)
         self.journal_errors = Counter(

@@ -16,6 +16,11 @@ from gateway.smstext import segments
 MAX_SEGMENTS = 2
 CHINA_TZ = timezone(timedelta(hours=8))
 
+DRILL_SMS_PREFIX = "【演习】"
+"""Every SMS of a drill starts with this: whoever gets it knows nobody is in danger."""
+DRILL_SPOKEN_PREFIX = "演习，演习。"
+"""Said before a drill's announcement in the center."""
+
 DEFAULT_TEMPLATES: Mapping[str, Mapping[str, str]] = {
     "zh": {
         "family": "【一键通】您的家人{name}于{time}按下紧急呼叫（{address}）。"

@@ -84,7 +84,11 @@ async def test_resolved_n_minutes_after_acknowledgement_unless_kept_open(
         await ack(gw, second)
         acked_at = (await gw.journal.get_alarm(first)).acknowledged_at
         assert acked_at is not None
-        await gw.closure.keep_open(second, "operator:li", note="家属要求回访")
+        # Through the control route operators use (the README's `POST .../keep-open`).
+        status, body = await control(gw, "POST", f"/alarms/{second}/keep-open",
+                                     json={"by": "li", "note": "家属要求回访"})
+        assert (status, body) == (200, {"alarm_id": second, "state": "acknowledged",
+                                        "keep_open": True})
 
         clock.advance(59 * 60)
         early = await gw.closure.check()
@@ -112,8 +116,17 @@ async def test_resolved_n_minutes_after_acknowledgement_unless_kept_open(
             await gw.closure.keep_open(first, "operator:li")
         with pytest.raises(UnknownAlarm):
             await gw.closure.keep_open("ZZZZ-ZZZZ", "operator:li")
+        for alarm_id, body, expected in ((first, {"by": "li"}, 409),
+                                         ("ZZZZ-ZZZZ", {"by": "li"}, 404),
+                                         (second, {"by": "li", "keep": "no"}, 400),
+                                         (second, {"keep": False}, 400)):
+            status, _ = await control(gw, "POST", f"/alarms/{alarm_id}/keep-open",
+                                      json=body)
+            assert status == expected, (alarm_id, body)
         # Released, it closes at the next look.
-        await gw.closure.keep_open(second, "operator:li", keep=False)
+        status, body = await control(gw, "POST", f"/alarms/{second}/keep-open",
+                                     json={"by": "li", "keep": False})
+        assert status == 200 and body["keep_open"] is False
         assert (await gw.closure.check()).resolved == (second,)
         assert (await gw.journal.get_alarm(second)).state is AlarmState.RESOLVED
 

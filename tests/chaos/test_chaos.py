@@ -69,9 +69,23 @@ def evidence(rig: Rig) -> list[str]:
              f"logged {denied} (the shipped log_type does not log denials); {autosave}"]
 
 
+def autosave_changes(rig: Rig) -> int:
+    """The shipped broker's autosave window in changes (``autosave_interval`` with
+    ``autosave_on_changes true``)."""
+    conf = dict(line.split(None, 1) for line in rig.broker.conf_text.splitlines()
+                if line.startswith("autosave"))
+    assert conf.get("autosave_on_changes") == "true", conf
+    return int(conf["autosave_interval"])
+
+
 def finish(rig: Rig, name: str, presses: list[Press], started: float, scale: Scale,
-           frames: dict[bytes, str] | None = None, **counts: int) -> Tally:
-    """Settle (bounded), stop the gateway, reconcile from the journal file, print, assert."""
+           frames: dict[bytes, str] | None = None, *, residual_per_cut: int = 0,
+           **counts: int) -> Tally:
+    """Settle (bounded), stop the gateway, reconcile from the journal file, print, assert.
+
+    ``residual_per_cut``: Zigbee2MQTT presses each power cut may lose (the README's
+    residual risk: the broker acknowledged them and died before saving them; no Z2M
+    button can resend). Those are counted apart and bounded; any other loss fails."""
     frames = frames or {}
     if rig.gateway.proc is None:
         rig.gateway.start()
@@ -79,6 +93,9 @@ def finish(rig: Rig, name: str, presses: list[Press], started: float, scale: Sca
         rig.gateway.wait_ready(60)
     rig.settle(lambda: presses, name, scale.settle_s, lambda: frames)
     tally = rig.final(presses, name, frames, started)
+    if residual_per_cut:
+        tally.residual = [e for e in tally.lost if e.split(":", 2)[1] == "z2m"]
+        tally.lost = [e for e in tally.lost if e not in tally.residual]
     for key, value in counts.items():
         setattr(tally, key, value)
     tally.resends = sum(p.resends for p in presses)
@@ -87,6 +104,8 @@ def finish(rig: Rig, name: str, presses: list[Press], started: float, scale: Sca
     print("\n" + HEADER + "\n" + tally.row() + "\n  " + tally.detail())
     assert tally.acked == tally.presses, f"presses never acknowledged\n{tally.detail()}"
     assert tally.missing == 0, tally.detail()
+    bound = residual_per_cut * counts.get("broker_kills", 0)
+    assert len(tally.residual) <= bound, tally.detail()
     return tally
 
 
@@ -162,7 +181,9 @@ def test_power_cut_broker_and_gateway(tmp_path: Path, district: District,
     buttons, then the power goes; or both die at once in the middle of a storm.
 
     With the broker's autosave window, PUBACKed presses that were not yet saved are
-    lost; without an end-to-end confirmation no button resends them (fault 5)."""
+    lost; our own buttons resend until the gateway's end-to-end confirmation (fault 5),
+    so none of theirs may be lost. Zigbee2MQTT buttons cannot: their losses are the
+    README's residual risk, counted apart and bounded by the autosave window per cut."""
     started = time.monotonic()
     with Rig(tmp_path, district, seed=3) as rig:
         confirm = confirmation_exists()
@@ -188,7 +209,10 @@ def test_power_cut_broker_and_gateway(tmp_path: Path, district: District,
                 rig.gateway.start()
                 rig.gateway.wait_ready(60)
                 wait_until(presser.all_acked, 60, "presses PUBACKed after the power returned")
+            # At most the changes of one autosave window (config/mosquitto.conf:
+            # autosave_on_changes, autosave_interval 10) are unsaved when the power goes.
             tally = finish(rig, "c power cut", presser.presses, started, scale,
+                           residual_per_cut=autosave_changes(rig),
                            broker_kills=scale.power_cuts)
             tally.notes.append(f"end-to-end confirmation {'used' if confirm else 'absent'}")
         finally:
