@@ -493,6 +493,16 @@ def test_installed_gateway_under_its_unit_takes_a_press_to_sms_and_tells_the_con
         bridge.publish(f"{sensor.address}/availability", b'{"state":"offline"}')
         notice = json.loads(console.wait_for("alarm/notices", sensor.device_id, 30))
         assert "offline" in json.dumps(notice)
+        # A drill, as the README runs it: the drill login's password from the installer's
+        # broker-logins.csv, read back through the installed gateway's control socket.
+        drill = subprocess.run(
+            [sys.executable, "-m", "gateway.cli", "simulate", "press", "--config",
+             str(installed.at("/etc/alarm-gateway/gateway.toml")), "--device",
+             button.device_id, "--by", "ops", "--password-file",
+             str(installed.at("/etc/alarm-gateway/secrets/broker-logins.csv"))],
+            capture_output=True, text=True, timeout=60, check=False)
+        assert drill.returncode == 0, drill.stderr
+        assert "journaled as alarm" in drill.stdout and "dry run" in drill.stdout
     finally:
         for login in (console, own, bridge):
             login.close()
