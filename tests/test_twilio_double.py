@@ -584,8 +584,9 @@ async def test_wait_for_messages_times_out(double: FaultyTwilioDouble) -> None:
 async def test_unknown_route_answers_twilio_json_404(
     double: FaultyTwilioDouble, http: aiohttp.ClientSession
 ) -> None:
+    # Calls.json is served too now (tests/test_twilio_calls_double.py); Queues are not.
     async with http.get(
-        f"{double.base_url}/2010-04-01/Accounts/{double.account_sid}/Calls.json",
+        f"{double.base_url}/2010-04-01/Accounts/{double.account_sid}/Queues.json",
         headers=basic(double.account_sid, double.auth_token),
     ) as resp:
         payload = await resp.json()

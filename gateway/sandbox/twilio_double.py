@@ -1,4 +1,4 @@
-"""TEST DOUBLE of Twilio's Messages REST API. Never a production path.
+"""TEST DOUBLE of Twilio's Messages (and Calls) REST API. Never a production path.
 
 A real HTTP server (aiohttp.web) on localhost that answers the subset of
 ``/2010-04-01/Accounts/{AccountSid}/Messages`` that the gateway uses, closely
@@ -20,7 +20,13 @@ on it:
   :meth:`TwilioDouble.inject_inbound`, listed and fetched with ``direction``
   ``inbound``, and POSTed, signed, to ``inbound_webhook_url`` when it is set;
   a TwiML ``<Message>`` in the webhook's answer becomes an ``outbound-reply``
-  message, as Twilio sends it.
+  message, as Twilio sends it;
+* Programmable Voice's Calls resource (``.../Calls.json``: create, list,
+  fetch) and scripted callees whose calls :meth:`TwilioDouble.advance_call`
+  plays out, with signed call progress callbacks and ``<Gather>`` digits: see
+  :mod:`gateway.sandbox.twilio_calls`, mixed into the same server, behind the
+  same authentication and request hook. Pieces both resources use live in
+  :mod:`gateway.sandbox.twilio_common`.
 
 Every request is recorded with its arrival time, so tests can count attempts
 and check that requests overlapped.
@@ -46,11 +52,9 @@ import hmac
 import re
 import secrets
 import time
-import xml.etree.ElementTree as ET
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
-from datetime import UTC, date, datetime
-from email.utils import format_datetime
+from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Final, Literal, Self, TypeVar
 
@@ -61,9 +65,29 @@ from twilio.request_validator import RequestValidator
 from yarl import URL
 
 from gateway.redact import mask_phone
+from gateway.sandbox.twilio_calls import CallsMixin
+from gateway.sandbox.twilio_common import (
+    API_VERSION,
+    E164,
+    MAX_WEBHOOK_ANSWER,
+    ApiCall,
+    ApiTarget,
+    CallbackDelivery,
+    HttpMethod,
+    error_response,
+    invalid_query,
+    list_page,
+    matches_moment,
+    moment_bounds,
+    new_sid,
+    parse_paging,
+    parse_twiml,
+    rfc2822,
+)
 from gateway.smstext import segments
 
 __all__ = [
+    "API_VERSION",
     "DEFAULT_ACCOUNT_SID",
     "ApiCall",
     "ApiTarget",
@@ -83,43 +107,12 @@ _T = TypeVar("_T")
 #: Account SID the double answers to unless told otherwise. Not a real account.
 DEFAULT_ACCOUNT_SID: Final = "AC" + "d0" * 16
 
-API_VERSION: Final = "2010-04-01"
 MAX_BODY_CHARS: Final = 1600
 FINAL_STATUSES: Final = frozenset({"delivered", "undelivered", "failed"})
 _SCRIPTABLE_FINALS: Final = frozenset({"sent", "delivered", "undelivered", "failed"})
-# How much of a webhook's answer the double reads: a bound, so that a runaway
-# test server cannot exhaust memory; real TwiML answers are a few hundred bytes.
-_MAX_WEBHOOK_ANSWER: Final = 64 * 1024
-
-_E164 = re.compile(r"^\+[1-9]\d{1,14}$")
 _ALPHANUMERIC_SENDER = re.compile(r"^(?=.*[A-Za-z])[A-Za-z0-9 ]{1,11}$")
 _ACCOUNT_SID = re.compile(r"^AC[0-9a-f]{32}$")
 _SERVICE_SID = re.compile(r"^MG[0-9a-f]{32}$")
-_ISO_DATETIME = "%Y-%m-%dT%H:%M:%SZ"
-
-_ERROR_MESSAGES: Final[Mapping[int, str]] = {
-    20003: "Authenticate",
-    20404: "The requested resource {path} was not found",
-    20429: "Too Many Requests",
-    20500: "Internal Server Error",
-    20502: "Bad Gateway",
-    20503: "Service Unavailable",
-    21211: "Invalid 'To' Phone Number: {to}",
-    21408: "Permission to send an SMS has not been enabled for the region indicated by the "
-    "'To' number: {to}",
-    21602: "Message body is required.",
-    21603: "A 'From' phone number is required.",
-    21604: "A 'To' phone number is required.",
-    21606: "The 'From' phone number provided is not a valid message-capable Twilio phone "
-    "number for this destination.",
-    21610: "Attempt to send to unsubscribed recipient",
-    21612: "The 'To' phone number: {to}, is not currently reachable using the 'From' phone "
-    "number via SMS.",
-    21614: "'To' number is not a valid mobile number",
-    21617: "The concatenated message body exceeds the 1600 character limit.",
-    21624: "Invalid validity period value",
-    21701: "The Messaging Service Sid is invalid.",
-}
 
 
 # ----------------------------------------------------------------------------- records
@@ -173,75 +166,12 @@ class RecordedRequest:
 
 
 @dataclass(frozen=True, slots=True)
-class CallbackDelivery:
-    """One webhook the double POSTed (or failed to): a status callback, or an
-    inbound message (then ``answer`` holds the body of the answer, the TwiML)."""
-
-    url: str
-    params: dict[str, str]
-    signature: str
-    http_status: int | None
-    error: str | None
-    answer: str | None = None
-
-
-#: Which API call a request is: message creation, the Messages list, or
-#: fetching one message.
-ApiTarget = Literal["create", "list", "fetch"]
-
-
-@dataclass(frozen=True, slots=True)
-class ApiCall:
-    """A request, as :meth:`TwilioDouble._intercept` sees it.
-
-    ``target`` is ``None`` for a request no API route matches. ``to`` is the
-    request's ``To`` field (create) or filter (list), or the fetched message's
-    recipient (fetch); ``None`` when there is none. ``authorized``: its Basic
-    credentials are the account's.
-    """
-
-    target: ApiTarget | None
-    to: str | None
-    authorized: bool
-
-
-@dataclass(frozen=True, slots=True)
 class _Outcome:
     status: str
     error_code: int | None
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def _new_sid(prefix: str) -> str:
-    return prefix + secrets.token_hex(16)
-
-
-def _rfc2822(moment: datetime | None) -> str | None:
-    return None if moment is None else format_datetime(moment.replace(microsecond=0))
-
-
-def _error_body(code: int, status: int, **fields: str) -> dict[str, Any]:
-    template = _ERROR_MESSAGES.get(code, "Error {code}")
-    try:
-        message = template.format(code=code, **fields)
-    except KeyError:
-        message = template
-    return {
-        "code": code,
-        "message": message,
-        "more_info": f"https://www.twilio.com/docs/errors/{code}",
-        "status": status,
-    }
-
-
-def error_response(
-    code: int, status: int, headers: Mapping[str, str] | None = None, **fields: str
-) -> web.Response:
-    """Twilio's JSON error answer (``code``, ``message``, ``more_info``, ``status``);
-    ``fields`` fill the message template of ``code`` (``to``, ``path``)."""
-    return web.json_response(_error_body(code, status, **fields), status=status, headers=headers)
 
 
 async def _form(request: web.Request) -> dict[str, str]:
@@ -253,40 +183,12 @@ async def _form(request: web.Request) -> dict[str, str]:
     return {key: value for key, value in posted.items() if isinstance(value, str)}
 
 
-def _parse_filter_moment(text: str) -> datetime | date:
-    """Parse a ``DateSent`` filter: ``YYYY-MM-DD`` or ``YYYY-MM-DDTHH:MM:SSZ`` (what the
-    twilio client sends for a datetime)."""
-    try:
-        return datetime.strptime(text, _ISO_DATETIME).replace(tzinfo=UTC)
-    except ValueError:
-        return date.fromisoformat(text)
-
-
-_Relation = Literal["eq", "ge", "le"]
-_DATE_FILTERS: Final[tuple[tuple[str, _Relation], ...]] = (
-    ("DateSent", "eq"),
-    ("DateSent>", "ge"),
-    ("DateSent<", "le"),
-)
-
-
-def _matches_moment(when: datetime, bound: datetime | date, relation: _Relation) -> bool:
-    if isinstance(bound, datetime):
-        left: datetime | date = when.replace(microsecond=0)
-    else:
-        left = when.date()
-    if relation == "ge":
-        return left >= bound
-    if relation == "le":
-        return left <= bound
-    return left == bound
-
-
 # ----------------------------------------------------------------------------- the double
 
 
-class TwilioDouble:
-    """Local HTTP stand-in for Twilio's Messages API (a test double, see the module doc).
+class TwilioDouble(CallsMixin):
+    """Local HTTP stand-in for Twilio's Messages API and Calls resource (a test
+    double, see the module doc; the Calls half is :class:`CallsMixin`).
 
     Use as an async context manager::
 
@@ -351,6 +253,7 @@ class TwilioDouble:
         self._site: web.TCPSite | None = None
         self._session: aiohttp.ClientSession | None = None
         self._validator = RequestValidator(self.auth_token)
+        self._init_calls()
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -377,6 +280,7 @@ class TwilioDouble:
         app.router.add_post(f"{base}/Messages.json", self._create, name="create")
         app.router.add_get(f"{base}/Messages.json", self._list, name="list")
         app.router.add_get(f"{base}/Messages/{{message_sid}}.json", self._fetch, name="fetch")
+        self._add_call_routes(app.router, base)
         # Short shutdown timeout: held requests wake on the closing event, so
         # nothing legitimate is still running when the runner stops.
         self._runner = web.AppRunner(
@@ -422,6 +326,7 @@ class TwilioDouble:
             if not waiter.done():
                 waiter.set_exception(RuntimeError("TwilioDouble stopped"))
         self._waiters.clear()
+        self._close_calls()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -429,7 +334,7 @@ class TwilioDouble:
         if self._session is not None:
             await self._session.close()
             self._session = None
-        log.info("twilio_double.stopped", messages=len(self.messages))
+        log.info("twilio_double.stopped", messages=len(self.messages), calls=len(self.calls))
 
     @property
     def port(self) -> int:
@@ -500,7 +405,7 @@ class TwilioDouble:
             to = self._our_number_for(from_)
         now = datetime.fromtimestamp(self._clock(), UTC)
         message = SentMessage(
-            sid=_new_sid("SM"),
+            sid=new_sid("SM"),
             to=to,
             from_=from_,
             messaging_service_sid=None,
@@ -608,7 +513,26 @@ class TwilioDouble:
 
     async def _post_signed(self, url: str, params: dict[str, str], sid: str) -> CallbackDelivery:
         """POST ``params`` to ``url`` with Twilio's signature; never raises."""
-        signature = self._validator.compute_signature(url, params)
+        return await self._send_signed("POST", url, params, sid)
+
+    async def _send_signed(
+        self, method: HttpMethod, url: str, params: dict[str, str], sid: str
+    ) -> CallbackDelivery:
+        """Send ``params`` to ``url`` with Twilio's signature; never raises.
+
+        POST sends them as a form and signs URL plus sorted params; GET, as
+        Twilio does, appends them to the query string and signs that full URL
+        alone (the recorded ``url`` is then that full URL).
+        """
+        target: str | URL = url
+        if method == "GET":
+            # Already encoded: sent exactly as signed.
+            target = URL(url).update_query(params)
+            url = str(target)
+            signature = self._validator.compute_signature(url, {})
+        else:
+            signature = self._validator.compute_signature(url, params)
+        headers = {"X-Twilio-Signature": signature}
         http_status: int | None = None
         error: str | None = None
         answer: str | None = None
@@ -616,15 +540,18 @@ class TwilioDouble:
         try:
             async with (
                 asyncio.timeout(self._callback_timeout),
-                session.post(
-                    url, data=params, headers={"X-Twilio-Signature": signature}
+                session.request(
+                    method,
+                    target,
+                    data=params if method == "POST" else None,
+                    headers=headers,
                 ) as response,
             ):
                 http_status = response.status
                 raw = bytearray()
                 # read(n) returns what has arrived so far, not n bytes: loop to EOF.
-                while len(raw) < _MAX_WEBHOOK_ANSWER and (
-                    chunk := await response.content.read(_MAX_WEBHOOK_ANSWER - len(raw))
+                while len(raw) < MAX_WEBHOOK_ANSWER and (
+                    chunk := await response.content.read(MAX_WEBHOOK_ANSWER - len(raw))
                 ):
                     raw += chunk
                 answer = raw.decode("utf-8", errors="replace")
@@ -663,15 +590,8 @@ class TwilioDouble:
     def _twiml_messages(answer: str, sid: str) -> list[str]:
         """The texts of the ``<Message>`` verbs of a TwiML answer (Twilio logs
         error 12100 for a document it cannot parse and sends nothing)."""
-        try:
-            # The answer comes from the webhook a test pointed the double at, on
-            # this machine, and is size-bounded; it is not untrusted input.
-            root = ET.fromstring(answer)  # noqa: S314
-        except ET.ParseError as exc:
-            log.warning("twilio_double.twiml_invalid", sid=sid, error=str(exc))
-            return []
-        if root.tag != "Response":
-            log.warning("twilio_double.twiml_invalid", sid=sid, error=f"root <{root.tag}>")
+        root = parse_twiml(answer, sid)
+        if root is None:
             return []
         texts: list[str] = []
         for verb in root.iter("Message"):
@@ -735,6 +655,8 @@ class TwilioDouble:
         return await proceed()
 
     def _api_call(self, request: web.Request, form: Mapping[str, str], authorized: bool) -> ApiCall:
+        if (call := self._call_api_call(request, form, authorized)) is not None:
+            return call
         target = request.match_info.route.name
         if target == "create":
             return ApiCall("create", form.get("To"), authorized)
@@ -792,11 +714,11 @@ class TwilioDouble:
         validity = form.get("ValidityPeriod")
         if not to:
             return error_response(21604, 400)
-        if not _E164.fullmatch(to):
+        if not E164.fullmatch(to):
             return error_response(21211, 400, to=to)
         if not sender and not service:
             return error_response(21603, 400)
-        if sender and not (_E164.fullmatch(sender) or _ALPHANUMERIC_SENDER.fullmatch(sender)):
+        if sender and not (E164.fullmatch(sender) or _ALPHANUMERIC_SENDER.fullmatch(sender)):
             return error_response(21606, 400)
         if service and not _SERVICE_SID.fullmatch(service):
             return error_response(21701, 400)
@@ -816,7 +738,7 @@ class TwilioDouble:
         validity = form.get("ValidityPeriod")
         now = datetime.fromtimestamp(self._clock(), UTC)
         message = SentMessage(
-            sid=_new_sid("SM"),
+            sid=new_sid("SM"),
             to=form["To"],
             from_=form.get("From") or None,
             messaging_service_sid=form.get("MessagingServiceSid") or None,
@@ -857,9 +779,9 @@ class TwilioDouble:
             "account_sid": self.account_sid,
             "api_version": API_VERSION,
             "body": message.body,
-            "date_created": _rfc2822(message.date_created),
-            "date_sent": _rfc2822(message.date_sent),
-            "date_updated": _rfc2822(message.date_updated),
+            "date_created": rfc2822(message.date_created),
+            "date_sent": rfc2822(message.date_sent),
+            "date_updated": rfc2822(message.date_updated),
             "direction": message.direction,
             "error_code": message.error_code,
             "error_message": None,
@@ -895,26 +817,10 @@ class TwilioDouble:
             return wrong
         query = request.query
         try:
-            page_size = int(query.get("PageSize", "50"))
-            page = int(query.get("Page", "0"))
-            bounds = [
-                (_parse_filter_moment(query[key]), relation)
-                for key, relation in _DATE_FILTERS
-                if key in query
-            ]
+            page, page_size = parse_paging(query)
+            bounds = moment_bounds(query, "DateSent")
         except ValueError:
-            return web.json_response(
-                {
-                    "code": 20001,
-                    "message": "Invalid paging or DateSent filter",
-                    "more_info": "https://www.twilio.com/docs/errors/20001",
-                    "status": 400,
-                },
-                status=400,
-            )
-        # Twilio clamps rather than rejects out-of-range paging.
-        page_size = min(max(page_size, 1), 1000)
-        page = max(page, 0)
+            return invalid_query("Invalid paging or DateSent filter")
 
         def keep(message: SentMessage) -> bool:
             if "To" in query and message.to != query["To"]:
@@ -925,37 +831,22 @@ class TwilioDouble:
             # creation time so that a reconciliation right after a lost answer
             # finds it (Twilio does not document its handling of this case).
             when = message.date_sent or message.date_created
-            return all(_matches_moment(when, bound, relation) for bound, relation in bounds)
+            return all(matches_moment(when, bound, relation) for bound, relation in bounds)
 
         # Newest first, as Twilio lists them; both directions, like Twilio.
         everything = sorted(
             [*self.messages, *self.inbound], key=lambda m: self._sequence[m.sid], reverse=True
         )
-        selected = [m for m in everything if keep(m)]
-        start = page * page_size
-        chunk = selected[start : start + page_size]
-        path = f"/{API_VERSION}/Accounts/{self.account_sid}/Messages.json"
-        filters = {k: v for k, v in query.items() if k not in ("Page", "PageSize", "PageToken")}
-
-        def page_uri(number: int) -> str:
-            params = {**filters, "PageSize": str(page_size), "Page": str(number)}
-            if number > 0:
-                params["PageToken"] = f"PA{number}"
-            return str(URL(path).with_query(params))
-
-        has_next = start + page_size < len(selected)
         return web.json_response(
-            {
-                "messages": [self._message_json(m) for m in chunk],
-                "end": start + len(chunk) - 1 if chunk else start,
-                "first_page_uri": page_uri(0),
-                "next_page_uri": page_uri(page + 1) if has_next else None,
-                "page": page,
-                "page_size": page_size,
-                "previous_page_uri": page_uri(page - 1) if page > 0 else None,
-                "start": start,
-                "uri": page_uri(page),
-            }
+            list_page(
+                query,
+                [m for m in everything if keep(m)],
+                self._message_json,
+                key="messages",
+                path=f"/{API_VERSION}/Accounts/{self.account_sid}/Messages.json",
+                page=page,
+                page_size=page_size,
+            )
         )
 
 

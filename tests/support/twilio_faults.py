@@ -11,7 +11,8 @@ suite's) builds on:
   retry_after=2)``, ``Fault.error(code=21211)``, ``Fault.delay(s)``,
   ``Fault.hang_after_receive(s)``, ``Fault.drop_after_receive()``);
 * :meth:`FaultyTwilioDouble.inject` queues them, each for one request of a
-  :data:`FaultTarget` (``create`` by default, ``list`` or ``fetch``),
+  :data:`FaultTarget` (``create`` by default, ``list`` or ``fetch`` of
+  Messages; ``call_create``, ``call_list`` or ``call_fetch`` of Calls),
   optionally only for requests concerning one number;
   :attr:`~FaultyTwilioDouble.pending_faults` counts those not consumed yet;
 * :meth:`FaultyTwilioDouble.outage` starts or ends a whole outage: every
@@ -32,6 +33,7 @@ from typing import Any, Final, Literal
 import structlog
 from aiohttp import web
 
+from gateway.sandbox.twilio_common import CREATE_TARGETS
 from gateway.sandbox.twilio_double import ApiCall, ApiTarget, TwilioDouble, error_response
 
 __all__ = ["Fault", "FaultKind", "FaultTarget", "FaultyTwilioDouble"]
@@ -40,7 +42,8 @@ log = structlog.get_logger(__name__)
 
 FaultKind = Literal["status", "delay", "drop", "error", "hang"]
 #: Which requests a queued fault applies to: message creation (the default),
-#: the Messages list, or fetching one message.
+#: the Messages list, or fetching one message; ``call_create``, ``call_list``
+#: and ``call_fetch`` are the same for Calls.
 FaultTarget = ApiTarget
 
 _DEFAULT_CODE_FOR_STATUS: Final[Mapping[int, int]] = {
@@ -54,7 +57,8 @@ _DEFAULT_CODE_FOR_STATUS: Final[Mapping[int, int]] = {
 @dataclass(frozen=True, slots=True)
 class Fault:
     """A misbehaviour applied to exactly one request (a message create unless
-    queued for ``list`` or ``fetch``, see :meth:`FaultyTwilioDouble.inject`).
+    queued for another target, see :meth:`FaultyTwilioDouble.inject`). What a
+    class method says of a message holds for a call on the ``call_*`` targets.
 
     Build them with the class methods.
     """
@@ -126,9 +130,9 @@ class FaultyTwilioDouble(TwilioDouble):
 
     def inject(self, *faults: Fault, to: str | None = None, target: FaultTarget = "create") -> None:
         """Queue faults (FIFO per target). Each is consumed by one request of
-        ``target`` (message create by default; ``list`` or ``fetch``), only by one
-        concerning ``to`` when given (the ``To`` field or filter, or the fetched
-        message's recipient)."""
+        ``target`` (message create by default; ``list``, ``fetch``, or a
+        ``call_*`` target), only by one concerning ``to`` when given (the ``To``
+        field or filter, or the fetched message's or call's recipient)."""
         self._faults.extend(_QueuedFault(f, to, target) for f in faults)
 
     @property
@@ -176,13 +180,14 @@ class FaultyTwilioDouble(TwilioDouble):
                  target=call.target)
         if fault.kind in ("status", "error"):
             return self._answer(fault, call.to)
+        creates = call.target in CREATE_TARGETS
         if fault.kind == "drop":
-            if call.target != "create":
+            if not creates:
                 return None
             created = await proceed()
-            # A message Twilio refused (400) was never created: nothing to lose.
+            # A message (or call) Twilio refused (400) was never created: nothing to lose.
             return None if created.status == 201 else created
-        if fault.kind == "hang" and call.target == "create":
+        if fault.kind == "hang" and creates:
             created = await proceed()
             if created.status == 201 and not await self._hold(fault.seconds):
                 return None
