@@ -134,8 +134,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     }
     missing = []
     waves = cfg.model.escalation.waves
+    voice = cfg.model.voice.enabled
     for gap in silent_waves(waves, registry,
-                            lambda where: world.geo.lookup(where, k=1).facilities):
+                            lambda where: world.geo.lookup(where, k=1).facilities, voice=voice):
         w = gap.wave
         roles = [r for r, on in (("family", w.family), (f"staff={w.staff}", w.staff),
                                  ("supervisor", w.supervisor), ("clinic", w.clinic),
@@ -143,10 +144,12 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         shown = "; ".join(gap.reasons[:3]) + ("; ..." if len(gap.reasons) > 3 else "")
         missing.append(
             f"{cfg.source}: escalation.waves[{gap.number - 1}]: wave {gap.number} "
-            f"(after {w.after_s:g} s: {', '.join(roles) or 'nobody'}) reaches nobody who "
-            f"can read an SMS for {len(gap.elders)} of {gap.total_elders} elders "
-            f"({shown}); they are not texted: add a role, or set voice_only = false in "
-            "the registry for a number that does take SMS")
+            f"(after {w.after_s:g} s: {', '.join(roles) or 'nobody'}) reaches nobody "
+            + ("at all" if voice else "who can read an SMS")
+            + f" for {len(gap.elders)} of {gap.total_elders} elders ({shown}); "
+            + ("add a role" if voice else
+               "they are not texted: add a role, turn [voice] on to call landlines, or "
+               "set voice_only = false in the registry for a number that does take SMS"))
     for port in cfg.model.serial:
         if "://" not in port.port and not Path(port.port).exists():
             missing.append(f"{cfg.source}: serial[{port.name}].port: {port.port} does not exist "

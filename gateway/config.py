@@ -324,15 +324,41 @@ class WaveSection(_Section):
     supervisor: bool = False
     clinic: bool = False
     hospital: bool = False
+    # Voice ([voice] enabled): call the first N family contacts as well as texting them;
+    # call the wave's staff one at a time, nearest first, until one presses 1 (a call
+    # tree). Whoever no SMS reaches (a landline) is called instead of texted anyway.
+    call_family: int = Field(0, ge=0, le=10)
+    call_staff: bool = False
 
 
 def _default_waves() -> tuple[WaveSection, ...]:
     # The one definition of the default waves (the planner has no copy of its own).
     return (
-        WaveSection(after_s=0, family=True, staff=2),
-        WaveSection(after_s=120, staff=3, supervisor=True),
+        WaveSection(after_s=0, family=True, staff=2, call_family=1),
+        WaveSection(after_s=120, staff=3, supervisor=True, call_staff=True),
         WaveSection(after_s=300, hospital=True),
     )
+
+
+class VoiceSection(_Section):
+    """Calls through Twilio Programmable Voice, as :mod:`gateway.calling` reads it.
+
+    Off by default: it needs a voice-capable number (``from_number``, default
+    ``sms.from_number``). ``language``/``voice`` go to ``<Say>``; ``ring_timeout_s`` is
+    how long a call rings before it is ``no-answer``; ``machine_detection`` asks Twilio
+    to tell a voicemail from a person; ``gather_timeout_s`` is how long the callee has
+    to press a digit; ``tree_max_s`` bounds a wave's call tree; ``poll_s`` is how often
+    a call's status is fetched when no status callback can reach the gateway."""
+
+    enabled: bool = False
+    from_number: str | None = Field(None, pattern=r"^\+[1-9][0-9]{6,14}$")
+    language: str = Field("cmn-CN", min_length=2)
+    voice: str | None = Field(None, min_length=1)
+    ring_timeout_s: int = Field(30, ge=5, le=600)
+    machine_detection: bool = True
+    gather_timeout_s: int = Field(8, ge=1, le=60)
+    tree_max_s: PositiveFloat = 300.0
+    poll_s: PositiveFloat = 5.0
 
 
 class EscalationSection(_Section):
@@ -488,6 +514,7 @@ class GatewayConfigModel(_Section):
     contact_id: ContactIdSection = ContactIdSection()
     supervision: SupervisionSection = SupervisionSection()
     escalation: EscalationSection = EscalationSection()
+    voice: VoiceSection = VoiceSection()
     gsm: GsmSection | None = None
     lifecycle: LifecycleSection = LifecycleSection()
     report: ReportSection = ReportSection()
@@ -499,6 +526,13 @@ class GatewayConfigModel(_Section):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"serial port names must be unique, repeated: {', '.join(dupes)}")
+        return self
+
+    @model_validator(mode="after")
+    def _voice_number(self) -> GatewayConfigModel:
+        if self.voice.enabled and not (self.voice.from_number or self.sms.from_number):
+            raise ValueError("voice.from_number: calls need a voice-capable number (or "
+                             "sms.from_number)")
         return self
 
     @model_validator(mode="after")

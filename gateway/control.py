@@ -378,8 +378,13 @@ class ControlServer:
         drill = await self._journal.drill_of(alarm_id) if alarm.drill else None
         notes = await self._journal.notifications(alarm_id)
         history = await self._journal.alarm_log(alarm_id)
+        calls = await self._journal.calls(alarm_id)
         return _json({
             "alarm": asdict(alarm),
+            "calls": [{"role": c.role, "name": c.name, "to": mask_phone(c.phone),
+                       "wave": c.wave, "tree": c.tree, "state": c.state, "sid": c.sid,
+                       "status": c.status, "answered_by": c.answered_by, "digits": c.digits,
+                       "attempts": c.attempts} for c in calls],
             "drill": None if drill is None else {
                 "drill_id": drill.drill_id, "by": drill.by, "dry_run": drill.dry_run,
                 "notify": [mask_phone(w) if w.startswith("+") else w for w in drill.notify]},

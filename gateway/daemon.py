@@ -41,6 +41,7 @@ from devices.serial_link import SerialLink
 from devices.surgard import SurGardDecoder
 from gateway import systemd
 from gateway.alert import AlertPlayer
+from gateway.calling import CallDesk
 from gateway.closure import Closure
 from gateway.config import Config, Secrets
 from gateway.control import ControlError, ControlServer
@@ -60,7 +61,15 @@ from gateway.sms import TwilioAccount, TwilioSender
 from gateway.statefeed import AlarmStateFeed
 from gateway.supervision import Supervisor
 from gateway.twilio_poll import InboundPoller, StatusPoller
-from gateway.webhooks import STATUS_PATH, TwilioWebhooks, WebhookListenError, WebhookServer
+from gateway.voice import Caller
+from gateway.webhooks import (
+    STATUS_PATH,
+    VOICE_GATHER_PATH,
+    VOICE_STATUS_PATH,
+    TwilioWebhooks,
+    WebhookListenError,
+    WebhookServer,
+)
 from gateway.wording import Composer
 from gateway.world import WorldKeeper, WorldRef
 
@@ -196,6 +205,19 @@ class Gateway:
             composer=Composer(m.sms.merged_templates()), fallback=fallback,
             clock=self.clock, monotonic=self.monotonic, sleep=self.sleep,
             on_state=feed.announce, on_notice=notices.raise_notice))
+        self.calls: CallDesk | None = None
+        if m.voice.enabled:
+            public = m.sms.public_url
+            caller = Caller(sender, from_number=m.voice.from_number or m.sms.from_number or "",
+                            status_callback_url=public + VOICE_STATUS_PATH if public else None,
+                            ring_timeout_s=m.voice.ring_timeout_s,
+                            machine_detection=m.voice.machine_detection, sleep=self.sleep)
+            self.calls = CallDesk(
+                journal=journal, caller=caller, settings=m.voice,
+                gather_url=public + VOICE_GATHER_PATH if public else None,
+                callbacks=bool(public), acknowledge=dispatcher.call_accepted,
+                decline=dispatcher.call_declined, monotonic=self.monotonic, sleep=self.sleep)
+            dispatcher.attach_calls(self.calls)
         self.desk = desk = ResponderDesk(world=world, journal=journal, dispatcher=dispatcher,
                                          notices=notices, clock=self.clock)
         self.keeper.on_reloaded(lambda: desk.sync_duty(apply=False))
@@ -224,7 +246,11 @@ class Gateway:
             hooks = TwilioWebhooks(auth_token=self._twilio_account().auth_token,
                                    public_url=m.sms.public_url,
                                    on_reply=dispatcher.reply_received,
-                                   on_status=dispatcher.status_received)
+                                   on_status=dispatcher.status_received,
+                                   on_digit=self.calls.digits_received if self.calls else None,
+                                   on_call_status=self.calls.status_received
+                                   if self.calls else None,
+                                   voice_language=m.voice.language, voice=m.voice.voice)
             try:
                 self.webhooks = await self._open("webhooks", WebhookServer(hooks, m.webhooks))
             except WebhookListenError as exc:

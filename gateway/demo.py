@@ -5,13 +5,17 @@ What is real: the daemon itself, the Sur-Gard serial protocol over a pseudo-term
 twilio-python client making real HTTP requests, espeak-ng rendering the alert.
 What is simulated, and says so: the alarm receiver on the other end of the pty
 (it writes the frames a receiver writes and waits for the ACK) and Twilio (a local
-test double that speaks its REST API; no SMS leaves the machine).
+test double that speaks its REST API; no SMS leaves the machine, no phone rings). The
+first alarm also calls the elder's first family contact (``[voice]``): the double's
+scripted callee answers and presses 1, through the gateway's own signed webhooks, and
+takes the alarm.
 """
 
 from __future__ import annotations
 
 import asyncio
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -35,6 +39,13 @@ from gateway.sandbox.twilio_double import TwilioDouble
 DEMO_FROM = "+15005550006"  # Twilio's documented magic test sender
 
 
+def _free_port() -> int:
+    """A loopback port for the demo's webhook listener (the double posts to it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def _p(out: TextIO, text: str = "") -> None:
     out.write(text + "\n")
     out.flush()
@@ -55,6 +66,7 @@ async def run_demo(presses: int = 3, out: Path | None = None, sound: bool = Fals
     receiver = PtyDevice()  # the simulated Sur-Gard receiver
     try:
         async with TwilioDouble() as double:
+            hooks = _free_port()
             cfg = parse_config({
                 "gateway": {"name": "demo", "state_dir": str(root / "state"),
                             "shutdown_timeout_s": 5},
@@ -64,7 +76,13 @@ async def run_demo(presses: int = 3, out: Path | None = None, sound: bool = Fals
                             "protocol": "surgard", "reconnect_initial_s": 0.2}],
                 "alert": {"backend": "auto" if sound else "file",
                           "output_dir": str(root / "alerts"), "repeat_interval_s": 3},
-                "sms": {"from_number": DEMO_FROM, "base_url": double.base_url},
+                "sms": {"from_number": DEMO_FROM, "base_url": double.base_url,
+                        "public_url": f"http://127.0.0.1:{hooks}"},
+                "webhooks": {"port": hooks},
+                "voice": {"enabled": True},
+                # The demo's waves: texts at once and a call to the first family contact.
+                "escalation": {"waves": [{"after_s": 0, "family": True, "staff": 2,
+                                          "call_family": 1}]},
             }, root / "demo.toml")
             gw = Gateway(cfg, Secrets(double.account_sid, double.auth_token, None))
             runner = asyncio.create_task(gw.run(), name="gateway")
@@ -128,6 +146,8 @@ async def _presses(gw: Gateway, receiver: PtyDevice, double: TwilioDouble, press
                    f"Contact ID account {device.address}) -> receiver got "
                    f"{'ACK' if answer == ACK else repr(answer)} in {ack_ms:.1f} ms")
         if i == 1:
+            # The first family contact will answer the alarm call and press 1.
+            double.script_callee(elder.contacts[0].phone, "answer", digit="1", ring_s=4)
             again = await receiver.send(frame)
             _p(screen, f"    pressed again -> {'ACK' if again == ACK else repr(again)}; "
                        "joins the open alarm (no second alarm)")
@@ -136,11 +156,15 @@ async def _presses(gw: Gateway, receiver: PtyDevice, double: TwilioDouble, press
                    if a.device_id == device.device_id)
         alarm_ids.append(rec.alarm_id)
         await _report(gw, rec.alarm_id, screen)
+        if i == 1:
+            await _call(gw, double, rec.alarm_id, screen)
     ok = True
     # The operator's way in: the control API's unix socket, as `gateway ack` uses it.
     connector = aiohttp.UnixConnector(path=str(gw.control.socket_path))
     async with aiohttp.ClientSession(connector=connector) as http:
         for alarm_id in alarm_ids:
+            if (await gw.journal.get_alarm(alarm_id)).acknowledged_at is not None:
+                continue  # taken on the phone
             await gw.player.wait_played(alarm_id, 1, timeout=30)
             plays = gw.player.plays(alarm_id)
             async with http.post(f"http://localhost/alarms/{alarm_id}/ack",
@@ -149,8 +173,25 @@ async def _presses(gw: Gateway, receiver: PtyDevice, double: TwilioDouble, press
             _p(screen, f"Operator acknowledged {alarm_id} via the control API -> alert "
                        f"stopped after {plays} play(s)")
     total = len(double.messages)
-    _p(screen, f"\nAlarms: {len(alarm_ids)}; SMS accepted by the Twilio double: {total}.")
-    return 0 if ok and alarm_ids and total else 1
+    _p(screen, f"\nAlarms: {len(alarm_ids)}; SMS accepted by the Twilio double: {total}; "
+               f"calls: {len(double.calls)}.")
+    return 0 if ok and alarm_ids and total and double.calls else 1
+
+
+async def _call(gw: Gateway, double: TwilioDouble, alarm_id: str, screen: TextIO) -> None:
+    """The first alarm's call: placed, answered, 1 pressed (through the signed webhooks)."""
+    if not (gw.journal and gw.registry):
+        raise RuntimeError("gateway not ready")
+    [call] = await double.wait_for_calls(1, timeout=30)
+    _p(screen, f"    call to the family {mask_phone(call.to)} placed ({call.sid}): Mandarin "
+               "TwiML, said twice, then 'press 1 to accept, 2 if you cannot'")
+    done = await double.advance_call(call.sid)
+    rec = await gw.journal.get_alarm(alarm_id)
+    [row] = [c for c in await gw.journal.calls(alarm_id) if c.sid == call.sid]
+    _p(screen, f"    the callee answered, talked {done.duration or 0} s and pressed "
+               f"{row.digits or 'nothing'} -> call {row.state}; alarm {rec.state} by "
+               f"{rec.acknowledged_by}")
+    _p(screen)
 
 
 async def _report(gw: Gateway, alarm_id: str, screen: TextIO) -> None:

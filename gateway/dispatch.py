@@ -49,8 +49,9 @@ import structlog
 
 from devices.events import Drill
 from gateway.alert import AlertPlayer
+from gateway.calling import CallDesk
 from gateway.config import EscalationSection, GeoSection, SmsSection
-from gateway.escalation import Planner, Situation, supervisors_near
+from gateway.escalation import CallWave, Planner, Situation, supervisors_near
 from gateway.geo import GeoResult
 from gateway.journal import (
     AlarmRecord,
@@ -162,6 +163,46 @@ class Dispatcher:
         self._unjournaled: dict[str, dict[tuple[MessageKind, int | None, str],
                                           NotificationRecord]] = {}
         self._adopting: set[str] = set()
+        self._calls: CallDesk | None = None
+        self._call_tasks: set[asyncio.Task[None]] = set()
+
+    def attach_calls(self, desk: CallDesk) -> None:
+        """Voice: waves place their calls through ``desk`` from now on."""
+        self._calls = desk
+
+    async def call_accepted(self, alarm_id: str, by: str, phone: str) -> bool:
+        """A callee pressed 1: they take the alarm, unless someone already did."""
+        try:
+            await self.acknowledge(alarm_id, by, phone=phone)
+        except IllegalTransition:
+            return False
+        return True
+
+    def call_declined(self, alarm_id: str) -> None:
+        """A callee pressed 2: the next wave need not wait for its timer."""
+        alarm = self.active.get(alarm_id)
+        if alarm is not None:
+            alarm.hurry.set()
+
+    def _place_calls(self, alarm: ActiveAlarm, number: int, calls: CallWave) -> None:
+        desk = self._calls
+        if desk is None or not (calls.single or calls.tree) or self._tg is None:
+            return
+        task = self._tg.create_task(
+            desk.wave(alarm.alarm_id, number, calls, t0=alarm.t0, closed=alarm.closed),
+            name=f"calls-{alarm.alarm_id}-{number}")
+        self._call_tasks.add(task)
+        task.add_done_callback(self._call_tasks.discard)
+
+    def _drill_calls(self, alarm: ActiveAlarm, calls: CallWave) -> CallWave:
+        drill = alarm.drill
+        if drill is None:
+            return calls
+        reg = self._world.registry
+        allowed = {w for w in drill.notify if w.startswith("+")}
+        allowed |= {reg.responders[w].phone for w in drill.notify if w in reg.responders}
+        return CallWave([c for c in calls.single if c.phone in allowed],
+                        [c for c in calls.tree if c.phone in allowed])
 
     @property
     def notifier(self) -> Notifier:
@@ -253,6 +294,16 @@ class Dispatcher:
         situation = self._locate(alarm, alarm.elder, world)
         existing = await self._journal.notifications(alarm.alarm_id) if resume else []
         told = {r.phone for r in existing}
+        placed_calls = await self._journal.calls(alarm.alarm_id) \
+            if resume and self._calls is not None else []
+        called = {c.phone for c in placed_calls}
+        if placed_calls and self._calls is not None and state in ALERTING_STATES:
+            text = self._composer.spoken(situation.facts)
+            task = self._tg.create_task(self._calls.resume(  # type: ignore[union-attr]
+                alarm.alarm_id, placed_calls, {c.phone: text for c in placed_calls},
+                t0=alarm.t0, closed=alarm.closed), name=f"calls-{alarm.alarm_id}-resume")
+            self._call_tasks.add(task)
+            task.add_done_callback(self._call_tasks.discard)
         unfinished = [r for r in existing if r.state in UNFINISHED_NOTIFICATION_STATES]
         if unfinished:
             # Rows left 'sending' by a crash may have reached Twilio: the backlog asks
@@ -276,7 +327,12 @@ class Dispatcher:
             plans, skipped = self._planner.plan(number, situation, told)
             for p in skipped:  # a landline takes a call, not an SMS: never texted
                 log.warning("sms.skipped_landline", wave=number, role=p.role, name=p.name,
-                            to=mask_phone(p.phone))
+                            to=mask_phone(p.phone), called=self._calls is not None)
+            if self._calls is not None:
+                calls = self._drill_calls(alarm, self._planner.calls(number, situation,
+                                                                     skipped, called))
+                called |= {c.phone for c in (*calls.single, *calls.tree)}
+                self._place_calls(alarm, number, calls)
             told |= {p.phone for p in skipped}  # logged once per alarm, not every wave
             if alarm.drill is not None:  # the withheld too: each is planned only once
                 told |= {p.phone for p in plans}
@@ -714,7 +770,9 @@ class Dispatcher:
         return round((self._monotonic() - alarm.t0) * 1000, 2)
 
     def cancel_all(self) -> None:
-        """Cancel unfinished alarm tasks (shutdown); the journal resumes them."""
+        """Cancel unfinished alarm and call tasks (shutdown); the journal resumes them."""
+        for task in list(self._call_tasks):
+            task.cancel()
         for alarm in self.active.values():
             if alarm.task is not None and not alarm.task.done():
                 alarm.task.cancel()

@@ -35,11 +35,12 @@ from typing import NamedTuple
 
 from gateway.config import EscalationSection, GeoSection, WaveSection
 from gateway.geo import GeoResult, GeoService, Nearby
-from gateway.journal import MessageKind, NotificationPlan, NotificationRecord
+from gateway.journal import CallPlan, MessageKind, NotificationPlan, NotificationRecord
 from gateway.model import Elder, FacilityKind, LonLat, Registry, ResponderRole
 from gateway.wording import AlarmFacts, Composer
 
-__all__ = ["Planner", "SilentWave", "Situation", "WavePlan", "silent_waves", "supervisors_near"]
+__all__ = ["CallWave", "Planner", "SilentWave", "Situation", "WavePlan", "silent_waves",
+           "supervisors_near"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +60,14 @@ class WavePlan(NamedTuple):
 
     messages: list[NotificationPlan]
     skipped: list[NotificationPlan]
+
+
+class CallWave(NamedTuple):
+    """One wave's calls: placed at once (``single``), and the call tree (``tree``: in
+    turn, nearest first, until one accepts)."""
+
+    single: list[CallPlan]
+    tree: list[CallPlan]
 
 
 class Planner:
@@ -124,6 +133,36 @@ class Planner:
             return WavePlan(unique, [])
         return WavePlan([p for p in unique if p.phone not in s.no_sms],
                         [p for p in unique if p.phone in s.no_sms])
+
+    def calls(self, number: int, situation: Situation, skipped: Sequence[NotificationPlan],
+              called: Set[str]) -> CallWave:
+        """The calls of wave ``number`` for phones not in ``called``: the first
+        ``call_family`` family contacts, everyone of the wave no SMS reaches
+        (``skipped`` by :meth:`plan`), and with ``call_staff`` the wave's staff as a
+        call tree. Said: the center's announcement (the same template)."""
+        wave = self._waves[number - 1]
+        s = situation
+        text = self._composer.spoken(s.facts)
+        single = [CallPlan("family", ct.name, ct.phone, text)
+                  for ct in s.elder.contacts[:wave.call_family]]
+        single += [CallPlan(p.role, p.name, p.phone, text) for p in skipped]
+        tree: list[CallPlan] = []
+        if wave.call_staff and wave.staff:
+            offset = self._offsets[number - 1]
+            tree = [CallPlan("responder", r.name, r.phone, text)
+                    for r in s.found.responders[offset: offset + wave.staff]]
+        seen = set(called)
+        unique_single = []
+        for c in single:
+            if c.phone not in seen:
+                seen.add(c.phone)
+                unique_single.append(c)
+        unique_tree = []
+        for c in tree:
+            if c.phone not in seen:
+                seen.add(c.phone)
+                unique_tree.append(c)
+        return CallWave(unique_single, unique_tree)
 
     def follow_up(self, kind: MessageKind, facts: AlarmFacts, told: Iterable[NotificationRecord],
                   *, by: str = "", skip: str | None = None) -> list[NotificationPlan]:
@@ -191,16 +230,19 @@ def silent_waves(
     waves: Sequence[WaveSection],
     registry: Registry,
     nearest_facilities: Callable[[LonLat], Mapping[FacilityKind, Nearby]],
+    *,
+    voice: bool = False,
 ) -> list[SilentWave]:
-    """The waves that would reach nobody who can read an SMS, judged per elder.
+    """The waves that would reach nobody who can read an SMS, judged per elder; with
+    ``voice`` (calls on), nobody at all: a landline is then called.
 
     Who is on duty changes while the gateway runs, so staff and supervisors count by
     role (someone of that role takes SMS); family and facilities per elder (their
     contacts; the nearest facility of the kind, from ``nearest_facilities``, which is
     only asked when the facilities of a kind disagree)."""
-    staff_ok = any(r.sms_capable for r in registry.responders.values()
+    staff_ok = any(r.sms_capable or voice for r in registry.responders.values()
                    if r.role is not ResponderRole.SUPERVISOR)
-    supervisor_ok = any(r.sms_capable for r in registry.responders.values()
+    supervisor_ok = any(r.sms_capable or voice for r in registry.responders.values()
                         if r.role is ResponderRole.SUPERVISOR)
     by_kind = {kind: [f for f in registry.facilities.values() if f.kind is kind]
                for kind in FacilityKind}
@@ -210,7 +252,7 @@ def silent_waves(
         facilities = by_kind[kind]
         if not facilities:
             return False, f"{kind.value}: none in the registry"
-        able = {f.sms_capable for f in facilities}
+        able = {f.sms_capable or voice for f in facilities}
         if able == {True}:
             return True, ""
         if able == {False}:
@@ -240,7 +282,7 @@ def silent_waves(
         for elder in registry.elders.values():
             why_not: list[str] = []
             if wave.family:
-                if any(c.sms_capable for c in elder.contacts):
+                if any(c.sms_capable or voice for c in elder.contacts):
                     continue
                 why_not.append("family: no contact takes SMS")
             reached = False

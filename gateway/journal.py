@@ -304,6 +304,66 @@ class NotificationRecord:
     created_at: float
 
 
+class CallState(StrEnum):
+    """Where one call of an alarm stands (the ``calls`` table)."""
+
+    PLANNED = "planned"  # in a call tree, not its turn yet
+    PLACING = "placing"  # journaled, the request is leaving (a restart looks it up)
+    PLACED = "placed"  # Twilio took it (queued / initiated / ringing)
+    ANSWERED = "answered"  # a person (or a machine) picked up
+    ACCEPTED = "accepted"  # pressed 1: takes the alarm
+    DECLINED = "declined"  # pressed 2: cannot go
+    UNANSWERED = "unanswered"  # answered, no digit (or hung up)
+    MACHINE = "machine"  # an answering machine took it
+    BUSY = "busy"
+    NO_ANSWER = "no-answer"
+    FAILED = "failed"
+    SKIPPED = "skipped"  # a tree whose alarm was taken (or timed out) before this turn
+
+    @property
+    def final(self) -> bool:
+        return self not in (CallState.PLANNED, CallState.PLACING, CallState.PLACED,
+                            CallState.ANSWERED)
+
+
+@dataclass(frozen=True, slots=True)
+class CallPlan:
+    role: str
+    name: str
+    phone: str
+    text: str  # what is said (the announcement)
+
+
+@dataclass(frozen=True, slots=True)
+class CallRecord:
+    id: int
+    alarm_id: str
+    wave: int
+    role: str
+    name: str
+    phone: str
+    tree: bool
+    position: int
+    state: CallState
+    sid: str | None
+    status: str | None
+    answered_by: str | None
+    digits: str | None
+    attempts: int
+    error: str | None
+    created_at: float
+
+
+_CALL_COLS = ("id, alarm_id, wave, role, name, phone, tree, position, state, sid, status,"
+              " answered_by, digits, attempts, error, created_at")
+
+
+def _call(row: Sequence[Any]) -> CallRecord:
+    return CallRecord(row[0], row[1], row[2], row[3], row[4], row[5], bool(row[6]), row[7],
+                      CallState(row[8]), row[9], row[10], row[11], row[12], row[13], row[14],
+                      row[15])
+
+
 @dataclass(frozen=True, slots=True)
 class DeviceStateRecord:
     device_id: str
@@ -1421,6 +1481,75 @@ class Journal:
 
         return await self._read(op)
 
+    # -- calls ------------------------------------------------------------------------
+
+    async def plan_calls(self, alarm_id: str, wave: int, plans: Sequence[CallPlan], *,
+                         tree: bool) -> list[CallRecord]:
+        """Record the calls of one wave (idempotent per alarm, wave and phone); returns
+        every call of that wave. Single calls start ``placing`` (their requests leave
+        right after this commit); a tree's start ``planned`` and go ``placing`` in turn."""
+        now = self._clock()
+        state = CallState.PLANNED if tree else CallState.PLACING
+
+        def op(conn: sqlite3.Connection) -> list[CallRecord]:
+            conn.executemany(
+                "INSERT OR IGNORE INTO calls(alarm_id, wave, role, name, phone, tree,"
+                " position, state, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(alarm_id, wave, p.role, p.name, p.phone, int(tree), i, state, now, now)
+                 for i, p in enumerate(plans)])
+            rows = conn.execute(f"SELECT {_CALL_COLS} FROM calls WHERE alarm_id = ? AND"
+                                " wave = ? ORDER BY position, id", (alarm_id, wave)).fetchall()
+            return [_call(r) for r in rows]
+
+        return await self._run(op)
+
+    async def update_call(self, call_id: int, state: CallState, *, sid: str | None = None,
+                          status: str | None = None, answered_by: str | None = None,
+                          digits: str | None = None, attempts: int | None = None,
+                          error: str | None = None, latency_ms: float | None = None,
+                          event: tuple[str, dict[str, Any]] | None = None) -> CallRecord:
+        """Move a call on. A final state is never left (a late progress event after the
+        digit, or events out of order, change nothing but ``status``). Returns the row."""
+        now = self._clock()
+
+        def op(conn: sqlite3.Connection) -> CallRecord:
+            row = conn.execute(f"SELECT {_CALL_COLS} FROM calls WHERE id = ?",
+                               (call_id,)).fetchone()
+            if row is None:
+                raise JournalError(f"no call {call_id}")
+            current = _call(row)
+            wanted = current.state if current.state.final and state is not current.state \
+                else state
+            conn.execute(
+                "UPDATE calls SET state = ?, sid = COALESCE(?, sid), status = COALESCE(?, status),"
+                " answered_by = COALESCE(?, answered_by), digits = COALESCE(?, digits),"
+                " attempts = COALESCE(?, attempts), error = COALESCE(?, error),"
+                " latency_ms = COALESCE(?, latency_ms), updated_at = ? WHERE id = ?",
+                (wanted, sid, status, answered_by, digits, attempts, error, latency_ms, now,
+                 call_id))
+            if event is not None:
+                _log(conn, current.alarm_id, now, event[0], event[1])
+            return _call(conn.execute(f"SELECT {_CALL_COLS} FROM calls WHERE id = ?",
+                                      (call_id,)).fetchone())
+
+        return await self._run(op)
+
+    async def call_by_sid(self, sid: str) -> CallRecord | None:
+        def op(conn: sqlite3.Connection) -> CallRecord | None:
+            row = conn.execute(f"SELECT {_CALL_COLS} FROM calls WHERE sid = ?",
+                               (sid,)).fetchone()
+            return None if row is None else _call(row)
+
+        return await self._read(op)
+
+    async def calls(self, alarm_id: str) -> list[CallRecord]:
+        def op(conn: sqlite3.Connection) -> list[CallRecord]:
+            rows = conn.execute(f"SELECT {_CALL_COLS} FROM calls WHERE alarm_id = ?"
+                                " ORDER BY wave, position, id", (alarm_id,)).fetchall()
+            return [_call(r) for r in rows]
+
+        return await self._read(op)
+
     async def alarm_log(self, alarm_id: str) -> list[tuple[float, str, dict[str, Any]]]:
         def op(conn: sqlite3.Connection) -> list[tuple[float, str, dict[str, Any]]]:
             rows = conn.execute(
@@ -1582,7 +1711,7 @@ class Journal:
                 " ORDER BY received_at LIMIT ?", (before, batch))]
             rows = 0
             for table in ("alarm_log", "notifications", "device_messages", "alarm_keep_open",
-                          "drills"):
+                          "drills", "calls"):
                 before_changes = conn.total_changes
                 conn.executemany(f"DELETE FROM {table} WHERE alarm_id = ?", ids)
                 rows += conn.total_changes - before_changes
@@ -1650,6 +1779,29 @@ CREATE INDEX IF NOT EXISTS device_messages_alarm ON device_messages(alarm_id)
     WHERE alarm_id IS NOT NULL;
 CREATE INDEX IF NOT EXISTS notifications_unredacted ON notifications(created_at)
     WHERE body != '';
+CREATE TABLE IF NOT EXISTS calls(
+    id INTEGER PRIMARY KEY,
+    alarm_id TEXT NOT NULL,
+    wave INTEGER NOT NULL,
+    role TEXT NOT NULL,
+    name TEXT NOT NULL,
+    phone TEXT NOT NULL,
+    tree INTEGER NOT NULL DEFAULT 0,  -- called in turn until one accepts
+    position INTEGER NOT NULL DEFAULT 0,  -- order in the wave (the tree's distance order)
+    state TEXT NOT NULL,  -- CallState
+    sid TEXT,
+    status TEXT,  -- Twilio's CallStatus, as last heard
+    answered_by TEXT,
+    digits TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    error_code INTEGER,
+    error TEXT,
+    latency_ms REAL,  -- press -> call placed
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    UNIQUE(alarm_id, wave, phone)
+);
+CREATE INDEX IF NOT EXISTS calls_sid ON calls(sid) WHERE sid IS NOT NULL;
 CREATE TABLE IF NOT EXISTS drills(
     drill_id TEXT PRIMARY KEY,
     alarm_id TEXT NOT NULL UNIQUE,

@@ -609,6 +609,13 @@ class TwilioSender:
         # max_attempts >= 1 is validated, so the loop always returns or raises.
         raise RuntimeError("unreachable: send loop ended without a result")
 
+    async def query(self, what: str, call: Callable[[], Awaitable[_T]], to: str = "") -> _T:
+        """One request through the client (``call`` makes it), under this sender's
+        timeout and semaphore; any failure becomes :class:`SmsSendError` with Twilio's
+        status and code (``permanent`` when retrying cannot help). For the other
+        Twilio resources the gateway uses (calls, :mod:`gateway.voice`)."""
+        return await self._query(what, call, to)
+
     async def _query(self, what: str, call: Callable[[], Awaitable[_T]], to: str = "") -> _T:
         capture = _ResponseCapture()
         try:
@@ -622,6 +629,7 @@ class TwilioSender:
                 code=failure.code,
                 retryable=not permanent,
                 permanent=permanent,
+                outcome_unknown=failure.kind == "unknown",
                 timed_out=failure.timed_out,
             ) from exc
 

@@ -43,11 +43,20 @@ from gateway.replies import (
     StatusUpdate,
     is_e164,
 )
+from gateway.voice import (
+    CallDigits,
+    CallStatusHandler,
+    CallUpdate,
+    DigitHandler,
+    digit_twiml,
+)
 
 __all__ = [
     "INBOUND_PATH",
     "MAX_WEBHOOK_BODY",
     "STATUS_PATH",
+    "VOICE_GATHER_PATH",
+    "VOICE_STATUS_PATH",
     "TwilioWebhooks",
     "WebhookServer",
     "twiml_response",
@@ -59,6 +68,10 @@ log = structlog.get_logger(__name__)
 INBOUND_PATH: Final = "/twilio/inbound"
 #: Route of the ``StatusCallback`` of our outgoing messages, below the public URL.
 STATUS_PATH: Final = "/twilio/status"
+#: Route of the digit a callee pressed (the ``<Gather>`` action of our calls).
+VOICE_GATHER_PATH: Final = "/twilio/voice/gather"
+#: Route of the call progress events of our calls.
+VOICE_STATUS_PATH: Final = "/twilio/voice/status"
 #: Largest webhook body accepted. A 1,600-character Chinese reply is about 15 KB
 #: once form-encoded; the rest is headroom, not an invitation.
 MAX_WEBHOOK_BODY: Final = 64 * 1024
@@ -125,6 +138,10 @@ class TwilioWebhooks:
         clock: Callable[[], float] = time.time,
         shared_key_secret: str | None = None,
         max_body: int = MAX_WEBHOOK_BODY,
+        on_digit: DigitHandler | None = None,
+        on_call_status: CallStatusHandler | None = None,
+        voice_language: str = "cmn-CN",
+        voice: str | None = None,
     ) -> None:
         if not auth_token:
             raise ValueError("auth_token is empty")
@@ -140,6 +157,9 @@ class TwilioWebhooks:
         self._shared_validator = RequestValidator(shared_key_secret) if shared_key_secret else None
         self._on_reply = on_reply
         self._on_status = on_status
+        self._on_digit = on_digit
+        self._on_call_status = on_call_status
+        self._voice = (voice_language, voice)
         self._clock = clock
         self._max_body = max_body
         self._refusals = LogLimiter(60.0)
@@ -159,9 +179,25 @@ class TwilioWebhooks:
         """The URL to give Twilio as ``StatusCallback`` of outgoing messages."""
         return self._public_url + STATUS_PATH
 
+    @property
+    def voice_gather_url(self) -> str:
+        """The ``<Gather action>`` of our calls."""
+        return self._public_url + VOICE_GATHER_PATH
+
+    @property
+    def voice_status_url(self) -> str:
+        """The ``StatusCallback`` of our calls."""
+        return self._public_url + VOICE_STATUS_PATH
+
     def routes(self) -> list[web.RouteDef]:
-        """The two POST routes, for :class:`WebhookServer` (or a test's application)."""
-        return [web.post(INBOUND_PATH, self._inbound), web.post(STATUS_PATH, self._status)]
+        """The POST routes, for :class:`WebhookServer` (or a test's application): SMS
+        always, the voice routes when their handlers are given."""
+        routes = [web.post(INBOUND_PATH, self._inbound), web.post(STATUS_PATH, self._status)]
+        if self._on_digit is not None:
+            routes.append(web.post(VOICE_GATHER_PATH, self._gather))
+        if self._on_call_status is not None:
+            routes.append(web.post(VOICE_STATUS_PATH, self._call_status))
+        return routes
 
     # -- request checks ---------------------------------------------------------------
 
@@ -288,6 +324,46 @@ class TwilioWebhooks:
         except Exception:
             log.exception("webhook.status_handler_failed", sid=sid, status=status)
             raise web.HTTPInternalServerError(text="status handler failed") from None
+        return web.Response(status=204)
+
+
+    async def _gather(self, request: web.Request) -> web.Response:
+        assert self._on_digit is not None
+        form = await self._verified_form(request, VOICE_GATHER_PATH)
+        sid, to = form.get("CallSid", ""), form.get("To", "").strip()
+        if not sid or not to:
+            raise self._reject(request, 400, "CallSid and To are required")
+        digits = CallDigits(sid, form.get("Digits", "").strip(), to,
+                            form.get("AnsweredBy") or None)
+        log.info("webhook.call_digits", sid=sid, to=mask_phone(to), digits=digits.digits)
+        try:
+            answer = await self._on_digit(digits)
+        except Exception:
+            log.exception("webhook.digit_handler_failed", sid=sid)
+            raise web.HTTPInternalServerError(text="digit handler failed") from None
+        language, voice = self._voice
+        return web.Response(text=digit_twiml(answer, language=language, voice=voice),
+                            content_type="application/xml")
+
+    async def _call_status(self, request: web.Request) -> web.Response:
+        assert self._on_call_status is not None
+        form = await self._verified_form(request, VOICE_STATUS_PATH)
+        sid, status, to = form.get("CallSid", ""), form.get("CallStatus", ""), form.get("To", "")
+        if not sid or not status:
+            raise self._reject(request, 400, "CallSid and CallStatus are required")
+        duration = form.get("CallDuration") or form.get("Duration")
+        sequence = form.get("SequenceNumber")
+        update = CallUpdate(sid, status, to.strip(), form.get("AnsweredBy") or None,
+                            int(duration) if duration and duration.isdigit() else None,
+                            int(sequence) if sequence and sequence.isdigit() else None)
+        log.info("webhook.call_status", sid=sid, status=status,
+                 to=mask_phone(update.to) if update.to else None,
+                 answered_by=update.answered_by)
+        try:
+            await self._on_call_status(update)
+        except Exception:
+            log.exception("webhook.call_status_handler_failed", sid=sid, status=status)
+            raise web.HTTPInternalServerError(text="call status handler failed") from None
         return web.Response(status=204)
 
 

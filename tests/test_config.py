@@ -229,8 +229,15 @@ def test_check_config_warns_once_per_wave_that_reaches_nobody_by_sms(tmp_path: P
     assert waves == [
         f"warning: {example}: escalation.waves[2]: wave 3 (after 300 s: hospital) reaches "
         "nobody who can read an SMS for 88 of 88 elders (hospital: no hospital duty phone "
-        "takes SMS); they are not texted: add a role, or set voice_only = false in the "
-        "registry for a number that does take SMS"]
+        "takes SMS); they are not texted: add a role, turn [voice] on to call landlines, or "
+        "set voice_only = false in the registry for a number that does take SMS"]
+    # With calls on, the landline is called: the wave reaches someone.
+    called = write(tmp_path, MINIMAL + f'[registry]\ndirectory = "{REPO / "config" / "sample"}"\n'
+                   f'[gateway]\nstate_dir = "{tmp_path}/state"\n[mqtt]\nenabled = false\n'
+                   '[voice]\nenabled = true\n')
+    res = _check_config(called, secrets)
+    assert res.returncode == 0, res.stderr
+    assert "escalation.waves" not in res.stderr
     # With the hospital's desk marked as taking SMS, no wave is silent.
     registry = tmp_path / "sample"
     registry.mkdir()
