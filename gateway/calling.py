@@ -143,6 +143,7 @@ class CallDesk:
                     await self._place(row, texts.get(row.phone, ""), t0, resumed=True)
                 elif row.state in (CallState.PLACED, CallState.ANSWERED) and row.sid:
                     self._follow(row.sid)
+                    await self._refresh(row)
             waves = sorted({r.wave for r in rows if r.tree})
             for wave in waves:
                 tree = [r for r in rows if r.tree and r.wave == wave]
@@ -168,8 +169,13 @@ class CallDesk:
             if row.state in (CallState.PLANNED, CallState.PLACING):
                 row = await self._place(row, texts.get(row.phone, ""), t0,
                                         resumed=resumed and row.state is CallState.PLACING)
+            elif resumed and row.sid:
+                self._follow(row.sid)
+                row = await self._refresh(row)
+            if row.state is CallState.ACCEPTED:
+                return
             if row.sid is None or row.state.final:
-                continue  # not placed (refused): the next one at once
+                continue  # not placed (refused), or ended while we were down: the next
             ended = await self._until_ended(row.sid, left, closed)
             latest = await self._journal.call_by_sid(row.sid)
             if latest is not None and latest.state is CallState.ACCEPTED:
@@ -237,7 +243,21 @@ class CallDesk:
         updated = await self._journal.update_call(row.id, CallState.PLACED, sid=sid,
                                                   status=status)
         self._follow(sid)
-        return updated
+        return await self._refresh(updated)
+
+    async def _refresh(self, row: CallRecord) -> CallRecord:
+        """After a restart: the call's status now (it may have ended while we were down,
+        and its callbacks with it)."""
+        if row.sid is None:
+            return row
+        try:
+            status = await self._caller.fetch(row.sid)
+        except SmsSendError as exc:
+            log.warning("call.fetch_failed", sid=row.sid, error=str(exc))
+            return row
+        await self.status_received(CallUpdate(row.sid, status.status, row.phone,
+                                              status.answered_by, status.duration_s, None))
+        return await self._journal.call_by_sid(row.sid) or row
 
     def _follow(self, sid: str) -> None:
         self._ended.setdefault(sid, asyncio.Event())
@@ -248,9 +268,11 @@ class CallDesk:
         ended = self._ended.setdefault(sid, asyncio.Event())
         bound = min(limit_s, self._s.ring_timeout_s + self._s.gather_timeout_s + _TALK_MARGIN_S)
         waiters = {asyncio.ensure_future(ended.wait()), asyncio.ensure_future(closed.wait()),
-                   asyncio.ensure_future(self._sleep(bound))}
-        if not self._callbacks:
-            waiters.add(asyncio.ensure_future(self._poll(sid)))
+                   asyncio.ensure_future(self._sleep(bound)),
+                   # With callbacks too, now and then: a callback lost while the gateway
+                   # was down (or a proxy hiccup) must not hold a call tree until its bound.
+                   asyncio.ensure_future(self._poll(sid, self._s.poll_s if not self._callbacks
+                                                    else max(6 * self._s.poll_s, 30.0)))}
         try:
             await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -258,9 +280,9 @@ class CallDesk:
                 w.cancel()
         return ended.is_set()
 
-    async def _poll(self, sid: str) -> None:
+    async def _poll(self, sid: str, every_s: float) -> None:
         while True:
-            await self._sleep(self._s.poll_s)
+            await self._sleep(every_s)
             try:
                 status = await self._caller.fetch(sid)
             except SmsSendError as exc:
