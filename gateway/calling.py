@@ -31,7 +31,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Final
+from typing import Final, Protocol
 
 import structlog
 
@@ -61,6 +61,12 @@ _STATUS_STATES: Final = {
     "canceled": CallState.FAILED,
 }
 
+class Ringer(Protocol):
+    """Rings a number without speech (the GSM modem: ``gateway.gsm.GsmModemSender``)."""
+
+    async def ring(self, to: str, ring_s: float) -> None: ...
+
+
 #: ``acknowledge(alarm_id, by, phone)``: True if this call took the alarm, False if it
 #: was already taken.
 Acknowledge = Callable[[str, str, str], Awaitable[bool]]
@@ -73,10 +79,13 @@ class CallDesk:
     def __init__(self, *, journal: Journal, caller: Caller, settings: VoiceSection,
                  gather_url: str | None, callbacks: bool, acknowledge: Acknowledge,
                  decline: Callable[[str], None],
+                 ringer: Ringer | None = None, ring_s: float = 0.0,
                  monotonic: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
         """``gather_url``: where Twilio posts the digit (None: no accept by digit).
-        ``callbacks``: Twilio's status callbacks reach the gateway (else: polled)."""
+        ``callbacks``: Twilio's status callbacks reach the gateway (else: polled).
+        ``ringer``: when Twilio cannot place a call, ring the number this way for
+        ``ring_s`` seconds (the GSM modem; no speech, no digit)."""
         self._journal = journal
         self._caller = caller
         self._s = settings
@@ -84,6 +93,8 @@ class CallDesk:
         self._callbacks = callbacks
         self._acknowledge = acknowledge
         self._decline = decline
+        self._ringer = ringer if ring_s > 0 else None
+        self._ring_s = ring_s
         self._monotonic = monotonic
         self._sleep = sleep
         self._ended: dict[str, asyncio.Event] = {}  # sid -> set when the call ended
@@ -212,7 +223,10 @@ class CallDesk:
             placed = await self._caller.place(row.phone, self._twiml(text))
         except SmsSendError as exc:
             bound.error("call.failed", status=exc.status, code=exc.code, error=str(exc),
-                        permanent=exc.permanent)
+                        permanent=exc.permanent, fallback=bool(self._ringer and
+                                                               not exc.permanent))
+            if self._ringer is not None and not exc.permanent:
+                return await self._ring(row, str(exc), t0, bound)
             return await self._journal.update_call(
                 row.id, CallState.FAILED, error=str(exc)[:500],
                 event=("call.failed", {"to": mask_phone(row.phone), "code": exc.code}))
@@ -227,6 +241,24 @@ class CallDesk:
         self._follow(placed.sid)
         self._t0[placed.sid] = t0
         return row
+
+    async def _ring(self, row: CallRecord, why: str, t0: float,
+                    bound: structlog.typing.FilteringBoundLogger) -> CallRecord:
+        """Twilio could not place the call: ring the number from the GSM modem."""
+        assert self._ringer is not None
+        try:
+            await self._ringer.ring(row.phone, self._ring_s)
+        except SmsSendError as exc:
+            bound.error("call.ring_failed", error=str(exc))
+            return await self._journal.update_call(
+                row.id, CallState.FAILED, error=f"{why}; GSM modem: {exc}"[:500],
+                event=("call.failed", {"to": mask_phone(row.phone), "gsm": str(exc)[:200]}))
+        latency = round((self._monotonic() - t0) * 1000, 1)
+        bound.warning("call.rang_by_modem", ring_s=self._ring_s, latency_ms=latency)
+        return await self._journal.update_call(
+            row.id, CallState.RANG, error=why[:500], latency_ms=latency,
+            event=("call.rang_by_modem", {"to": mask_phone(row.phone),
+                                          "ring_s": self._ring_s}))
 
     async def _lookup(self, row: CallRecord) -> CallRecord | None:
         """A call left ``placing`` by a crash: Twilio's, if it was placed."""

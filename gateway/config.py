@@ -306,6 +306,10 @@ class GsmSection(_Section):
     validity_minutes: int | None = Field(1440, ge=1)
     backoff_initial_s: float = Field(0.5, ge=0, allow_inf_nan=False)
     backoff_max_s: float = Field(5.0, ge=0, allow_inf_nan=False)
+    # With [voice] on: a call Twilio cannot place rings the number this long from the
+    # modem instead (ATD<number>; then ATH): no speech, but the center's number rings.
+    # 0: the modem never rings anyone.
+    ring_s: float = Field(20.0, ge=0, le=120, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _backoff_ordered(self) -> GsmSection:

@@ -216,7 +216,9 @@ class Gateway:
                 journal=journal, caller=caller, settings=m.voice,
                 gather_url=public + VOICE_GATHER_PATH if public else None,
                 callbacks=bool(public), acknowledge=dispatcher.call_accepted,
-                decline=dispatcher.call_declined, monotonic=self.monotonic, sleep=self.sleep)
+                decline=dispatcher.call_declined, ringer=fallback,
+                ring_s=m.gsm.ring_s if m.gsm is not None else 0.0,
+                monotonic=self.monotonic, sleep=self.sleep)
             dispatcher.attach_calls(self.calls)
         self.desk = desk = ResponderDesk(world=world, journal=journal, dispatcher=dispatcher,
                                          notices=notices, clock=self.clock)

@@ -117,7 +117,9 @@ _READ_CHUNK: Final = 4096
 # line end is noise (wrong baud rate) and is cut rather than buffered forever.
 _MAX_LINE: Final = 1024
 _REGISTERED: Final = frozenset({1, 5})
-_FINAL = re.compile(r"(OK|ERROR|\+CMS ERROR:\s*(.*)|\+CME ERROR:\s*(.*))")
+# V.250 final result codes (the call ones answer ATD: no line, busy, no answer).
+_FINAL = re.compile(r"(OK|ERROR|\+CMS ERROR:\s*(.*)|\+CME ERROR:\s*(.*)"
+                    r"|NO CARRIER|BUSY|NO ANSWER|NO DIALTONE)")
 _CMGS = re.compile(r"\+CMGS:\s*(\d+)")
 
 _PERMANENT_RP: Final = frozenset({1, 8, 10, 21, 28, 29, 30, 50, 69, 95, 96, 97, 98, 99})
@@ -595,6 +597,34 @@ class GsmModemSender:
             if first.isdigit() and int(first) != 99:
                 rssi = int(first)
         return ModemStatus(sim_ready=sim_ready, registration=stat, signal_rssi=rssi)
+
+    async def ring(self, to: str, ring_s: float) -> None:
+        """Ring ``to`` for ``ring_s`` seconds (``ATD<to>;``, then ``ATH``): a voice call
+        with no speech, for when Twilio cannot place one. The callee sees the center's
+        number ring; nothing tells whether anyone picked up. Holds the modem (and every
+        SMS waiting for it) for ``ring_s``. Raises :class:`gateway.sms.SmsSendError`
+        (retryable) when the modem refuses or cannot be reached."""
+        if not self._active:
+            raise RuntimeError("GsmModemSender used outside 'async with'")
+        if not re.fullmatch(r"\+?[0-9]{3,20}", to):
+            raise SmsSendError(f"not a number the modem can dial: {mask_phone(to)}",
+                               permanent=True)
+        masked = mask_phone(to)
+        async with self._lock:
+            try:
+                port = await self._ensure_port()
+                await self._command(port, f"ATD{to};")
+                log.info("gsm.ringing", to=masked, ring_s=ring_s)
+                try:
+                    await self._sleep(ring_s)
+                finally:
+                    with contextlib.suppress(GsmModemError):
+                        await self._command(port, "ATH")
+            except GsmModemError as exc:
+                log.warning("gsm.ring_failed", to=masked, error=str(exc), code=exc.code)
+                raise SmsSendError(f"the GSM modem could not ring: {exc}", code=exc.code,
+                                   retryable=True, timed_out=exc.timed_out) from exc
+        log.info("gsm.rang", to=masked, ring_s=ring_s)
 
     def _next_reference(self) -> int:
         reference = self._reference

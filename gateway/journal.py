@@ -318,6 +318,7 @@ class CallState(StrEnum):
     BUSY = "busy"
     NO_ANSWER = "no-answer"
     FAILED = "failed"
+    RANG = "rang"  # Twilio could not place it: the GSM modem rang the number, no speech
     SKIPPED = "skipped"  # a tree whose alarm was taken (or timed out) before this turn
 
     @property

@@ -545,3 +545,26 @@ async def test_simulator_text_mode(terminal: Terminal, modem: SimulatedModem) ->
     await terminal.say(b"plain text\x1a")
     assert await terminal.until(b"OK\r\n") == b"\r\n+CMGS: 0\r\n\r\nOK\r\n"
     assert [(s.to, s.text, s.pdu_hex) for s in modem.received] == [(TO, "plain text", "")]
+
+
+# ----------------------------------------------------------------------------- ringing
+
+
+async def test_ring_dials_the_number_waits_and_hangs_up(modem: SimulatedModem) -> None:
+    slept: list[float] = []
+
+    async def sleep(s: float) -> None:
+        slept.append(s)
+
+    async with GsmModemSender(gsm_settings(modem), sleep=sleep) as sender:
+        await sender.ring("+8613800000001", 20)
+        assert modem.dialled == ["+8613800000001"] and modem.hung_up == 1
+        assert slept == [20]
+        assert modem.commands[-2:] == ["ATD+8613800000001;", "ATH"]
+        modem.set_registration(0)  # no network: the modem answers NO CARRIER
+        with pytest.raises(SmsSendError) as err:
+            await sender.ring("+8613800000002", 20)
+        assert err.value.retryable and "could not ring" in str(err.value)
+        with pytest.raises(SmsSendError) as bad:
+            await sender.ring("+86 138; ATH", 20)
+        assert bad.value.permanent

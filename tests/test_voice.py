@@ -30,6 +30,7 @@ from gateway.voice import (
     digit_twiml,
 )
 from tests.helpers import Pty, eventually, gateway_config, running, secrets_for
+from tests.support.gsm_modem_sim import SimulatedModem
 from tests.support.ports import free_port
 from tests.support.twilio_faults import Fault, FaultyTwilioDouble
 
@@ -344,3 +345,25 @@ async def _placed(gw: Gateway, alarm_id: str) -> list[Any] | None:
     assert gw.journal is not None
     rows = await gw.journal.calls(alarm_id)
     return rows if rows and rows[0].sid else None
+
+
+@pytest.mark.integration
+async def test_when_twilio_cannot_place_a_call_the_gsm_modem_rings_the_number(
+    tmp_path: Path, pty: Pty, twilio: FaultyTwilioDouble
+) -> None:
+    async with SimulatedModem() as modem:
+        gw = voice_gateway(tmp_path, twilio, pty, gsm={
+            "port": modem.port_path, "command_timeout_s": 2, "send_timeout_s": 5,
+            "ring_s": 0.2})
+        async with running(gw):
+            assert gw.journal is not None and gw.registry is not None
+            device = contact_id_device(gw)
+            first = gw.registry.elders[device.elder_id].contacts[0]
+            await twilio.outage(True, refuse=True)  # Twilio unreachable: nothing placed
+            alarm_id = await press(gw, pty, device)
+            [row] = await eventually(lambda: _calls_ended(gw, alarm_id), timeout=30)
+            assert row.state is CallState.RANG and row.phone == first.phone
+            assert modem.dialled == [first.phone] and modem.hung_up == 1
+            assert twilio.calls == []
+            events = [ev for _, ev, _ in await gw.journal.alarm_log(alarm_id)]
+            assert "call.rang_by_modem" in events

@@ -27,6 +27,8 @@ results framed by CR LF):
                     when the PDU is malformed or its length is not ``n``,
                     ``+CMS ERROR: 331`` when not registered
 ``AT+CMGS="<da>"``  text mode: the text up to Ctrl-Z
+``ATD<number>;``    a voice call: ``OK`` while it rings (``dialled``), ``ERROR``
+                    when not registered; ``ATH`` hangs up (``hung_up``)
 anything else       ``ERROR``
 ==================  =======================================================
 
@@ -69,6 +71,7 @@ CTRL_Z: Final = 0x1A
 ESC: Final = 0x1B
 _OUT_LIMIT: Final = 1 << 16
 _CMGS_PDU = re.compile(r"AT\+CMGS=(\d{1,3})")
+_ATD = re.compile(r"ATD(\+?[0-9]{3,20});")
 _CMGS_TEXT = re.compile(r'AT\+CMGS="([^"]*)"(?:,\d+)?', re.IGNORECASE)
 _SETTING = re.compile(r"AT\+(CMGF|CMEE|CREG)=(\d)")
 
@@ -127,6 +130,8 @@ class SimulatedModem:
         self._charset = "GSM"
         self._line = bytearray()
         self._pending: tuple[int | None, str] | None = None  # (length, to) after AT+CMGS
+        self.dialled: list[str] = []  # numbers rung with ATD<number>;
+        self.hung_up = 0  # ATH commands
         self._body = bytearray()
 
     # ------------------------------------------------------------------ lifecycle
@@ -391,6 +396,15 @@ class SimulatedModem:
             self._answer(f"+CREG: {self._creg_n},{self._registration}", "OK")
         elif upper == "AT+CSQ":
             self._answer(f"+CSQ: {self._signal},99", "OK")
+        elif (dial := _ATD.fullmatch(upper)) is not None:
+            if self._registration not in (1, 5):
+                self._answer("NO CARRIER")
+            else:
+                self.dialled.append(dial.group(1))
+                self._answer("OK")
+        elif upper == "ATH":
+            self.hung_up += 1
+            self._answer("OK")
         elif (pdu := _CMGS_PDU.fullmatch(upper)) and self._pdu_mode:
             self._prompt(int(pdu.group(1)), "")
         elif (text := _CMGS_TEXT.fullmatch(line)) and not self._pdu_mode:
