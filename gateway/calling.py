@@ -336,7 +336,8 @@ class CallDesk:
         state = self._state_for(row, update)
         machine = (update.answered_by or "").startswith("machine")
         event = None
-        if state is not row.state and not row.state.final:
+        ringing = update.status == "ringing" and row.status != "ringing"
+        if (state is not row.state or ringing) and not row.state.final:
             name = {CallState.ANSWERED: "call.answered", CallState.MACHINE: "call.machine",
                     CallState.PLACED: "call.ringing"}.get(state, f"call.{state.value}")
             event = (name, {"to": mask_phone(row.phone), "sid": row.sid,
