@@ -318,6 +318,10 @@ class GsmSection(_Section):
         return self
 
 
+Channel = Literal["sms", "voice", "both"]
+RecipientKind = Literal["family", "staff", "supervisor", "clinic", "hospital"]
+
+
 class WaveSection(_Section):
     """One escalation wave: who is told, and when (seconds after the press) if nobody
     has acknowledged by then. :class:`gateway.escalation.Planner` plans from these."""
@@ -328,19 +332,23 @@ class WaveSection(_Section):
     supervisor: bool = False
     clinic: bool = False
     hospital: bool = False
-    # Voice ([voice] enabled): call the first N family contacts as well as texting them;
-    # call the wave's staff one at a time, nearest first, until one presses 1 (a call
-    # tree). Whoever no SMS reaches (a landline) is called instead of texted anyway.
-    call_family: int = Field(0, ge=0, le=10)
-    call_staff: bool = False
+    # How each kind of recipient is told when [voice] is on: "sms" (default), "voice" or
+    # "both". Staff by voice are a call tree (one at a time, nearest first, until one
+    # presses 1); family by voice are the first ``call_family`` contacts. Whoever no SMS
+    # reaches (a landline) is called anyway; with [voice] off everyone is texted.
+    channels: dict[RecipientKind, Channel] = Field(default_factory=dict)
+    call_family: int = Field(1, ge=1, le=10)
+
+    def channel(self, kind: RecipientKind) -> Channel:
+        return self.channels.get(kind, "sms")
 
 
 def _default_waves() -> tuple[WaveSection, ...]:
     # The one definition of the default waves (the planner has no copy of its own).
     return (
-        WaveSection(after_s=0, family=True, staff=2, call_family=1),
-        WaveSection(after_s=120, staff=3, supervisor=True, call_staff=True),
-        WaveSection(after_s=300, hospital=True),
+        WaveSection(after_s=0, family=True, staff=2, channels={"family": "both"}),
+        WaveSection(after_s=120, staff=3, supervisor=True, channels={"staff": "both"}),
+        WaveSection(after_s=300, hospital=True, channels={"hospital": "voice"}),
     )
 
 

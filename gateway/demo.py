@@ -82,7 +82,7 @@ async def run_demo(presses: int = 3, out: Path | None = None, sound: bool = Fals
                 "voice": {"enabled": True},
                 # The demo's waves: texts at once and a call to the first family contact.
                 "escalation": {"waves": [{"after_s": 0, "family": True, "staff": 2,
-                                          "call_family": 1}]},
+                                          "channels": {"family": "both"}}]},
             }, root / "demo.toml")
             gw = Gateway(cfg, Secrets(double.account_sid, double.auth_token, None))
             runner = asyncio.create_task(gw.run(), name="gateway")

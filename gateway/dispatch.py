@@ -169,6 +169,7 @@ class Dispatcher:
     def attach_calls(self, desk: CallDesk) -> None:
         """Voice: waves place their calls through ``desk`` from now on."""
         self._calls = desk
+        self._planner.voice = True
 
     async def call_accepted(self, alarm_id: str, by: str, phone: str) -> bool:
         """A callee pressed 1: they take the alarm, unless someone already did."""

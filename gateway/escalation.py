@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from gateway.config import EscalationSection, GeoSection, WaveSection
+from gateway.config import EscalationSection, GeoSection, RecipientKind, WaveSection
 from gateway.geo import GeoResult, GeoService, Nearby
 from gateway.journal import CallPlan, MessageKind, NotificationPlan, NotificationRecord
 from gateway.model import Elder, FacilityKind, LonLat, Registry, ResponderRole
@@ -81,6 +81,9 @@ class Planner:
         self._composer = composer
         self._map_url_template = map_url_template
         self.responders_k = geo.responders_k
+        #: Calls are placed ([voice] on): kinds a wave tells by "voice" only are not
+        #: texted. Off, everyone is texted whatever the wave's channels say.
+        self.voice = False
 
     @property
     def waves(self) -> tuple[WaveSection, ...]:
@@ -106,51 +109,66 @@ class Planner:
         """The messages of wave ``number`` (1-based) for people not in ``told``, and
         apart the recipients whose phone is in ``situation.no_sms``."""
         wave = self._waves[number - 1]
-        s, c = situation, self._composer
-        plans: list[NotificationPlan] = []
-        if wave.family:
-            plans += [NotificationPlan("family", ct.name, ct.phone,
-                                       c.family(s.facts, ct.language))
-                      for ct in s.elder.contacts]
-        if wave.staff:
-            offset = self._offsets[number - 1]
-            plans += [NotificationPlan("responder", r.name, r.phone,
-                                       c.staff(s.facts, r.distance_m, map_url=s.map_url,
-                                               from_base=r.stale))
-                      for r in s.found.responders[offset: offset + wave.staff]]
-            if not s.found.responders and not wave.supervisor:
-                plans += self._supervisors(s)  # nobody on duty: escalate at once
-        if wave.supervisor:
-            plans += self._supervisors(s)
-        for wanted, kind in ((wave.clinic, FacilityKind.CLINIC),
-                             (wave.hospital, FacilityKind.HOSPITAL)):
-            fac = s.found.facilities.get(kind)
-            if wanted and fac is not None:
-                plans.append(NotificationPlan("facility", fac.name, fac.phone,
-                                              c.facility(s.facts)))
+        plans = [p for kind, p in self._recipients(number, situation)
+                 if not (self.voice and wave.channel(kind) == "voice")]
+        s = situation
         unique = _once_per_phone(plans, told)
         if not s.no_sms:
             return WavePlan(unique, [])
         return WavePlan([p for p in unique if p.phone not in s.no_sms],
                         [p for p in unique if p.phone in s.no_sms])
 
+    def _recipients(self, number: int,
+                    s: Situation) -> list[tuple[RecipientKind, NotificationPlan]]:
+        """Everyone wave ``number`` names, each with their kind, in the wave's order."""
+        wave = self._waves[number - 1]
+        c = self._composer
+        found: list[tuple[RecipientKind, NotificationPlan]] = []
+        if wave.family:
+            found += [("family", NotificationPlan("family", ct.name, ct.phone,
+                                                  c.family(s.facts, ct.language)))
+                      for ct in s.elder.contacts]
+        if wave.staff:
+            offset = self._offsets[number - 1]
+            found += [("staff", NotificationPlan(
+                "responder", r.name, r.phone,
+                c.staff(s.facts, r.distance_m, map_url=s.map_url, from_base=r.stale)))
+                for r in s.found.responders[offset: offset + wave.staff]]
+            if not s.found.responders and not wave.supervisor:
+                # nobody on duty: escalate at once
+                found += [("supervisor", p) for p in self._supervisors(s)]
+        if wave.supervisor:
+            found += [("supervisor", p) for p in self._supervisors(s)]
+        for wanted, kind in ((wave.clinic, FacilityKind.CLINIC),
+                             (wave.hospital, FacilityKind.HOSPITAL)):
+            fac = s.found.facilities.get(kind)
+            if wanted and fac is not None:
+                found.append((kind.value, NotificationPlan(
+                    "facility", fac.name, fac.phone, c.facility(s.facts))))
+        return found
+
     def calls(self, number: int, situation: Situation, skipped: Sequence[NotificationPlan],
               called: Set[str]) -> CallWave:
-        """The calls of wave ``number`` for phones not in ``called``: the first
-        ``call_family`` family contacts, everyone of the wave no SMS reaches
-        (``skipped`` by :meth:`plan`), and with ``call_staff`` the wave's staff as a
-        call tree. Said: the center's announcement (the same template)."""
+        """The calls of wave ``number`` for phones not in ``called``: every kind the
+        wave tells by ``voice`` or ``both`` (family: the first ``call_family``
+        contacts; staff: a call tree, nearest first), and everyone of the wave no SMS
+        reaches (``skipped`` by :meth:`plan`: landlines). Said: the center's
+        announcement (the same template)."""
         wave = self._waves[number - 1]
         s = situation
         text = self._composer.spoken(s.facts)
-        single = [CallPlan("family", ct.name, ct.phone, text)
-                  for ct in s.elder.contacts[:wave.call_family]]
-        single += [CallPlan(p.role, p.name, p.phone, text) for p in skipped]
+        single: list[CallPlan] = []
         tree: list[CallPlan] = []
-        if wave.call_staff and wave.staff:
-            offset = self._offsets[number - 1]
-            tree = [CallPlan("responder", r.name, r.phone, text)
-                    for r in s.found.responders[offset: offset + wave.staff]]
+        families = 0
+        for kind, p in self._recipients(number, s):
+            if wave.channel(kind) == "sms":
+                continue
+            if kind == "staff":
+                tree.append(CallPlan(p.role, p.name, p.phone, text))
+            elif kind != "family" or families < wave.call_family:
+                families += kind == "family"
+                single.append(CallPlan(p.role, p.name, p.phone, text))
+        single += [CallPlan(p.role, p.name, p.phone, text) for p in skipped]
         seen = set(called)
         unique_single = []
         for c in single:

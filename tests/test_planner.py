@@ -251,3 +251,42 @@ def test_silent_waves_asks_for_the_nearest_facility_when_the_kind_is_mixed() -> 
         ("hospital: the nearest, 县人民医院 (H1), has a landline",)]
     assert silent_waves(waves, reg, nearest(near_mobile)) == []
     assert asked == [HOME, HOME]
+
+
+# -- channels (issue 12) ------------------------------------------------------------------
+
+
+def test_the_default_waves_call_the_first_family_contact_a_staff_tree_and_the_hospital() -> None:
+    p = planner()
+    p.voice = True
+    first = p.calls(1, SITUATION, [], set())
+    assert [c.phone for c in first.single] == ["+8613800000001"] and first.tree == []
+    assert all(c.text == COMPOSER.spoken(FACTS) for c in first.single)
+    second = p.calls(2, SITUATION, [], set())
+    assert [c.name for c in second.tree] == ["员3", "员4", "员5"]  # nearest first
+    assert second.single == []
+    third = p.calls(3, SITUATION, [], set())
+    assert [c.phone for c in third.single] == [HOSPITAL.phone]
+    # Voice only: the hospital is called, not texted, while calls are placed ...
+    assert p.plan(3, SITUATION, set()).messages == []
+    # ... and texted when they are not ([voice] off: a wave never goes silent).
+    p.voice = False
+    assert phones(p.plan(3, SITUATION, set()).messages) == [HOSPITAL.phone]
+
+
+def test_channels_per_kind_and_phones_called_before_are_not_called_again() -> None:
+    waves = EscalationSection(waves=(WaveSection(
+        after_s=0, family=True, staff=1, supervisor=True, clinic=True, call_family=2,
+        channels={"family": "voice", "supervisor": "both", "clinic": "sms"}),))
+    p = planner(waves)
+    p.voice = True
+    texted = p.plan(1, SITUATION, set()).messages
+    assert [x.role for x in texted] == ["responder", "supervisor", "facility"]
+    calls = p.calls(1, SITUATION, [], set())
+    assert [c.phone for c in calls.single] == ["+8613800000001", "+8613800000002",
+                                               SUPERVISOR.phone]
+    assert calls.tree == []  # staff by sms only
+    again = p.calls(1, SITUATION, [], {"+8613800000001", SUPERVISOR.phone})
+    assert [c.phone for c in again.single] == ["+8613800000002"]
+    with pytest.raises(ValueError, match="channels"):
+        WaveSection(after_s=0, channels={"family": "fax"})  # type: ignore[dict-item]

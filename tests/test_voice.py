@@ -190,7 +190,7 @@ async def test_a_call_tree_moves_past_busy_and_no_answer_until_one_accepts(
     tmp_path: Path, pty: Pty, twilio: FaultyTwilioDouble
 ) -> None:
     gw = voice_gateway(tmp_path, twilio, pty, escalation={
-        "waves": [{"after_s": 0, "staff": 3, "call_staff": True}]})
+        "waves": [{"after_s": 0, "staff": 3, "channels": {"staff": "both"}}]})
     async with running(gw):
         assert gw.journal is not None and gw.registry is not None and gw.geo is not None
         device = contact_id_device(gw)
@@ -240,7 +240,7 @@ async def test_a_call_tree_stopped_mid_way_resumes_without_calling_anyone_twice(
                              serial=[{"name": "rx", "port": pty.path, "protocol": "surgard"}],
                              voice={"enabled": True},
                              escalation={"waves": [{"after_s": 0, "staff": 3,
-                                                    "call_staff": True}]})
+                                                    "channels": {"staff": "both"}}]})
         return Gateway(cfg, secrets_for(twilio))
 
     gw = gateway()

@@ -59,7 +59,7 @@ enabled = true
 [[escalation.waves]]
 after_s = 0
 staff = 3
-call_staff = true
+channels = {{ staff = "both" }}
 """, encoding="utf-8")
     return path
 
