@@ -31,13 +31,14 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 import structlog
 
 from gateway.config import VoiceSection
 from gateway.escalation import CallWave
 from gateway.journal import CallRecord, CallState, Journal, JournalError
+from gateway.metrics import Metrics
 from gateway.redact import mask_phone
 from gateway.sms import SmsSendError
 from gateway.voice import (
@@ -80,6 +81,7 @@ class CallDesk:
                  gather_url: str | None, callbacks: bool, acknowledge: Acknowledge,
                  decline: Callable[[str], None],
                  ringer: Ringer | None = None, ring_s: float = 0.0,
+                 metrics: Metrics | None = None,
                  monotonic: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
         """``gather_url``: where Twilio posts the digit (None: no accept by digit).
@@ -95,6 +97,7 @@ class CallDesk:
         self._decline = decline
         self._ringer = ringer if ring_s > 0 else None
         self._ring_s = ring_s
+        self._metrics = metrics
         self._monotonic = monotonic
         self._sleep = sleep
         self._ended: dict[str, asyncio.Event] = {}  # sid -> set when the call ended
@@ -198,7 +201,7 @@ class CallDesk:
     async def _skip(self, rows: list[CallRecord], reason: str) -> None:
         for row in rows:
             if not row.state.final and row.state is CallState.PLANNED:
-                await self._journal.update_call(row.id, CallState.SKIPPED, error=reason)
+                await self._update(row.id, CallState.SKIPPED, error=reason)
 
     async def _place(self, row: CallRecord, text: str, t0: float, *,
                      resumed: bool = False) -> CallRecord:
@@ -208,7 +211,7 @@ class CallDesk:
             if found is not None:
                 return found
         if row.state is CallState.PLANNED:
-            row = await self._journal.update_call(row.id, CallState.PLACING)
+            row = await self._update(row.id, CallState.PLACING)
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._in_flight.add(done)
         try:
@@ -227,13 +230,13 @@ class CallDesk:
                                                                not exc.permanent))
             if self._ringer is not None and not exc.permanent:
                 return await self._ring(row, str(exc), t0, bound)
-            return await self._journal.update_call(
+            return await self._update(
                 row.id, CallState.FAILED, error=str(exc)[:500],
                 event=("call.failed", {"to": mask_phone(row.phone), "code": exc.code}))
         latency = round((self._monotonic() - t0) * 1000, 1)
         self.placed += 1
         bound.info("call.placed", sid=placed.sid, latency_ms=latency, attempts=placed.attempts)
-        row = await self._journal.update_call(
+        row = await self._update(
             row.id, CallState.PLACED, sid=placed.sid, status=placed.status,
             attempts=placed.attempts, latency_ms=latency,
             event=("call.placed", {"to": mask_phone(row.phone), "sid": placed.sid,
@@ -250,12 +253,12 @@ class CallDesk:
             await self._ringer.ring(row.phone, self._ring_s)
         except SmsSendError as exc:
             bound.error("call.ring_failed", error=str(exc))
-            return await self._journal.update_call(
+            return await self._update(
                 row.id, CallState.FAILED, error=f"{why}; GSM modem: {exc}"[:500],
                 event=("call.failed", {"to": mask_phone(row.phone), "gsm": str(exc)[:200]}))
         latency = round((self._monotonic() - t0) * 1000, 1)
         bound.warning("call.rang_by_modem", ring_s=self._ring_s, latency_ms=latency)
-        return await self._journal.update_call(
+        return await self._update(
             row.id, CallState.RANG, error=why[:500], latency_ms=latency,
             event=("call.rang_by_modem", {"to": mask_phone(row.phone),
                                           "ring_s": self._ring_s}))
@@ -272,7 +275,7 @@ class CallDesk:
             return None
         sid, status = found[-1]  # the oldest since the row: the one this row placed
         log.warning("call.found_after_restart", sid=sid, to=mask_phone(row.phone))
-        updated = await self._journal.update_call(row.id, CallState.PLACED, sid=sid,
+        updated = await self._update(row.id, CallState.PLACED, sid=sid,
                                                   status=status)
         self._follow(sid)
         return await self._refresh(updated)
@@ -344,7 +347,7 @@ class CallDesk:
                             "status": update.status})
             log.info(name, sid=row.sid, to=mask_phone(row.phone), status=update.status,
                      answered_by=update.answered_by, latency_ms=self._latency(row.sid))
-        updated = await self._journal.update_call(
+        updated = await self._update(
             row.id, state, status=update.status, answered_by=update.answered_by, event=event)
         if updated.state.final or update.final or machine:
             self._end(update.call_sid)
@@ -385,7 +388,7 @@ class CallDesk:
         key = digits.digits[:1]
         if key == "1":
             taken = await self._acknowledge(row.alarm_id, f"call:{row.name}", row.phone)
-            await self._journal.update_call(
+            await self._update(
                 row.id, CallState.ACCEPTED, digits="1",
                 event=("call.accepted", {"to": mask_phone(row.phone), "by": row.name,
                                          "took_it": taken}))
@@ -394,19 +397,28 @@ class CallDesk:
             self._end(digits.call_sid)
             return "accepted" if taken else "taken"
         if key == "2":
-            await self._journal.update_call(
+            await self._update(
                 row.id, CallState.DECLINED, digits="2",
                 event=("call.declined", {"to": mask_phone(row.phone), "by": row.name}))
             bound.info("call.declined", by=row.name)
             self._decline(row.alarm_id)
             self._end(digits.call_sid)
             return "declined"
-        await self._journal.update_call(row.id, CallState.UNANSWERED, digits=key or None,
+        await self._update(row.id, CallState.UNANSWERED, digits=key or None,
                                         event=("call.no_digit", {"to": mask_phone(row.phone),
                                                                  "digits": key}))
         bound.info("call.no_digit", digits=key)
         self._end(digits.call_sid)
         return "unknown" if key else "none"
+
+    async def _update(self, call_id: int, state: CallState, **fields: Any) -> CallRecord:
+        """Journal a call's move; count it in the metrics when it ends here."""
+        before = await self._journal.calls_state(call_id)
+        row = await self._journal.update_call(call_id, state, **fields)
+        if self._metrics is not None and row.state.final and before is not None \
+                and not before.final:
+            self._metrics.calls.labels(row.state.value).inc()
+        return row
 
     def _latency(self, sid: str | None) -> float | None:
         """ms since the press of the alarm the call ``sid`` is for (if placed here)."""

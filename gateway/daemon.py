@@ -218,6 +218,7 @@ class Gateway:
                 callbacks=bool(public), acknowledge=dispatcher.call_accepted,
                 decline=dispatcher.call_declined, ringer=fallback,
                 ring_s=m.gsm.ring_s if m.gsm is not None else 0.0,
+                metrics=self.metrics,
                 monotonic=self.monotonic, sleep=self.sleep)
             dispatcher.attach_calls(self.calls)
         self.desk = desk = ResponderDesk(world=world, journal=journal, dispatcher=dispatcher,

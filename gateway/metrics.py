@@ -50,6 +50,9 @@ class Metrics:
                                 registry=r)
         self.sms_failed = Counter("gateway_sms_failed", "SMS given up", ["role", "reason"],
                                   registry=r)
+        self.calls = Counter("gateway_calls", "Calls by how they ended (accepted, declined, "
+                             "unanswered, busy, no-answer, machine, failed, rang, skipped)",
+                             ["state"], registry=r)
         self.sms_latency = Histogram(
             "gateway_receipt_to_sms_ms", "Receipt to SMS accepted (ms)",
             buckets=_LATENCY_BUCKETS_MS, registry=r)

@@ -29,7 +29,7 @@ from gateway.voice import (
     alarm_twiml,
     digit_twiml,
 )
-from tests.helpers import Pty, eventually, gateway_config, running, secrets_for
+from tests.helpers import Pty, control, eventually, gateway_config, running, secrets_for
 from tests.support.gsm_modem_sim import SimulatedModem
 from tests.support.ports import free_port
 from tests.support.twilio_faults import Fault, FaultyTwilioDouble
@@ -143,6 +143,8 @@ async def test_the_first_family_contact_is_called_presses_1_and_takes_the_alarm(
         events = [ev for _, ev, _ in await gw.journal.alarm_log(alarm_id)]
         assert [e for e in events if e.startswith("call.")] == [
             "call.placed", "call.ringing", "call.answered", "call.accepted"]
+        status, metrics = await control(gw, "GET", "/metrics")
+        assert status == 200 and 'gateway_calls_total{state="accepted"} 1.0' in metrics
         # A forged digit (no valid X-Twilio-Signature) is refused before anything runs.
         async with aiohttp.ClientSession() as http, http.post(
                 f"{gw.webhooks.url}/twilio/voice/gather",
