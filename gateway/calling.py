@@ -227,7 +227,8 @@ class CallDesk:
         except SmsSendError as exc:
             bound.error("call.failed", status=exc.status, code=exc.code, error=str(exc),
                         permanent=exc.permanent, fallback=bool(self._ringer and
-                                                               not exc.permanent))
+                                                               not exc.permanent),
+                        latency_ms=round((self._monotonic() - t0) * 1000, 1))
             if self._ringer is not None and not exc.permanent:
                 return await self._ring(row, str(exc), t0, bound)
             return await self._update(

@@ -5,6 +5,7 @@ texted; a call tree moves on past busy and no answer; a forged digit is 403."""
 
 from __future__ import annotations
 
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
@@ -370,3 +371,36 @@ async def test_when_twilio_cannot_place_a_call_the_gsm_modem_rings_the_number(
             assert twilio.calls == []
             events = [ev for _, ev, _ in await gw.journal.alarm_log(alarm_id)]
             assert "call.rang_by_modem" in events
+
+
+@pytest.mark.integration
+async def test_a_call_tree_stops_at_its_bound_and_skips_whom_it_did_not_reach(
+    tmp_path: Path, pty: Pty, twilio: FaultyTwilioDouble
+) -> None:
+    shift = [0.0]
+
+    def monotonic() -> float:  # the gateway's clock for the tree's bound, moved by the test
+        return time.monotonic() + shift[0]
+
+    port = free_port()
+    cfg = gateway_config(tmp_path, twilio, webhooks={"port": port},
+                         sms={"public_url": f"http://127.0.0.1:{port}"},
+                         alert={"backend": "none"},
+                         serial=[{"name": "rx", "port": pty.path, "protocol": "surgard"}],
+                         voice={"enabled": True, "tree_max_s": 60},
+                         escalation={"waves": [{"after_s": 0, "staff": 3,
+                                                "channels": {"staff": "voice"}}]})
+    gw = Gateway(cfg, secrets_for(twilio), monotonic=monotonic)
+    async with running(gw):
+        assert gw.journal is not None
+        device = contact_id_device(gw)
+        alarm_id = await press(gw, pty, device)
+        [first] = await twilio.wait_for_calls(1)
+        twilio.script_callee(first.to, "no-answer")
+        shift[0] += 61  # the first call rang past the tree's bound
+        await twilio.advance_call(first.sid)
+        rows = await eventually(lambda: _calls_ended(gw, alarm_id))
+        assert [r.state for r in rows] == [CallState.NO_ANSWER, CallState.SKIPPED,
+                                           CallState.SKIPPED]
+        assert len(twilio.calls) == 1
+        assert twilio.messages == []  # staff by voice only: not texted
