@@ -365,7 +365,9 @@ class VoiceSection(_Section):
     enabled: bool = False
     from_number: str | None = Field(None, pattern=r"^\+[1-9][0-9]{6,14}$")
     language: str = Field("cmn-CN", min_length=2)
-    voice: str | None = Field(None, min_length=1)
+    # Twilio's default voice ("man") speaks no Mandarin: an invalid voice/language pair
+    # fails the <Say>. Polly.Zhiyu is Twilio's Amazon Polly voice for cmn-CN.
+    voice: str | None = Field("Polly.Zhiyu", min_length=1)
     ring_timeout_s: int = Field(30, ge=5, le=600)
     machine_detection: bool = True
     gather_timeout_s: int = Field(8, ge=1, le=60)

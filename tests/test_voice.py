@@ -289,6 +289,9 @@ async def test_behind_nat_a_call_still_delivers_the_message_and_is_polled(
         assert call.status_callback is None  # nothing can reach us
         said = ET.fromstring(call.twiml or "")
         assert said.find("Gather") is None  # nobody can accept by digit
+        # The default voice speaks Mandarin (Twilio's own default, "man", does not).
+        assert {(x.get("language"), x.get("voice")) for x in said.iter("Say")} == {
+            ("cmn-CN", "Polly.Zhiyu")}
         assert [s.text for s in said.findall("Say")][1] == [s.text for s in said.findall(
             "Say")][2]  # the announcement, twice
         await twilio.advance_call(call.sid)
