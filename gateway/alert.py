@@ -337,6 +337,37 @@ class _Alert:
     stopped: bool = False
 
 
+_RENDER_PREFIX: Final = "gateway-alert-"
+
+
+def remove_orphaned_render_dirs(parent: Path | None = None) -> list[Path]:
+    """Remove the render folders (``gateway-alert-<pid>-*`` in the temp folder) of
+    gateway processes that no longer run; returns what was removed. Folders of live
+    processes, of other users and of names without a pid are left alone."""
+    root = Path(parent or tempfile.gettempdir())
+    removed: list[Path] = []
+    try:
+        candidates = list(root.glob(f"{_RENDER_PREFIX}*-*"))
+    except OSError:
+        return removed
+    for folder in candidates:
+        pid_text = folder.name[len(_RENDER_PREFIX):].split("-", 1)[0]
+        if not pid_text.isdigit():
+            continue
+        try:
+            if folder.stat().st_uid != os.getuid() or not folder.is_dir():
+                continue
+            os.kill(int(pid_text), 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+        except (PermissionError, OSError):
+            continue  # alive under another user, or unreadable: not ours to judge
+    if removed:
+        log.warning("alert.orphans_removed", folders=len(removed))
+    return removed
+
+
 class AlertPlayer:
     """Plays every active alarm's WAV round robin until each one is acknowledged.
 
@@ -400,7 +431,10 @@ class AlertPlayer:
             except OSError as exc:
                 raise AlertError(f"cannot create output_dir: {exc}", path=self._wav_dir) from exc
         else:
-            self._owned_dir = Path(tempfile.mkdtemp(prefix="gateway-alert-"))
+            # Named by our pid, so a later start can tell a dead gateway's folder (killed,
+            # or stopped before it could clean up) and remove it (issue 13).
+            await asyncio.to_thread(remove_orphaned_render_dirs)
+            self._owned_dir = Path(tempfile.mkdtemp(prefix=f"{_RENDER_PREFIX}{os.getpid()}-"))
             self._wav_dir = self._owned_dir
         self._tg = asyncio.TaskGroup()
         await self._tg.__aenter__()

@@ -13,6 +13,7 @@ import itertools
 import json
 import os
 import shutil
+import subprocess
 import wave
 from collections.abc import Callable, MutableMapping, Sequence
 from pathlib import Path
@@ -28,6 +29,7 @@ from gateway.alert import (
     AlertError,
     AlertPlayer,
     RenderInfo,
+    remove_orphaned_render_dirs,
     render_alert_wav,
 )
 from gateway.config import AlertSection, ConfigError, parse_config
@@ -811,3 +813,18 @@ async def test_auto_probes_pulseaudio_then_alsa(
     [chosen] = events(logs, "alert.backend")
     assert chosen["backend"] == expected
     assert chosen["reason"]
+
+
+def test_render_folders_of_dead_gateways_are_removed_at_start(tmp_path: Path) -> None:
+    """A gateway killed (or stopped past its deadline) leaves its render folder behind;
+    the next start removes it, and only it (issue 13: orphaned temp folders)."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    orphan = tmp_path / f"gateway-alert-{dead.pid}-x1"
+    alive = tmp_path / f"gateway-alert-{os.getpid()}-x2"
+    other = tmp_path / "gateway-alert-notapid"
+    for folder in (orphan, alive, other):
+        folder.mkdir()
+        (folder / "A1.wav").write_bytes(b"RIFF")
+    assert remove_orphaned_render_dirs(tmp_path) == [orphan]
+    assert not orphan.exists() and alive.exists() and other.exists()
