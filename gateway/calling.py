@@ -143,12 +143,13 @@ class CallDesk:
             rows = await self._journal.plan_calls(alarm_id, number, calls.tree, tree=True)
             await self._tree([r for r in rows if r.tree], texts, t0, closed)
 
-    async def resume(self, alarm_id: str, rows: list[CallRecord], texts: dict[str, str], *,
+    async def resume(self, alarm_id: str, rows: list[CallRecord], text: str, *,
                      t0: float, closed: asyncio.Event) -> None:
         """After a restart: calls left ``placing`` are looked up (placed only if Twilio
         has none), calls in progress followed again, and each tree goes on at its first
         call that has not ended. Never raises but CancelledError."""
         structlog.contextvars.bind_contextvars(alarm_id=alarm_id)
+        texts = {row.phone: text for row in rows}  # every call of an alarm says the same
         try:
             for row in rows:
                 if row.tree:
@@ -201,7 +202,7 @@ class CallDesk:
     async def _skip(self, rows: list[CallRecord], reason: str) -> None:
         for row in rows:
             if not row.state.final and row.state is CallState.PLANNED:
-                await self._update(row.id, CallState.SKIPPED, error=reason)
+                await self._update(row, CallState.SKIPPED, error=reason)
 
     async def _place(self, row: CallRecord, text: str, t0: float, *,
                      resumed: bool = False) -> CallRecord:
@@ -211,7 +212,7 @@ class CallDesk:
             if found is not None:
                 return found
         if row.state is CallState.PLANNED:
-            row = await self._update(row.id, CallState.PLACING)
+            row = await self._update(row, CallState.PLACING)
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._in_flight.add(done)
         try:
@@ -232,13 +233,13 @@ class CallDesk:
             if self._ringer is not None and not exc.permanent:
                 return await self._ring(row, str(exc), t0, bound)
             return await self._update(
-                row.id, CallState.FAILED, error=str(exc)[:500],
+                row, CallState.FAILED, error=str(exc)[:500],
                 event=("call.failed", {"to": mask_phone(row.phone), "code": exc.code}))
         latency = round((self._monotonic() - t0) * 1000, 1)
         self.placed += 1
         bound.info("call.placed", sid=placed.sid, latency_ms=latency, attempts=placed.attempts)
         row = await self._update(
-            row.id, CallState.PLACED, sid=placed.sid, status=placed.status,
+            row, CallState.PLACED, sid=placed.sid, status=placed.status,
             attempts=placed.attempts, latency_ms=latency,
             event=("call.placed", {"to": mask_phone(row.phone), "sid": placed.sid,
                                    "role": row.role}))
@@ -255,12 +256,12 @@ class CallDesk:
         except SmsSendError as exc:
             bound.error("call.ring_failed", error=str(exc))
             return await self._update(
-                row.id, CallState.FAILED, error=f"{why}; GSM modem: {exc}"[:500],
+                row, CallState.FAILED, error=f"{why}; GSM modem: {exc}"[:500],
                 event=("call.failed", {"to": mask_phone(row.phone), "gsm": str(exc)[:200]}))
         latency = round((self._monotonic() - t0) * 1000, 1)
         bound.warning("call.rang_by_modem", ring_s=self._ring_s, latency_ms=latency)
         return await self._update(
-            row.id, CallState.RANG, error=why[:500], latency_ms=latency,
+            row, CallState.RANG, error=why[:500], latency_ms=latency,
             event=("call.rang_by_modem", {"to": mask_phone(row.phone),
                                           "ring_s": self._ring_s}))
 
@@ -276,8 +277,7 @@ class CallDesk:
             return None
         sid, status = found[-1]  # the oldest since the row: the one this row placed
         log.warning("call.found_after_restart", sid=sid, to=mask_phone(row.phone))
-        updated = await self._update(row.id, CallState.PLACED, sid=sid,
-                                                  status=status)
+        updated = await self._update(row, CallState.PLACED, sid=sid, status=status)
         self._follow(sid)
         return await self._refresh(updated)
 
@@ -348,8 +348,8 @@ class CallDesk:
                             "status": update.status})
             log.info(name, sid=row.sid, to=mask_phone(row.phone), status=update.status,
                      answered_by=update.answered_by, latency_ms=self._latency(row.sid))
-        updated = await self._update(
-            row.id, state, status=update.status, answered_by=update.answered_by, event=event)
+        updated = await self._update(row, state, status=update.status,
+                                     answered_by=update.answered_by, event=event)
         if updated.state.final or update.final or machine:
             self._end(update.call_sid)
 
@@ -390,7 +390,7 @@ class CallDesk:
         if key == "1":
             taken = await self._acknowledge(row.alarm_id, f"call:{row.name}", row.phone)
             await self._update(
-                row.id, CallState.ACCEPTED, digits="1",
+                row, CallState.ACCEPTED, digits="1",
                 event=("call.accepted", {"to": mask_phone(row.phone), "by": row.name,
                                          "took_it": taken}))
             bound.warning("call.accepted", by=row.name, took_it=taken,
@@ -399,27 +399,25 @@ class CallDesk:
             return "accepted" if taken else "taken"
         if key == "2":
             await self._update(
-                row.id, CallState.DECLINED, digits="2",
+                row, CallState.DECLINED, digits="2",
                 event=("call.declined", {"to": mask_phone(row.phone), "by": row.name}))
             bound.info("call.declined", by=row.name)
             self._decline(row.alarm_id)
             self._end(digits.call_sid)
             return "declined"
-        await self._update(row.id, CallState.UNANSWERED, digits=key or None,
-                                        event=("call.no_digit", {"to": mask_phone(row.phone),
-                                                                 "digits": key}))
+        await self._update(row, CallState.UNANSWERED, digits=key or None,
+                           event=("call.no_digit", {"to": mask_phone(row.phone),
+                                                    "digits": key}))
         bound.info("call.no_digit", digits=key)
         self._end(digits.call_sid)
         return "unknown" if key else "none"
 
-    async def _update(self, call_id: int, state: CallState, **fields: Any) -> CallRecord:
-        """Journal a call's move; count it in the metrics when it ends here."""
-        before = await self._journal.calls_state(call_id)
-        row = await self._journal.update_call(call_id, state, **fields)
-        if self._metrics is not None and row.state.final and before is not None \
-                and not before.final:
-            self._metrics.calls.labels(row.state.value).inc()
-        return row
+    async def _update(self, row: CallRecord, state: CallState, **fields: Any) -> CallRecord:
+        """Journal a move of the call ``row``; count it in the metrics when it ends here."""
+        updated = await self._journal.update_call(row.id, state, **fields)
+        if self._metrics is not None and updated.state.final and not row.state.final:
+            self._metrics.calls.labels(updated.state.value).inc()
+        return updated
 
     def _latency(self, sid: str | None) -> float | None:
         """ms since the press of the alarm the call ``sid`` is for (if placed here)."""

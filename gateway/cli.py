@@ -44,7 +44,6 @@ EXIT_CONFIG = 2
 EXIT_START = 3
 
 
-
 def _config(args: argparse.Namespace) -> Config:
     return load_config(Path(args.config))
 

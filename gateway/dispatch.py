@@ -185,23 +185,25 @@ class Dispatcher:
         if alarm is not None:
             alarm.hurry.set()
 
-    def _place_calls(self, alarm: ActiveAlarm, number: int, calls: CallWave) -> None:
-        desk = self._calls
-        if desk is None or not (calls.single or calls.tree) or self._tg is None:
+    def _call_task(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        """Run a CallDesk coroutine in the TaskGroup; cancelled by :meth:`cancel_all`."""
+        if self._tg is None:
+            coro.close()
             return
-        task = self._tg.create_task(
-            desk.wave(alarm.alarm_id, number, calls, t0=alarm.t0, closed=alarm.closed),
-            name=f"calls-{alarm.alarm_id}-{number}")
+        task = self._tg.create_task(coro, name=name)
         self._call_tasks.add(task)
         task.add_done_callback(self._call_tasks.discard)
 
-    def _drill_calls(self, alarm: ActiveAlarm, calls: CallWave) -> CallWave:
-        drill = alarm.drill
-        if drill is None:
-            return calls
+    def _drill_phones(self, drill: Drill) -> set[str]:
+        """The phones a drill may reach: the numbers it names and its responders'."""
         reg = self._world.registry
-        allowed = {w for w in drill.notify if w.startswith("+")}
-        allowed |= {reg.responders[w].phone for w in drill.notify if w in reg.responders}
+        return {w for w in drill.notify if w.startswith("+")} | {
+            reg.responders[w].phone for w in drill.notify if w in reg.responders}
+
+    def _drill_calls(self, alarm: ActiveAlarm, calls: CallWave) -> CallWave:
+        if alarm.drill is None:
+            return calls
+        allowed = self._drill_phones(alarm.drill)
         return CallWave([c for c in calls.single if c.phone in allowed],
                         [c for c in calls.tree if c.phone in allowed])
 
@@ -299,12 +301,9 @@ class Dispatcher:
             if resume and self._calls is not None else []
         called = {c.phone for c in placed_calls}
         if placed_calls and self._calls is not None and state in ALERTING_STATES:
-            text = self._composer.spoken(situation.facts)
-            task = self._tg.create_task(self._calls.resume(  # type: ignore[union-attr]
-                alarm.alarm_id, placed_calls, {c.phone: text for c in placed_calls},
-                t0=alarm.t0, closed=alarm.closed), name=f"calls-{alarm.alarm_id}-resume")
-            self._call_tasks.add(task)
-            task.add_done_callback(self._call_tasks.discard)
+            self._call_task(self._calls.resume(
+                alarm.alarm_id, placed_calls, self._composer.spoken(situation.facts),
+                t0=alarm.t0, closed=alarm.closed), f"calls-{alarm.alarm_id}-resume")
         unfinished = [r for r in existing if r.state in UNFINISHED_NOTIFICATION_STATES]
         if unfinished:
             # Rows left 'sending' by a crash may have reached Twilio: the backlog asks
@@ -333,7 +332,10 @@ class Dispatcher:
                 calls = self._drill_calls(alarm, self._planner.calls(number, situation,
                                                                      skipped, called))
                 called |= {c.phone for c in (*calls.single, *calls.tree)}
-                self._place_calls(alarm, number, calls)
+                if calls.single or calls.tree:
+                    self._call_task(self._calls.wave(alarm.alarm_id, number, calls,
+                                                     t0=alarm.t0, closed=alarm.closed),
+                                    f"calls-{alarm.alarm_id}-{number}")
             told |= {p.phone for p in skipped}  # logged once per alarm, not every wave
             if alarm.drill is not None:  # the withheld too: each is planned only once
                 told |= {p.phone for p in plans}
@@ -416,9 +418,7 @@ class Dispatcher:
         SMS marked as a drill; the rest of the plan is journaled, never sent."""
         drill = alarm.drill
         assert drill is not None
-        reg = self._world.registry
-        allowed = {who for who in drill.notify if who.startswith("+")}
-        allowed |= {reg.responders[who].phone for who in drill.notify if who in reg.responders}
+        allowed = self._drill_phones(drill)
         sent = [dataclasses.replace(p, body=DRILL_SMS_PREFIX + p.body)
                 for p in plans if p.phone in allowed]
         withheld = [p for p in plans if p.phone not in allowed]

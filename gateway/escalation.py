@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 from gateway.config import EscalationSection, GeoSection, RecipientKind, WaveSection
 from gateway.geo import GeoResult, GeoService, Nearby
@@ -111,12 +111,12 @@ class Planner:
         wave = self._waves[number - 1]
         plans = [p for kind, p in self._recipients(number, situation)
                  if not (self.voice and wave.channel(kind) == "voice")]
-        s = situation
         unique = _once_per_phone(plans, told)
-        if not s.no_sms:
+        no_sms = situation.no_sms
+        if not no_sms:
             return WavePlan(unique, [])
-        return WavePlan([p for p in unique if p.phone not in s.no_sms],
-                        [p for p in unique if p.phone in s.no_sms])
+        return WavePlan([p for p in unique if p.phone not in no_sms],
+                        [p for p in unique if p.phone in no_sms])
 
     def _recipients(self, number: int,
                     s: Situation) -> list[tuple[RecipientKind, NotificationPlan]]:
@@ -168,19 +168,9 @@ class Planner:
             elif kind != "family" or families < wave.call_family:
                 families += kind == "family"
                 single.append(CallPlan(p.role, p.name, p.phone, text))
-        single += [CallPlan(p.role, p.name, p.phone, text) for p in skipped]
-        seen = set(called)
-        unique_single = []
-        for c in single:
-            if c.phone not in seen:
-                seen.add(c.phone)
-                unique_single.append(c)
-        unique_tree = []
-        for c in tree:
-            if c.phone not in seen:
-                seen.add(c.phone)
-                unique_tree.append(c)
-        return CallWave(unique_single, unique_tree)
+        single = _once_per_phone(
+            [*single, *(CallPlan(p.role, p.name, p.phone, text) for p in skipped)], called)
+        return CallWave(single, _once_per_phone(tree, {*called, *(c.phone for c in single)}))
 
     def follow_up(self, kind: MessageKind, facts: AlarmFacts, told: Iterable[NotificationRecord],
                   *, by: str = "", skip: str | None = None) -> list[NotificationPlan]:
@@ -204,9 +194,12 @@ class Planner:
                 for sup in s.supervisors]
 
 
-def _once_per_phone(plans: Sequence[NotificationPlan], told: Set[str]) -> list[NotificationPlan]:
+_Plan = TypeVar("_Plan", NotificationPlan, CallPlan)
+
+
+def _once_per_phone(plans: Sequence[_Plan], told: Set[str]) -> list[_Plan]:
     seen = set(told)
-    unique: list[NotificationPlan] = []
+    unique: list[_Plan] = []
     for p in plans:  # the first role wins
         if p.phone not in seen:
             seen.add(p.phone)

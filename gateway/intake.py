@@ -19,6 +19,7 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 
@@ -26,7 +27,7 @@ from devices.events import DeviceEvent, DeviceProtocolError, Drill, EventKind, Q
 from devices.links import CommitFailed
 from devices.responder_app import ResponderCommand
 from gateway.dispatch import ActiveAlarm, Dispatcher
-from gateway.journal import Journal, JournalError, new_alarm_id
+from gateway.journal import AlarmRecord, Journal, JournalError, new_alarm_id
 from gateway.lifecycle import IllegalTransition
 from gateway.metrics import Metrics
 from gateway.model import Device, Registry
@@ -125,14 +126,8 @@ class Intake:
             await self._journal.record_device_message(
                 source=source, address=str(event.address), raw=event.raw, received_at=now,
                 device_id=device.device_id, kind="cancel", code=event.code)
-            open_alarm = await self._journal.open_alarm_for_device(device.device_id)
-            if open_alarm is None:
-                bound.info("device.cancel_without_alarm", code=event.code)
-                return
-            try:
-                await self._dispatcher.cancel(open_alarm.alarm_id, by=f"device:{device.device_id}")
-            except IllegalTransition as exc:
-                bound.info("device.cancel_ignored", alarm_id=open_alarm.alarm_id, reason=str(exc))
+            await self._cancel(await self._journal.open_alarm_for_device(device.device_id),
+                               f"device:{device.device_id}", bound, "device", code=event.code)
             return
         online = {EventKind.ONLINE: True, EventKind.OFFLINE: False}.get(event.kind)
         await self._journal.record_device_message(
@@ -163,14 +158,8 @@ class Intake:
                                                      f"{drill.device_id!r}")
             return
         if event.kind is EventKind.CANCEL:
-            record = await self._journal.alarm_for_drill(drill.drill_id)
-            if record is None:
-                bound.info("drill.cancel_without_alarm")
-                return
-            try:
-                await self._dispatcher.cancel(record.alarm_id, by=f"drill:{drill.by}")
-            except IllegalTransition as exc:
-                bound.info("drill.cancel_ignored", alarm_id=record.alarm_id, reason=str(exc))
+            await self._cancel(await self._journal.alarm_for_drill(drill.drill_id),
+                               f"drill:{drill.by}", bound, "drill")
             return
         bound.info("drill.received", notify=len(drill.notify), dry_run=drill.dry_run)
         outcome = await self._journal.record_press(
@@ -188,6 +177,17 @@ class Intake:
             alarm_id=outcome.alarm_id, device_id=device.device_id,
             elder=reg.elders.get(device.elder_id), address_text=_shown_address(event),
             received_at=now, t0=t0, drill=drill))
+
+    async def _cancel(self, alarm: AlarmRecord | None, by: str, bound: Any, what: str,
+                      **fields: Any) -> None:
+        """Cancel ``alarm`` (the device's open one, or a drill's); logged as ``what``."""
+        if alarm is None:
+            bound.info(f"{what}.cancel_without_alarm", **fields)
+            return
+        try:
+            await self._dispatcher.cancel(alarm.alarm_id, by=by)
+        except IllegalTransition as exc:
+            bound.info(f"{what}.cancel_ignored", alarm_id=alarm.alarm_id, reason=str(exc))
 
     async def _press(self, event: DeviceEvent, source: str, device_id: str, elder_id: str,
                      shown: str, now: float, t0: float, reg: Registry) -> None:

@@ -1535,13 +1535,6 @@ class Journal:
 
         return await self._run(op)
 
-    async def calls_state(self, call_id: int) -> CallState | None:
-        def op(conn: sqlite3.Connection) -> CallState | None:
-            row = conn.execute("SELECT state FROM calls WHERE id = ?", (call_id,)).fetchone()
-            return None if row is None else CallState(row[0])
-
-        return await self._read(op)
-
     async def call_by_sid(self, sid: str) -> CallRecord | None:
         def op(conn: sqlite3.Connection) -> CallRecord | None:
             row = conn.execute(f"SELECT {_CALL_COLS} FROM calls WHERE sid = ?",

@@ -179,16 +179,6 @@ class TwilioWebhooks:
         """The URL to give Twilio as ``StatusCallback`` of outgoing messages."""
         return self._public_url + STATUS_PATH
 
-    @property
-    def voice_gather_url(self) -> str:
-        """The ``<Gather action>`` of our calls."""
-        return self._public_url + VOICE_GATHER_PATH
-
-    @property
-    def voice_status_url(self) -> str:
-        """The ``StatusCallback`` of our calls."""
-        return self._public_url + VOICE_STATUS_PATH
-
     def routes(self) -> list[web.RouteDef]:
         """The POST routes, for :class:`WebhookServer` (or a test's application): SMS
         always, the voice routes when their handlers are given."""
