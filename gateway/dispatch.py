@@ -55,6 +55,7 @@ from gateway.escalation import CallWave, Planner, Situation, supervisors_near
 from gateway.geo import GeoResult
 from gateway.journal import (
     AlarmRecord,
+    CallPlan,
     Journal,
     JournalError,
     MessageKind,
@@ -201,11 +202,16 @@ class Dispatcher:
             reg.responders[w].phone for w in drill.notify if w in reg.responders}
 
     def _drill_calls(self, alarm: ActiveAlarm, calls: CallWave) -> CallWave:
+        """A drill calls only whom it names, and says it is a drill."""
         if alarm.drill is None:
             return calls
         allowed = self._drill_phones(alarm.drill)
-        return CallWave([c for c in calls.single if c.phone in allowed],
-                        [c for c in calls.tree if c.phone in allowed])
+
+        def drill(plans: list[CallPlan]) -> list[CallPlan]:
+            return [dataclasses.replace(c, text=DRILL_SPOKEN_PREFIX + c.text)
+                    for c in plans if c.phone in allowed]
+
+        return CallWave(drill(calls.single), drill(calls.tree))
 
     @property
     def notifier(self) -> Notifier:
@@ -301,8 +307,10 @@ class Dispatcher:
             if resume and self._calls is not None else []
         called = {c.phone for c in placed_calls}
         if placed_calls and self._calls is not None and state in ALERTING_STATES:
+            spoken = self._composer.spoken(situation.facts)
             self._call_task(self._calls.resume(
-                alarm.alarm_id, placed_calls, self._composer.spoken(situation.facts),
+                alarm.alarm_id, placed_calls,
+                DRILL_SPOKEN_PREFIX + spoken if alarm.drill is not None else spoken,
                 t0=alarm.t0, closed=alarm.closed), f"calls-{alarm.alarm_id}-resume")
         unfinished = [r for r in existing if r.state in UNFINISHED_NOTIFICATION_STATES]
         if unfinished:

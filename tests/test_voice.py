@@ -13,6 +13,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from devices.drills import DrillDecoder, encode_drill
 from devices.events import Qualifier
 from devices.surgard import ACK, encode_mlr2
 from gateway.daemon import Gateway
@@ -30,6 +31,7 @@ from gateway.voice import (
     alarm_twiml,
     digit_twiml,
 )
+from gateway.wording import DRILL_SPOKEN_PREFIX
 from tests.helpers import Pty, control, eventually, gateway_config, running, secrets_for
 from tests.support.gsm_modem_sim import SimulatedModem
 from tests.support.ports import free_port
@@ -407,3 +409,27 @@ async def test_a_call_tree_stops_at_its_bound_and_skips_whom_it_did_not_reach(
                                            CallState.SKIPPED]
         assert len(twilio.calls) == 1
         assert twilio.messages == []  # staff by voice only: not texted
+
+
+@pytest.mark.integration
+async def test_a_drill_calls_only_whom_it_names_and_says_it_is_a_drill(
+    tmp_path: Path, pty: Pty, twilio: FaultyTwilioDouble
+) -> None:
+    gw = voice_gateway(tmp_path, twilio, pty)
+    async with running(gw):
+        assert gw.intake is not None and gw.registry is not None and gw.journal is not None
+        device = contact_id_device(gw)
+        first = gw.registry.elders[device.elder_id].contacts[0]  # wave 1 calls them
+        # The drill decoder's event, through the gateway's own intake (as the MQTT link
+        # hands it over): the drill names the first family contact only.
+        [event] = DrillDecoder().decode(
+            f"alarm/drills/{device.device_id}/event",
+            encode_drill("d-voice", by="li", notify=[first.phone]))
+        await gw.intake.handle(event, "mqtt")
+        [call] = await twilio.wait_for_calls(1)
+        assert call.to == first.phone
+        said = [s.text or "" for s in ET.fromstring(call.twiml or "").iter("Say")]
+        assert said[1].startswith(DRILL_SPOKEN_PREFIX)  # the announcement, as a drill
+        assert said[1] == said[2]
+        await gw.dispatcher.wait_idle(timeout=15)  # type: ignore[union-attr]
+        assert [m.to for m in twilio.messages] == [first.phone]  # nobody else told
