@@ -42,9 +42,11 @@ from devices.events import (
     protocol_boundary,
 )
 
-__all__ = ["DRILL_SCHEMA_VERSION", "MAX_DRILL_PAYLOAD", "MAX_NOTIFY", "DrillDecoder",
-           "encode_drill"]
+__all__ = ["DRILL_BASE", "DRILL_SCHEMA_VERSION", "MAX_DRILL_PAYLOAD", "MAX_NOTIFY",
+           "DrillDecoder", "encode_drill"]
 
+DRILL_BASE: Final = "alarm/drills"
+"""The drill topics' base (the shipped ACL grants the drill login exactly these)."""
 DRILL_SCHEMA_VERSION: Final = 1
 MAX_DRILL_PAYLOAD: Final = 2048
 MAX_NOTIFY: Final = 10
@@ -71,7 +73,7 @@ def _text(doc: dict[str, object], name: str, raw: bytes, *, pattern: re.Pattern[
 class DrillDecoder:
     """Decodes drill presses on ``<base>/<device id>/event``. Stateless and pure."""
 
-    def __init__(self, base: str = "alarm/drills") -> None:
+    def __init__(self, base: str = DRILL_BASE) -> None:
         if not base or base.startswith("/") or base.endswith("/") or set(base) & set("+#"):
             raise ValueError(f"drill base must be a topic without wildcards or edge "
                              f"slashes: {base!r}")
@@ -146,7 +148,7 @@ def encode_drill(drill_id: str, *, event: str = "sos", by: str,
                                "by": by, "notify": list(notify)}
     raw = orjson.dumps(body)
     try:
-        DrillDecoder().decode("alarm/drills/X/event", raw)
+        DrillDecoder().decode(f"{DRILL_BASE}/X/event", raw)
     except DeviceProtocolError as exc:
         raise ValueError(exc.reason) from None
     return raw

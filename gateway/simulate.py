@@ -37,7 +37,7 @@ from serial_asyncio_fast import open_serial_connection
 
 from devices.callerid import encode_callerid_block
 from devices.contact_id import DEFAULT_EVENT_KINDS
-from devices.drills import DRILL_SCHEMA_VERSION, encode_drill
+from devices.drills import DRILL_BASE, DRILL_SCHEMA_VERSION, encode_drill
 from devices.events import AddressScheme, Qualifier
 from devices.mqtt_payloads import encode_own_event
 from devices.surgard import ACK, NAK, encode_mlr2
@@ -70,7 +70,6 @@ def surgard_frame(device: Device, kind: str) -> bytes:
     return encode_mlr2("01", "1", device.address, Qualifier.NEW, code, "01", "001")
 
 
-DRILL_BASE = "alarm/drills"
 DRILL_LOGIN = "drill"
 DRILL_PASSWORD_SECRET = "drill_password"  # noqa: S105 - a credential name
 

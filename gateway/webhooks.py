@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable
-from typing import Final
+from collections.abc import Awaitable, Callable
+from typing import Any, Final, TypeVar
 from urllib.parse import parse_qsl, urlsplit
 from xml.sax.saxutils import escape
 
@@ -63,6 +63,7 @@ __all__ = [
 ]
 
 log = structlog.get_logger(__name__)
+T = TypeVar("T")
 
 #: Route of Twilio's "a message comes in" webhook, below the public URL.
 INBOUND_PATH: Final = "/twilio/inbound"
@@ -287,11 +288,7 @@ class TwilioWebhooks:
         log.info("webhook.inbound", sid=sid, sender=mask_phone(sender),
                  alarm_ref=reply.alarm_ref, intent=reply.intent, chars=len(reply.body))
         ref = reply.alarm_ref
-        try:
-            answer = await self._on_reply(reply)
-        except Exception:
-            log.exception("webhook.reply_handler_failed", sid=sid, alarm_ref=ref)
-            raise web.HTTPInternalServerError(text="reply handler failed") from None
+        answer = await _handled("reply", self._on_reply(reply), sid=sid, alarm_ref=ref)
         return _twiml(answer)
 
     async def _status(self, request: web.Request) -> web.Response:
@@ -309,11 +306,7 @@ class TwilioWebhooks:
             error_code=update.error_code,
             to=mask_phone(to) if to else None,
         )
-        try:
-            await self._on_status(update)
-        except Exception:
-            log.exception("webhook.status_handler_failed", sid=sid, status=status)
-            raise web.HTTPInternalServerError(text="status handler failed") from None
+        await _handled("status", self._on_status(update), sid=sid, status=status)
         return web.Response(status=204)
 
 
@@ -326,11 +319,7 @@ class TwilioWebhooks:
         digits = CallDigits(sid, form.get("Digits", "").strip(), to,
                             form.get("AnsweredBy") or None)
         log.info("webhook.call_digits", sid=sid, to=mask_phone(to), digits=digits.digits)
-        try:
-            answer = await self._on_digit(digits)
-        except Exception:
-            log.exception("webhook.digit_handler_failed", sid=sid)
-            raise web.HTTPInternalServerError(text="digit handler failed") from None
+        answer = await _handled("digit", self._on_digit(digits), sid=sid)
         language, voice = self._voice
         return web.Response(text=digit_twiml(answer, language=language, voice=voice),
                             content_type="application/xml")
@@ -349,11 +338,7 @@ class TwilioWebhooks:
         log.info("webhook.call_status", sid=sid, status=status,
                  to=mask_phone(update.to) if update.to else None,
                  answered_by=update.answered_by)
-        try:
-            await self._on_call_status(update)
-        except Exception:
-            log.exception("webhook.call_status_handler_failed", sid=sid, status=status)
-            raise web.HTTPInternalServerError(text="call status handler failed") from None
+        await _handled("call_status", self._on_call_status(update), sid=sid, status=status)
         return web.Response(status=204)
 
 
@@ -407,6 +392,17 @@ class WebhookListenError(Exception):
         super().__init__(f"webhooks at {host}:{port}: cannot listen: {error.strerror or error}")
         self.host = host
         self.port = port
+
+
+async def _handled(what: str, call: Awaitable[T], **context: Any) -> T:
+    """Await a webhook's handler; any exception is logged as ``webhook.<what>_handler_failed``
+    and answered 500, which Twilio records as a failed webhook (error 11200)."""
+    try:
+        return await call
+    except Exception:
+        log.exception(f"webhook.{what}_handler_failed", **context)
+        raise web.HTTPInternalServerError(
+            text=f"{what.replace('_', ' ')} handler failed") from None
 
 
 def _twiml(message: str | None) -> web.Response:

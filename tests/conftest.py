@@ -9,13 +9,35 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import Mosquitto, Pty, open_pty
+from tests.helpers import SAMPLE, Mosquitto, Pty, open_pty
+from tests.support.stock_broker import Roles, StockBroker, provision_roles
 from tests.support.twilio_faults import FaultyTwilioDouble
 
 
 @pytest.fixture
 def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
     broker = Mosquitto(tmp_path / "mosquitto")
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+@pytest.fixture(scope="module")
+def roles(tmp_path_factory: pytest.TempPathFactory) -> Roles:
+    """The broker's ACL and password file for the sample registry, made once per module
+    by the shipped commands (``gateway broker-acl`` / ``broker-users``)."""
+    return provision_roles(tmp_path_factory.mktemp("roles"), SAMPLE)
+
+
+@pytest.fixture
+def broker(tmp_path: Path, roles: Roles) -> Iterator[StockBroker]:
+    """Mosquitto as on a Debian server: the stock main file, the shipped drop-in, and
+    ``roles`` installed where the drop-in names them."""
+    broker = StockBroker(tmp_path / "mosquitto")
+    roles.install(broker.workdir)
+    broker.lay_out()
     broker.start()
     try:
         yield broker
@@ -40,7 +62,7 @@ async def twilio() -> AsyncIterator[FaultyTwilioDouble]:
 
 # Fixtures that start a broker, open ptys or run the Twilio double: a test that uses one
 # (directly or through another fixture) is an integration test and must say so.
-INTEGRATION_FIXTURES = frozenset({"mosquitto", "pty", "twilio"})
+INTEGRATION_FIXTURES = frozenset({"mosquitto", "broker", "pty", "twilio"})
 
 
 def unmarked_integration_tests(items: list[pytest.Item]) -> list[str]:
@@ -60,7 +82,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     unmarked = unmarked_integration_tests(items)
     if unmarked:
         raise pytest.UsageError(
-            "tests using the mosquitto, pty or twilio fixtures must be marked "
+            "tests using the mosquitto, broker, pty or twilio fixtures must be marked "
             "@pytest.mark.integration:\n  " + "\n  ".join(unmarked)
         )
 

@@ -17,7 +17,6 @@ import shutil
 import sqlite3
 import stat
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -110,24 +109,6 @@ BARRIER = b"barrier"
 
 def may(rules: list[str], topic: str) -> bool:
     return any(topic_matches_sub(rule, topic) for rule in rules)
-
-
-@pytest.fixture(scope="module")
-def roles(tmp_path_factory: pytest.TempPathFactory) -> Roles:
-    """The ACL and password file of the sample registry, made once by the CLI."""
-    return provision_roles(tmp_path_factory.mktemp("roles"), SAMPLE)
-
-
-@pytest.fixture
-def broker(tmp_path: Path, roles: Roles) -> Iterator[StockBroker]:
-    broker = StockBroker(tmp_path / "mosquitto")
-    roles.install(broker.workdir)
-    broker.lay_out()
-    broker.start()
-    try:
-        yield broker
-    finally:
-        broker.stop()
 
 
 # -- the commands -------------------------------------------------------------------

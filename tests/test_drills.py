@@ -8,7 +8,6 @@ import asyncio
 import json
 import sqlite3
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,7 @@ from gateway.registry import load_registry
 from gateway.sandbox.twilio_double import TwilioDouble
 from gateway.wording import DRILL_SMS_PREFIX
 from tests.helpers import SAMPLE, control, eventually, gateway_config, running
-from tests.support.stock_broker import Roles, StockBroker, provision_roles
+from tests.support.stock_broker import Roles, StockBroker
 
 REGISTRY = load_registry(SAMPLE)
 # A Contact ID device: a drill tests the gateway from intake on, whatever the device's make.
@@ -122,23 +121,6 @@ async def test_a_journal_from_before_drills_gets_the_column(tmp_path: Path) -> N
 
 
 # -- on the shipped broker roles, through the CLI ----------------------------------------
-
-
-@pytest.fixture(scope="module")
-def roles(tmp_path_factory: pytest.TempPathFactory) -> Roles:
-    return provision_roles(tmp_path_factory.mktemp("roles"), SAMPLE)
-
-
-@pytest.fixture
-def broker(tmp_path: Path, roles: Roles) -> Iterator[StockBroker]:
-    broker = StockBroker(tmp_path / "mosquitto")
-    roles.install(broker.workdir)
-    broker.lay_out()
-    broker.start()
-    try:
-        yield broker
-    finally:
-        broker.stop()
 
 
 def _gateway(tmp_path: Path, twilio: TwilioDouble, broker: StockBroker, roles: Roles,

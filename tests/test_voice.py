@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -79,15 +80,19 @@ def test_what_the_callee_hears_after_the_digit() -> None:
 
 
 
-def voice_gateway(tmp_path: Path, twilio: FaultyTwilioDouble, pty: Pty,
+def voice_gateway(tmp_path: Path, twilio: FaultyTwilioDouble, pty: Pty, *,
+                  port: int | None = None, voice: dict[str, Any] | None = None,
+                  monotonic: Callable[[], float] = time.monotonic,
                   **sections: Any) -> Gateway:
-    port = free_port()
+    """A gateway with calls on, its webhook listener on ``port`` (default: a free one)
+    as its public URL, and a serial receiver on ``pty``."""
+    port = port or free_port()
     cfg = gateway_config(tmp_path, twilio, webhooks={"port": port},
                          sms={"public_url": f"http://127.0.0.1:{port}"},
                          alert={"backend": "none"},
                          serial=[{"name": "rx", "port": pty.path, "protocol": "surgard"}],
-                         voice={"enabled": True, "voice": "Polly.Zhiyu"}, **sections)
-    return Gateway(cfg, secrets_for(twilio))
+                         voice={"enabled": True, **(voice or {})}, **sections)
+    return Gateway(cfg, secrets_for(twilio), monotonic=monotonic)
 
 
 def contact_id_device(gw: Gateway, index: int = 0) -> Device:
@@ -236,17 +241,11 @@ def test_the_gateway_sends_only_documented_call_parameters() -> None:
 async def test_a_call_tree_stopped_mid_way_resumes_without_calling_anyone_twice(
     tmp_path: Path, pty: Pty, twilio: FaultyTwilioDouble
 ) -> None:
-    port = free_port()
+    port = free_port()  # the same after the restart: Twilio's callbacks go there
 
     def gateway() -> Gateway:
-        cfg = gateway_config(tmp_path, twilio, webhooks={"port": port},
-                             sms={"public_url": f"http://127.0.0.1:{port}"},
-                             alert={"backend": "none"},
-                             serial=[{"name": "rx", "port": pty.path, "protocol": "surgard"}],
-                             voice={"enabled": True},
-                             escalation={"waves": [{"after_s": 0, "staff": 3,
-                                                    "channels": {"staff": "both"}}]})
-        return Gateway(cfg, secrets_for(twilio))
+        return voice_gateway(tmp_path, twilio, pty, port=port, escalation={
+            "waves": [{"after_s": 0, "staff": 3, "channels": {"staff": "both"}}]})
 
     gw = gateway()
     async with running(gw):
@@ -387,15 +386,9 @@ async def test_a_call_tree_stops_at_its_bound_and_skips_whom_it_did_not_reach(
     def monotonic() -> float:  # the gateway's clock for the tree's bound, moved by the test
         return time.monotonic() + shift[0]
 
-    port = free_port()
-    cfg = gateway_config(tmp_path, twilio, webhooks={"port": port},
-                         sms={"public_url": f"http://127.0.0.1:{port}"},
-                         alert={"backend": "none"},
-                         serial=[{"name": "rx", "port": pty.path, "protocol": "surgard"}],
-                         voice={"enabled": True, "tree_max_s": 60},
-                         escalation={"waves": [{"after_s": 0, "staff": 3,
-                                                "channels": {"staff": "voice"}}]})
-    gw = Gateway(cfg, secrets_for(twilio), monotonic=monotonic)
+    gw = voice_gateway(tmp_path, twilio, pty, voice={"tree_max_s": 60}, monotonic=monotonic,
+                       escalation={"waves": [{"after_s": 0, "staff": 3,
+                                              "channels": {"staff": "voice"}}]})
     async with running(gw):
         assert gw.journal is not None
         device = contact_id_device(gw)
