@@ -5,12 +5,15 @@ Helpers that are not fixtures live in ``tests/helpers.py``."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from tests.helpers import SAMPLE, Mosquitto, Pty, open_pty
 from tests.support.stock_broker import Roles, StockBroker, provision_roles
+from tests.support.twilio_api import FakeClock
 from tests.support.twilio_faults import FaultyTwilioDouble
 
 
@@ -46,6 +49,25 @@ def broker(tmp_path: Path, roles: Roles) -> Iterator[StockBroker]:
 
 
 @pytest.fixture
+def clock() -> FakeClock:
+    """A wall clock at 2025-03-01 08:00 UTC that moves only when told (the double's)."""
+    return FakeClock(datetime(2025, 3, 1, 8, 0, 0, tzinfo=UTC))
+
+
+@pytest.fixture
+async def double(clock: FakeClock) -> AsyncIterator[FaultyTwilioDouble]:
+    # No automatic progression: tests move statuses with advance() / advance_call().
+    async with FaultyTwilioDouble(clock=clock, sent_delay=None, delivered_delay=None) as d:
+        yield d
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+@pytest.fixture
 def pty() -> Iterator[Pty]:
     p = open_pty()
     try:
@@ -62,7 +84,7 @@ async def twilio() -> AsyncIterator[FaultyTwilioDouble]:
 
 # Fixtures that start a broker, open ptys or run the Twilio double: a test that uses one
 # (directly or through another fixture) is an integration test and must say so.
-INTEGRATION_FIXTURES = frozenset({"mosquitto", "broker", "pty", "twilio"})
+INTEGRATION_FIXTURES = frozenset({"mosquitto", "broker", "pty", "twilio", "double"})
 
 
 def unmarked_integration_tests(items: list[pytest.Item]) -> list[str]:
@@ -82,7 +104,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     unmarked = unmarked_integration_tests(items)
     if unmarked:
         raise pytest.UsageError(
-            "tests using the mosquitto, broker, pty or twilio fixtures must be marked "
+            "tests using the mosquitto, broker, pty, twilio or double fixtures must be marked "
             "@pytest.mark.integration:\n  " + "\n  ".join(unmarked)
         )
 

@@ -15,10 +15,9 @@ webhook, and the reported times come from a fake wall clock.
 from __future__ import annotations
 
 import asyncio
-import base64
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from email.utils import parsedate_to_datetime
 from typing import Any
 
@@ -33,6 +32,7 @@ from gateway.config import SmsSection
 from gateway.sandbox.twilio_calls import CALL_CREATE_PARAMETERS, CallsMixin, PlacedCall
 from gateway.sandbox.twilio_double import TwilioDouble
 from gateway.sms import TwilioAccount, TwilioSender
+from tests.support.twilio_api import FakeClock, basic
 from tests.support.twilio_faults import Fault, FaultyTwilioDouble
 
 pytestmark = pytest.mark.integration
@@ -48,45 +48,6 @@ CALL_PARAMS = {"AccountSid", "ApiVersion", "CallSid", "CallStatus", "Direction",
 #: What a status callback adds.
 PROGRESS_PARAMS = CALL_PARAMS | {"CallbackSource", "SequenceNumber", "Timestamp"}
 ALL_EVENTS = ["initiated", "ringing", "answered", "completed"]
-
-
-class FakeClock:
-    """Wall clock for the reported times that only moves when told."""
-
-    def __init__(self, start: datetime) -> None:
-        self.now = start.timestamp()
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-    @property
-    def moment(self) -> datetime:
-        return datetime.fromtimestamp(self.now, UTC)
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock(datetime(2025, 3, 1, 8, 0, 0, tzinfo=UTC))
-
-
-@pytest.fixture
-async def double(clock: FakeClock) -> AsyncIterator[FaultyTwilioDouble]:
-    async with FaultyTwilioDouble(clock=clock, sent_delay=None, delivered_delay=None) as d:
-        yield d
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
-def basic(user: str, password: str) -> dict[str, str]:
-    token = base64.b64encode(f"{user}:{password}".encode()).decode()
-    return {"Authorization": f"Basic {token}"}
 
 
 def calls_url(d: TwilioDouble, account: str | None = None) -> str:

@@ -8,7 +8,6 @@ codes, headers and JSON bodies Twilio would answer.
 from __future__ import annotations
 
 import asyncio
-import base64
 import os
 import re
 import signal
@@ -28,6 +27,7 @@ from twilio.request_validator import RequestValidator
 from gateway.config import SmsSection
 from gateway.sandbox.twilio_double import DEFAULT_ACCOUNT_SID, TwilioDouble
 from gateway.sms import TwilioAccount, TwilioSender
+from tests.support.twilio_api import FakeClock, basic
 from tests.support.twilio_faults import Fault, FaultyTwilioDouble
 
 pytestmark = pytest.mark.integration
@@ -36,42 +36,6 @@ SENDER = "+15005550006"
 ELDER_SON = "+8613800000001"
 GRID_LEADER = "+8613900000002"
 REPO = Path(__file__).resolve().parents[1]
-
-
-class FakeClock:
-    """Wall clock for ``date_created``/``date_sent`` that only moves when told."""
-
-    def __init__(self, start: datetime) -> None:
-        self.now = start.timestamp()
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock(datetime(2025, 3, 1, 8, 0, 0, tzinfo=UTC))
-
-
-@pytest.fixture
-async def double(clock: FakeClock) -> AsyncIterator[FaultyTwilioDouble]:
-    # No automatic progression: tests move statuses with advance().
-    async with FaultyTwilioDouble(clock=clock, sent_delay=None, delivered_delay=None) as d:
-        yield d
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
-def basic(user: str, password: str) -> dict[str, str]:
-    token = base64.b64encode(f"{user}:{password}".encode()).decode()
-    return {"Authorization": f"Basic {token}"}
 
 
 def messages_url(d: TwilioDouble, account: str | None = None) -> str:

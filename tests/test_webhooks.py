@@ -701,6 +701,7 @@ async def sender(double: TwilioDouble) -> AsyncIterator[TwilioSender]:
         yield s
 
 
+@pytest.mark.integration  # runs the Twilio double's HTTP server
 async def test_double_inbound_webhook_end_to_end(
     double: TwilioDouble, sender: TwilioSender, make_server: ServerFactory
 ) -> None:
@@ -723,6 +724,7 @@ async def test_double_inbound_webhook_end_to_end(
     assert confirmation.body == "已确认，谢谢。K7QM-3XRD 由您负责"
 
 
+@pytest.mark.integration  # runs the Twilio double's HTTP server
 async def test_double_status_callbacks_end_to_end(
     double: TwilioDouble, sender: TwilioSender, make_server: ServerFactory
 ) -> None:
