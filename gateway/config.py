@@ -92,6 +92,10 @@ class RegistrySection(_Section):
     # How often to look for changed registry files (reloaded once they stop changing);
     # 0 turns the watch off (SIGHUP and POST /reload still reload).
     watch_interval_s: float = Field(5.0, ge=0, allow_inf_nan=False)
+    # GeoJSON outline of the district, communities and grid cells for the console's
+    # offline map (gateway.mapdata); relative paths are inside `directory`; none: the
+    # map draws only the registry's points.
+    district_map: Path | None = None
 
     @field_validator("bbox")
     @classmethod
@@ -596,6 +600,12 @@ class Config:
     def registry_dir(self) -> Path:
         d = self.model.registry.directory
         return d if d.is_absolute() else (self.source.parent / d)
+
+    @property
+    def district_map_path(self) -> Path | None:
+        """``[registry] district_map``, a relative path taken inside :attr:`registry_dir`."""
+        m = self.model.registry.district_map
+        return m if m is None or m.is_absolute() else (self.registry_dir / m)
 
 
 def _loc_to_key(loc: tuple[int | str, ...]) -> str:

@@ -70,7 +70,8 @@ async def run_demo(presses: int = 3, out: Path | None = None, sound: bool = Fals
             cfg = parse_config({
                 "gateway": {"name": "demo", "state_dir": str(root / "state"),
                             "shutdown_timeout_s": 5},
-                "registry": {"directory": str(registry_dir)},
+                # generate_district wrote the map next to the CSV files.
+                "registry": {"directory": str(registry_dir), "district_map": "district.geojson"},
                 "mqtt": {"enabled": False},
                 "serial": [{"name": "demo-receiver", "port": receiver.path,
                             "protocol": "surgard", "reconnect_initial_s": 0.2}],

@@ -6,7 +6,9 @@ Shaped like Kenli district, Dongying, Shandong (~118.55E 37.59N): communities
 centres, family contacts with Chinese mobile numbers, one alarm device per elder,
 grid leaders and community workers, a county hospital and a clinic per community.
 Everything is drawn from one seeded ``random.Random``: the same arguments always
-give byte-identical files.
+give byte-identical files. Next to the CSV files it writes ``district.geojson``, the
+outlines the console's offline map draws: the district, one cell per community and a
+few grid cells (网格) in each (see :func:`district_map`).
 
     python -m gateway.district --out config/sample
     python -m gateway.district --out /tmp/city --city     # 100k elders, 40 x 30 km
@@ -20,13 +22,14 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import math
 import random
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 CENTRE_LON: Final = 118.55
 CENTRE_LAT: Final = 37.59
@@ -96,6 +99,10 @@ HEADERS: Final = {
     ),
     "facilities.csv": ("facility_id", "name", "kind", "duty_phone", "lon", "lat", "address"),
 }
+#: The map file written next to the CSV files (not part of the registry the loader reads).
+MAP_FILE: Final = "district.geojson"
+#: Each community's cell is cut into GRID_SPLIT x GRID_SPLIT grid cells (fewer at its edges).
+GRID_SPLIT: Final = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,7 +262,8 @@ def generate(
     height_km: float,
     area_name: str,
 ) -> dict[str, int]:
-    """Write the five registry CSV files into ``out``; return their counts.
+    """Write the five registry CSV files and the map (:data:`MAP_FILE`) into ``out``;
+    return the registry's counts.
 
     The counts use the keys of :func:`gateway.registry.registry_summary` so a test
     can compare what was generated with what was loaded.
@@ -378,6 +386,11 @@ def generate(
     }
     for name, rows in tables.items():
         _write_csv(out / name, HEADERS[name], rows)
+    leaders: dict[str, list[str]] = {}
+    for row in responder_rows:
+        if row[4] == "grid_leader":
+            leaders.setdefault(row[3], []).append(row[0])
+    _write_geojson(out / MAP_FILE, district_map(area, area_name, communities, leaders))
 
     return {
         "elders": elders,
@@ -406,6 +419,146 @@ def generate_district(out: Path, *, city: bool = False, seed: int = 2026) -> dic
                     area_name=preset.area_name)
 
 
+# ---- the map: district outline, community cells, grid cells
+
+Point = tuple[float, float]  # metres east, north of the centre
+
+
+def _clip(ring: Sequence[Point], a: float, b: float, c: float) -> list[Point]:
+    """The part of a convex ring where ``a*x + b*y <= c`` (Sutherland-Hodgman, one edge).
+
+    The ring is open (first vertex not repeated) and keeps its orientation."""
+    out: list[Point] = []
+    for i, p in enumerate(ring):
+        q = ring[(i + 1) % len(ring)]
+        fp, fq = a * p[0] + b * p[1] - c, a * q[0] + b * q[1] - c
+        if fp <= 0:
+            out.append(p)
+        if (fp < 0 < fq) or (fq < 0 < fp):
+            t = fp / (fp - fq)
+            out.append((p[0] + t * (q[0] - p[0]), p[1] + t * (q[1] - p[1])))
+    return out
+
+
+def _ring_area(ring: Sequence[Point]) -> float:
+    """Signed area (shoelace): positive for a counter-clockwise ring."""
+    return 0.5 * sum(p[0] * q[1] - q[0] * p[1]
+                     for p, q in zip(ring, [*ring[1:], ring[0]], strict=True))
+
+
+def _rectangle(x0: float, y0: float, x1: float, y1: float) -> list[Point]:
+    return [(x0, y0), (x1, y0), (x1, y1), (x0, y1)]  # counter-clockwise
+
+
+def community_cells(area: Area, communities: Sequence[Community]) -> list[list[Point]]:
+    """The Voronoi cell of each community centre, clipped to the area (open rings, metres).
+
+    Every point of a cell is at least as close to its own centre as to any other, so
+    the cells partition the area and each centre lies inside its own cell. Each cell is
+    the area's rectangle cut by one half-plane per other centre: O(n²) clips, a few
+    hundred milliseconds for the city's 200 communities."""
+    half_w, half_h = area.width_km * 500.0, area.height_km * 500.0
+    cells: list[list[Point]] = []
+    for own in communities:
+        ring = _rectangle(-half_w, -half_h, half_w, half_h)
+        for other in communities:
+            if other is own:
+                continue
+            # Keep the side of the perpendicular bisector that holds `own`.
+            a, b = other.x_m - own.x_m, other.y_m - own.y_m
+            c = (a * (other.x_m + own.x_m) + b * (other.y_m + own.y_m)) / 2.0
+            ring = _clip(ring, a, b, c)
+        cells.append(ring)
+    return cells
+
+
+def grid_cells(cell: Sequence[Point], split: int = GRID_SPLIT) -> list[list[Point]]:
+    """A convex cell cut into the ``split`` x ``split`` parts of its bounding box, north
+    to south and west to east; parts that miss the cell are left out."""
+    xs, ys = [p[0] for p in cell], [p[1] for p in cell]
+    x0, y0, x1, y1 = min(xs), min(ys), max(xs), max(ys)
+    parts: list[list[Point]] = []
+    for row in range(split):
+        top = y1 - (y1 - y0) * row / split
+        bottom = y1 - (y1 - y0) * (row + 1) / split
+        for col in range(split):
+            left = x0 + (x1 - x0) * col / split
+            right = x0 + (x1 - x0) * (col + 1) / split
+            part = _rectangle(left, bottom, right, top)
+            # Clip by every edge of the (counter-clockwise, convex) cell: keep the left side.
+            for i, p in enumerate(cell):
+                q = cell[(i + 1) % len(cell)]
+                a, b = q[1] - p[1], p[0] - q[0]
+                part = _clip(part, a, b, a * p[0] + b * p[1])
+                if not part:
+                    break
+            if len(part) >= 3 and _ring_area(part) > 1.0:  # m²: empty, or a rounding sliver
+                parts.append(part)
+    return parts
+
+
+def _geo_ring(area: Area, ring: Sequence[Point]) -> list[list[float]]:
+    """A closed GeoJSON ring in lon/lat, six decimals, without repeated vertices."""
+    out: list[list[float]] = []
+    for x, y in ring:
+        lon, lat = area.at(x, y)
+        point = [round(lon, 6), round(lat, 6)]
+        if not out or out[-1] != point:
+            out.append(point)
+    if len(out) > 1 and out[0] == out[-1]:
+        out.pop()
+    return [*out, out[0]]
+
+
+def _polygon(area: Area, ring: Sequence[Point], properties: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "Feature", "properties": properties,
+            "geometry": {"type": "Polygon", "coordinates": [_geo_ring(area, ring)]}}
+
+
+def district_map(area: Area, area_name: str, communities: Sequence[Community],
+                 leaders: Mapping[str, Sequence[str]]) -> dict[str, Any]:
+    """The GeoJSON FeatureCollection (RFC 7946: lon/lat, counter-clockwise outer rings)
+    of the district's outline, its communities and their grid cells.
+
+    Features, in this order, by ``properties.kind``:
+
+    * ``district``: the area's rectangle; ``name`` is the area's name (垦利区).
+    * ``community``: one per community, its cell of the Voronoi partition of the area
+      by the community centres; ``name``, and ``centre`` ([lon, lat], for a label).
+    * ``grid``: each community cell cut in up to 2 x 2 grid cells; ``community``,
+      ``name`` (胜利社区第1网格) and ``leader``, the ``responder_id`` of one of the
+      community's grid leaders (taken in turn), or null if it has none.
+
+    Derived from the community centres only, without drawing from the random
+    generator: adding the map did not change a byte of the CSV files."""
+    half_w, half_h = area.width_km * 500.0, area.height_km * 500.0
+    features = [_polygon(area, _rectangle(-half_w, -half_h, half_w, half_h),
+                         {"kind": "district", "name": area_name})]
+    cells = community_cells(area, communities)
+    for community, cell in zip(communities, cells, strict=True):
+        lon, lat = area.at(community.x_m, community.y_m)
+        features.append(_polygon(area, cell, {
+            "kind": "community", "name": community.name,
+            "centre": [round(lon, 6), round(lat, 6)],
+        }))
+    for community, cell in zip(communities, cells, strict=True):
+        own = leaders.get(community.name, ())
+        for n, part in enumerate(grid_cells(cell), 1):
+            features.append(_polygon(area, part, {
+                "kind": "grid", "community": community.name,
+                "name": f"{community.name}第{n}网格",
+                "leader": own[(n - 1) % len(own)] if own else None,
+            }))
+    return {"type": "FeatureCollection", "features": features}
+
+
+def _write_geojson(path: Path, collection: Mapping[str, Any]) -> None:
+    # UTF-8 names as they are, one line, "\n" at the end: stable bytes like the CSV files.
+    with path.open("w", encoding="utf-8", newline="") as f:
+        json.dump(collection, f, ensure_ascii=False, separators=(",", ":"))
+        f.write("\n")
+
+
 def _write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[str]]) -> None:
     # "\n" line ends and no BOM: stable bytes in git on every platform.
     with path.open("w", encoding="utf-8", newline="") as f:
@@ -417,7 +570,8 @@ def _write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[str]])
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the process exit status."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--out", type=Path, required=True, help="directory for the CSV files")
+    parser.add_argument("--out", type=Path, required=True, help="directory for the CSV files and "
+                        f"{MAP_FILE}")
     parser.add_argument("--elders", type=int, help=f"default {DISTRICT.elders} ({CITY.elders} "
                         "with --city)")
     parser.add_argument("--responders", type=int, help=f"default {DISTRICT.responders} "

@@ -1,0 +1,1 @@
+"""The operator console: a web page served by the gateway."""
