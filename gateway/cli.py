@@ -1,5 +1,5 @@
 """The ``gateway`` command: run, check-config, demo, simulate, ack, resolve, status,
-broker-acl, broker-users.
+broker-acl, broker-users, operator.
 
 Only this module exits the process; everything below raises typed errors.
 Exit codes: 0 ok, 1 operation failed, 2 configuration or registry invalid,
@@ -336,7 +336,7 @@ def cmd_duty(args: argparse.Namespace) -> int:
                  {"on_duty": args.state == "on", "by": args.by})
 
 
-_TIME_KEYS = ("at", "last_seen")  # besides every key ending in "_at"
+_TIME_KEYS = ("at", "last_seen", "locked_until")  # besides every key ending in "_at"
 
 
 def local_times(data: Any, zone: tzinfo) -> Any:
@@ -492,6 +492,45 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_operator(args: argparse.Namespace) -> int:
+    """The web console's operator accounts (``state_dir/operators.db``); works while the
+    gateway runs."""
+    import dataclasses
+    import sqlite3
+
+    from gateway.console.accounts import (
+        AccountError,
+        OperatorAccounts,
+        accounts_path,
+        read_password,
+    )
+
+    cfg = _config(args)
+    path = accounts_path(cfg.model.gateway.state_dir)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with OperatorAccounts(path) as accounts:
+            if args.action == "list":
+                shown = [dataclasses.asdict(o) for o in accounts.list()]
+                print(json.dumps(local_times(shown, cfg.model.gateway.zone),
+                                 ensure_ascii=False, indent=2))
+                return 0
+            if args.action in ("add", "passwd"):
+                password = read_password(Path(args.password_file) if args.password_file
+                                         else None)
+                if args.action == "add":
+                    accounts.add(args.login, args.name, password)
+                else:
+                    accounts.set_password(args.login, password)  # also ends its sessions
+            else:
+                getattr(accounts, args.action)(args.login)  # disable / enable
+    except (AccountError, OSError, sqlite3.Error) as exc:
+        print(f"operator {args.action}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"operator {args.action}: {args.login}: done")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gateway", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -604,6 +643,26 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--journal", help="journal file (default: the config's state_dir/"
                                       "journal_file)")
     sp.set_defaults(func=cmd_report)
+    sp = sub.add_parser("operator", help="the web console's operator accounts (exit 1 "
+                                         "with the reason when refused)")
+    ssub = sp.add_subparsers(dest="action", required=True)
+    from_file = ("the password: first line of this file (default: the first line of "
+                 "stdin when it is not a terminal, else typed twice)")
+    for action, helptext in (("add", "add an operator"),
+                             ("passwd", "set a new password (ends the operator's sessions, "
+                                        "lifts a lockout)"),
+                             ("disable", "refuse the operator's sign-ins, end the sessions"),
+                             ("enable", "allow a disabled operator again"),
+                             ("list", "every operator as JSON (local times)")):
+        op = ssub.add_parser(action, help=helptext)
+        with_config(op)
+        if action != "list":
+            op.add_argument("login")
+        if action == "add":
+            op.add_argument("--name", required=True, help="display name shown in the console")
+        if action in ("add", "passwd"):
+            op.add_argument("--password-file", help=from_file)
+        op.set_defaults(func=cmd_operator)
     return p
 
 
