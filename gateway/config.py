@@ -418,7 +418,10 @@ class ControlSection(_Section):
     needs ``Authorization: Bearer <token>``, the token read from the credential
     or env variable named by ``token_secret``. A non-loopback ``host`` is refused
     unless ``behind_tls_proxy`` is true and ``public_names`` lists the names the
-    proxy serves (the Host header must be one of them, or a loopback name).
+    proxy serves (the Host header must be one of them, or a loopback name), or the
+    listener speaks TLS itself (``tls_cert_file`` and ``tls_key_file``, PEM; then
+    ``public_names`` lists the names the certificate is for).
+    The operator console (``[console]``) is served on this TCP listener.
     """
 
     socket: Path = Path("control.sock")
@@ -427,8 +430,21 @@ class ControlSection(_Section):
     token_secret: str = "control_token"  # noqa: S105 - a credential name
     behind_tls_proxy: bool = False
     public_names: tuple[Annotated[str, Field(pattern=r"^[A-Za-z0-9.-]{1,253}$")], ...] = ()
-    # Declared after the proxy settings: its check reads them.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    # Declared after the proxy and TLS settings: its check reads them.
     host: str = Field("127.0.0.1", min_length=1)
+
+    @property
+    def tls(self) -> bool:
+        """Browsers reach the listener over TLS (its own certificate or a proxy)."""
+        return self.behind_tls_proxy or self.tls_cert_file is not None
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ControlSection:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together")
+        return self
 
     @field_validator("socket_mode")
     @classmethod
@@ -442,16 +458,37 @@ class ControlSection(_Section):
     def _loopback_unless_proxied(cls, v: str, info: ValidationInfo) -> str:
         if is_loopback(v):
             return v
-        if not (info.data.get("behind_tls_proxy") and info.data.get("public_names")):
+        tls = info.data.get("behind_tls_proxy") or info.data.get("tls_cert_file")
+        if not (tls and info.data.get("public_names")):
             raise ValueError(
-                f"{v!r} is not a loopback address: the control API acts on alarms and must "
-                "not be reachable from the network in clear text; keep 127.0.0.1, or set "
-                "control.behind_tls_proxy = true with control.public_names (the names your "
-                "TLS-terminating proxy serves) and a control_token credential")
+                f"{v!r} is not a loopback address: the control API and the console act on "
+                "alarms and must not be reachable from the network in clear text; keep "
+                "127.0.0.1, or set control.behind_tls_proxy = true (or control.tls_cert_file "
+                "and control.tls_key_file) with control.public_names (the names browsers "
+                "use) and a control_token credential")
         return v
 
     def socket_path(self, state_dir: Path) -> Path:
         return self.socket if self.socket.is_absolute() else state_dir / self.socket
+
+
+class ConsoleSection(_Section):
+    """The operator console, a web page on the control API's TCP listener
+    (``control.port``) under ``/console/``; off when there is no TCP listener.
+
+    Operators sign in with accounts made by ``gateway operator add``. ``tile_url``:
+    a raster tile server of the center's own (``{z}/{x}/{y}``) drawn under the
+    offline vector map; empty: the vector map only (no request leaves the gateway).
+    """
+
+    enabled: bool = True
+    language: Literal["zh", "en"] = "zh"
+    tile_url: str = Field("", pattern=r"^(|https?://\S+\{z\}\S*)$")
+    tile_attribution: str = Field("", max_length=200)
+    session_idle_h: float = Field(8.0, gt=0, le=72, allow_inf_nan=False)
+    session_max_h: float = Field(24.0, gt=0, le=168, allow_inf_nan=False)
+    max_failures: int = Field(5, ge=1, le=100)
+    lockout_min: float = Field(15.0, gt=0, le=1440, allow_inf_nan=False)
 
 
 class WebhooksSection(_Section):
@@ -529,6 +566,7 @@ class GatewayConfigModel(_Section):
     sms: SmsSection
     control: ControlSection = ControlSection()
     webhooks: WebhooksSection = WebhooksSection()
+    console: ConsoleSection = ConsoleSection()
     contact_id: ContactIdSection = ContactIdSection()
     supervision: SupervisionSection = SupervisionSection()
     escalation: EscalationSection = EscalationSection()

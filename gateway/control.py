@@ -31,6 +31,7 @@ import hmac
 import json
 import os
 import socket
+import ssl
 import stat
 import tempfile
 from collections.abc import Awaitable, Callable
@@ -55,6 +56,8 @@ from gateway.responders import ResponderDesk, UnknownResponder
 log = structlog.get_logger(__name__)
 
 MAX_BODY = 16 * 1024
+#: Where the operator console is mounted (gateway.console.server).
+CONSOLE_PREFIX: Final = "/console"
 #: Longest ``by`` kept: a name or an operator id, not a note.
 MAX_BY = 64
 #: Host names every listener answers to (the unix socket's clients send one of these).
@@ -184,6 +187,7 @@ class ControlServer:
         notices: NoticeBoard | None = None,
         desk: ResponderDesk | None = None,
         closure: Closure | None = None,
+        console: Callable[[], web.Application] | None = None,
         write_state_file: bool = True,
     ) -> None:
         self._settings = settings
@@ -199,6 +203,7 @@ class ControlServer:
         self._notices = notices
         self._desk = desk
         self._closure = closure
+        self._console = console
         self._runner: web.AppRunner | None = None
         self._socket_inode: int | None = None
         self._names = set(LOOPBACK_NAMES) | {n.lower().rstrip(".") for n in
@@ -232,13 +237,17 @@ class ControlServer:
             web.get("/notices", self._get_notices),
             web.post("/notices/{notice_id}/ack", self._post_notice_ack),
         ])
+        if self._console is not None:
+            app.add_subapp(CONSOLE_PREFIX, self._console())
+            app.router.add_get("/", self._to_console)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         sock = _bind_unix(self.socket_path, settings.socket_mode)
         self._socket_inode = os.stat(self.socket_path).st_ino
         await web.SockSite(self._runner, sock).start()
         if settings.port is not None:
-            site = web.TCPSite(self._runner, settings.host, settings.port)
+            site = web.TCPSite(self._runner, settings.host, settings.port,
+                               ssl_context=self._ssl_context())
             try:
                 await site.start()
             except OSError as exc:
@@ -248,7 +257,7 @@ class ControlServer:
             sockets = getattr(server, "sockets", None) or []
             port = sockets[0].getsockname()[1] if sockets else settings.port
             host = f"[{settings.host}]" if ":" in settings.host else settings.host
-            self.url = f"http://{host}:{port}"
+            self.url = f"{'https' if settings.tls_cert_file else 'http'}://{host}:{port}"
         if self._state_file is not None:
             self._state_file.write_text(json.dumps(
                 {"socket": str(self.socket_path), "url": self.url or None}), encoding="utf-8")
@@ -256,6 +265,18 @@ class ControlServer:
                  mode=oct(settings.socket_mode), url=self.url or None,
                  behind_tls_proxy=settings.behind_tls_proxy)
         return self
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        settings = self._settings
+        if settings.tls_cert_file is None or settings.tls_key_file is None:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            context.load_cert_chain(settings.tls_cert_file, settings.tls_key_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise ControlError(str(settings.tls_cert_file),
+                               f"cannot load the TLS certificate and key: {exc}") from exc
+        return context
 
     async def __aexit__(self, *exc_info: object) -> None:
         if self._runner is not None:
@@ -283,7 +304,7 @@ class ControlServer:
             return True
         # Same origin: the page came from this very listener under this very name
         # (browsers leave the default port out of both Origin and Host).
-        scheme = "https" if _via_tcp(request) and self._settings.behind_tls_proxy else "http"
+        scheme = "https" if _via_tcp(request) and self._settings.tls else "http"
         return origin.strip().lower().rstrip("/") == f"{scheme}://{host.strip().lower()}"
 
     @web.middleware
@@ -299,6 +320,9 @@ class ControlServer:
             return self._refuse(request, 403, "cross-origin request")
         if request.headers.get("Sec-Fetch-Site", "same-origin") not in ("same-origin", "none"):
             return self._refuse(request, 403, "cross-site request")
+        if self._console is not None and (request.path == "/"
+                                          or request.path.startswith(CONSOLE_PREFIX + "/")):
+            return await handler(request)  # operators' sessions: gateway.console.server
         if _via_tcp(request) and not self._authorized(
                 request.headers.get(hdrs.AUTHORIZATION, "")):
             return self._refuse(request, 401, "a valid bearer token is required",
@@ -335,6 +359,9 @@ class ControlServer:
         return request[_BODY_KEY]
 
     # -- the routes -------------------------------------------------------------------------
+
+    async def _to_console(self, _request: web.Request) -> web.Response:
+        raise web.HTTPFound(CONSOLE_PREFIX + "/")
 
     async def _get_health(self, _request: web.Request) -> web.Response:
         return _json(self._health())

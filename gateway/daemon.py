@@ -44,12 +44,16 @@ from gateway.alert import AlertPlayer
 from gateway.calling import CallDesk
 from gateway.closure import Closure
 from gateway.config import Config, Secrets
+from gateway.console.accounts import OperatorAccounts, accounts_path
+from gateway.console.server import ConsoleApp
+from gateway.console.views import Views
 from gateway.control import ControlError, ControlServer
 from gateway.dispatch import Dispatcher
 from gateway.geo import GeoError, GeoService
 from gateway.gsm import GsmModemSender
 from gateway.intake import Intake
 from gateway.journal import Journal
+from gateway.mapdata import MapDataError, load_district_map
 from gateway.metrics import Metrics
 from gateway.model import Registry
 from gateway.notices import NoticeBoard
@@ -127,6 +131,7 @@ class Gateway:
         self.supervisor: Supervisor | None = None
         self.intake: Intake | None = None
         self.control: ControlServer | None = None
+        self.console: ConsoleApp | None = None
         self.webhooks: WebhookServer | None = None
         self.mqtt: MqttLink | None = None
         self.serial: list[SerialLink] = []
@@ -258,13 +263,14 @@ class Gateway:
                 self.webhooks = await self._open("webhooks", WebhookServer(hooks, m.webhooks))
             except WebhookListenError as exc:
                 raise StartupError(str(exc)) from exc
+        console = await self._console(journal, dispatcher, notices, desk)
         try:
             self.control = await self._open("control", ControlServer(
                 settings=m.control, state_dir=m.gateway.state_dir,
                 token=self.secrets.control_token, journal=journal, dispatcher=dispatcher,
                 metrics=self.metrics, health=self.health, on_reload=self.reload,
                 devices=self.device_health, notices=notices, desk=desk,
-                closure=self.closure))
+                closure=self.closure, console=console.app if console else None))
         except ControlError as exc:
             raise StartupError(str(exc)) from exc
         self._links(intake)
@@ -301,6 +307,33 @@ class Gateway:
         await _cancel(self._service_tasks)
 
     # -- wiring helpers ---------------------------------------------------------------------
+
+    async def _console(self, journal: Journal, dispatcher: Dispatcher, notices: NoticeBoard,
+                       desk: ResponderDesk) -> ConsoleApp | None:
+        """The operator console, on the control API's TCP listener (none without one)."""
+        m = self.config.model
+        if not m.console.enabled or m.control.port is None or self.world is None:
+            return None
+        district = None
+        path = self.config.district_map_path
+        if path is not None:
+            try:
+                district = load_district_map(path, m.registry.bbox)
+            except MapDataError as exc:
+                raise StartupError(str(exc)) from exc
+        c = m.console
+        accounts = OperatorAccounts(
+            accounts_path(m.gateway.state_dir), clock=self.clock,
+            max_failures=c.max_failures, lockout_s=c.lockout_min * 60,
+            failure_window_s=c.lockout_min * 60, session_idle_s=c.session_idle_h * 3600,
+            session_max_s=c.session_max_h * 3600)
+        self.console = await self._open("console", ConsoleApp(
+            settings=c, alert=m.alert, accounts=accounts, journal=journal,
+            views=Views(journal, self.world, dispatcher), dispatcher=dispatcher,
+            notices=notices, desk=desk, devices=self.device_health, health=self.health,
+            district_map=district, zone=m.gateway.zone, secure=m.control.tls,
+            clock=self.clock))
+        return self.console
 
     async def _open(self, name: str, resource: AbstractAsyncContextManager[_T]) -> _T:
         """Enter ``resource``; it is closed in reverse order by :meth:`_close_all`."""

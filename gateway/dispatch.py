@@ -545,7 +545,13 @@ class Dispatcher:
 
     # -- alert -----------------------------------------------------------------
 
-    async def _start_alert(self, alarm: ActiveAlarm) -> None:
+    def announcement(self, alarm_id: str) -> str | None:
+        """What the center's alert says for an alarm in flight (None: not in flight);
+        the console plays the same words in the operators' browsers."""
+        alarm = self.active.get(alarm_id)
+        return None if alarm is None else self._spoken(alarm)
+
+    def _spoken(self, alarm: ActiveAlarm) -> str:
         if alarm.elder is not None:
             e = alarm.elder
             facts = AlarmFacts(alarm.alarm_id, e.name, e.community, e.address,
@@ -553,8 +559,10 @@ class Dispatcher:
             text = self._composer.spoken(facts)
         else:
             text = self._composer.spoken(None, alarm.address_text)
-        if alarm.drill is not None:
-            text = DRILL_SPOKEN_PREFIX + text
+        return DRILL_SPOKEN_PREFIX + text if alarm.drill is not None else text
+
+    async def _start_alert(self, alarm: ActiveAlarm) -> None:
+        text = self._spoken(alarm)
         # Rendering runs in a thread; don't hold up the SMS behind it.
         if self._tg is None:
             raise RuntimeError("dispatcher is not running")

@@ -405,6 +405,8 @@ _ALARM_COLS = (
     "alarm_id, device_id, elder_id, code, state, source, received_at, last_press_at, presses,"
     " acknowledged_by, acknowledged_at, resolved_at, note, drill"
 )
+_NOTICE_COLS = "id, at, kind, subject, severity, text, acknowledged_at, acknowledged_by"
+_NOTICE_KEYS = tuple(c.strip() for c in _NOTICE_COLS.split(","))
 _NOTE_COLS = (
     "id, alarm_id, kind, wave, role, name, phone, body, state, sid, attempts, error_code,"
     " error, latency_ms, created_at"
@@ -490,6 +492,7 @@ class Journal:
         # Alarms alerted from memory: what happened to them before their press lands.
         self._deferred: dict[str, list[_Deferred]] = {}
         self._held: dict[str, dict[tuple[str, int | None, str], NotificationRecord]] = {}
+        self._watchers: list[Callable[[str, str], None]] = []
 
     # -- health ----------------------------------------------------------------------
 
@@ -906,13 +909,35 @@ class Journal:
         self.jobs += len(batch)
         return results, conn.total_changes > changes
 
-    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``fn`` in the writer thread inside a (group-committed) transaction."""
+    async def _run(self, fn: Callable[[sqlite3.Connection], T],
+                   touch: tuple[str, str] | None = None) -> T:
+        """Run ``fn`` in the writer thread inside a (group-committed) transaction;
+        once committed, tell the watchers that ``touch`` (kind, key) changed."""
         if self._thread is None or self._loop is None:
             raise JournalError("journal is not open")
         fut: asyncio.Future[T] = self._loop.create_future()
         self._queue.put((fn, fut))
-        return await fut
+        result = await fut
+        if touch is not None:
+            self._changed(*touch)
+        return result
+
+    # -- watchers -------------------------------------------------------------------------
+
+    def watch(self, callback: Callable[[str, str], None]) -> None:
+        """Call ``callback(kind, key)`` in the loop thread after each commit that changed
+        an alarm (``"alarm"``, its id: its row, log, SMS or calls), a notice (``"notice"``,
+        its id) or a duty override (``"duty"``, the responder id). For live views (the
+        operator console): what changed is then read back from the journal, so a watcher
+        that falls behind loses nothing. A callback must not block or raise."""
+        self._watchers.append(callback)
+
+    def _changed(self, kind: str, key: str) -> None:
+        for callback in self._watchers:
+            try:
+                callback(kind, key)
+            except Exception:  # a broken view must not fail the write that succeeded
+                log.exception("journal.watcher_failed", kind=kind)
 
     # -- the reader --------------------------------------------------------------------
 
@@ -1065,6 +1090,7 @@ class Journal:
             return outcome
 
         outcome = await self._run(op)
+        self._changed("alarm", outcome.alarm_id)
         if alarm_id is not None and outcome.adopted:
             await self._settle_held(alarm_id, held_transitions, held_notes)
         return outcome
@@ -1118,7 +1144,8 @@ class Journal:
     async def log_event(self, alarm_id: str, event: str, data: dict[str, Any] | None = None,
                         at: float | None = None) -> None:
         when = self._clock() if at is None else at
-        await self._run(lambda conn: _log(conn, alarm_id, when, event, data))
+        await self._run(lambda conn: _log(conn, alarm_id, when, event, data),
+                        ("alarm", alarm_id))
 
     async def transition(
         self,
@@ -1148,7 +1175,7 @@ class Journal:
             _transition(conn, alarm_id, current, wanted, by, note, when)
             return current
 
-        return await self._run(op)
+        return await self._run(op, ("alarm", alarm_id))
 
     # -- alarms alerted from memory ------------------------------------------------------
 
@@ -1215,7 +1242,7 @@ class Journal:
                 (alarm_id,)).fetchall()
             return [_notification(r) for r in rows]
 
-        return await self._run(op)
+        return await self._run(op, ("alarm", alarm_id))
 
     async def plan_notifications(
         self,
@@ -1252,7 +1279,7 @@ class Journal:
             ).fetchall()
             return [_notification(r) for r in rows]
 
-        return await self._run(op)
+        return await self._run(op, ("alarm", alarm_id))
 
     async def update_notification(
         self,
@@ -1273,7 +1300,7 @@ class Journal:
         ``accepted`` when a reply overtook the answer to the send."""
         now = self._clock()
 
-        def op(conn: sqlite3.Connection) -> None:
+        def op(conn: sqlite3.Connection) -> str:
             row = conn.execute("SELECT alarm_id, state FROM notifications WHERE id = ?",
                                (notification_id,)).fetchone()
             if row is None:
@@ -1287,8 +1314,9 @@ class Journal:
             )
             if event is not None:
                 _log(conn, row[0], now, event[0], event[1])
+            return str(row[0])
 
-        await self._run(op)
+        self._changed("alarm", await self._run(op))
 
     async def record_notice(self, *, at: float, kind: str, subject: str, severity: str,
                             text: str) -> int:
@@ -1300,7 +1328,9 @@ class Journal:
                 (at, kind, subject, severity, text))
             return int(cur.lastrowid or 0)
 
-        return await self._run(op)
+        notice_id = await self._run(op)
+        self._changed("notice", str(notice_id))
+        return notice_id
 
     async def ack_notice(self, notice_id: int, by: str) -> bool:
         now = self._clock()
@@ -1311,7 +1341,10 @@ class Journal:
                 " WHERE id = ? AND acknowledged_at IS NULL", (now, by, notice_id))
             return cur.rowcount > 0
 
-        return await self._run(op)
+        changed = await self._run(op)
+        if changed:
+            self._changed("notice", str(notice_id))
+        return changed
 
     async def set_delivery_status(
         self, sid: str, status: str, error_code: int | None
@@ -1341,7 +1374,10 @@ class Journal:
                                (rec.id,)).fetchone()
             return _notification(row), True
 
-        return await self._run(op)
+        result = await self._run(op)
+        if result is not None and result[1]:
+            self._changed("alarm", result[0].alarm_id)
+        return result
 
     async def prune(self, before: float, batch: int = 5000) -> int:
         """Delete device messages older than ``before`` that belong to no open alarm.
@@ -1369,7 +1405,7 @@ class Journal:
         await self._run(lambda conn: conn.execute(
             f"UPDATE notifications SET state = ?, updated_at = ?"
             f" WHERE alarm_id = ? AND phone = ? AND state IN ({_ACKNOWLEDGEABLE})",
-            (NotificationState.ACKNOWLEDGED, now, alarm_id, phone)))
+            (NotificationState.ACKNOWLEDGED, now, alarm_id, phone)), ("alarm", alarm_id))
 
     # -- reads -----------------------------------------------------------------------
 
@@ -1406,6 +1442,80 @@ class Journal:
                 " WHERE acknowledged_at IS NULL ORDER BY id").fetchall()
             keys = ("id", "at", "kind", "subject", "severity", "text")
             return [dict(zip(keys, r, strict=True)) for r in rows]
+
+        return await self._read(op)
+
+    async def notice(self, notice_id: int) -> dict[str, Any] | None:
+        """One notice, acknowledged or not (the console's live view of it)."""
+        def op(conn: sqlite3.Connection) -> dict[str, Any] | None:
+            row = conn.execute(f"SELECT {_NOTICE_COLS} FROM notices WHERE id = ?",
+                               (notice_id,)).fetchone()
+            return None if row is None else dict(zip(_NOTICE_KEYS, row, strict=True))
+
+        return await self._read(op)
+
+    async def notices_between(self, start: float, end: float,
+                              limit: int = 500) -> list[dict[str, Any]]:
+        """Notices raised in [start, end), newest first (the console's history)."""
+        def op(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+            rows = conn.execute(
+                f"SELECT {_NOTICE_COLS} FROM notices WHERE at >= ? AND at < ?"
+                " ORDER BY id DESC LIMIT ?", (start, end, limit)).fetchall()
+            return [dict(zip(_NOTICE_KEYS, r, strict=True)) for r in rows]
+
+        return await self._read(op)
+
+    async def alarm_detail(self, alarm_id: str) -> tuple[
+            AlarmRecord, list[NotificationRecord], list[CallRecord],
+            list[tuple[float, str, dict[str, Any]]]]:
+        """An alarm with its SMS, calls and log, read in one go (one snapshot).
+
+        Raises :class:`UnknownAlarm`."""
+        def op(conn: sqlite3.Connection) -> tuple[
+                AlarmRecord, list[NotificationRecord], list[CallRecord],
+                list[tuple[float, str, dict[str, Any]]]]:
+            row = conn.execute(f"SELECT {_ALARM_COLS} FROM alarms WHERE alarm_id = ?",
+                               (alarm_id,)).fetchone()
+            if row is None:
+                raise UnknownAlarm(alarm_id)
+            notes = conn.execute(f"SELECT {_NOTE_COLS} FROM notifications WHERE alarm_id = ?"
+                                 " ORDER BY id", (alarm_id,)).fetchall()
+            calls = conn.execute(f"SELECT {_CALL_COLS} FROM calls WHERE alarm_id = ?"
+                                 " ORDER BY wave, position, id", (alarm_id,)).fetchall()
+            logged = conn.execute("SELECT at, event, data FROM alarm_log WHERE alarm_id = ?"
+                                  " ORDER BY id", (alarm_id,)).fetchall()
+            return (_alarm(row), [_notification(n) for n in notes], [_call(c) for c in calls],
+                    [(at, ev, json.loads(data) if data else {}) for at, ev, data in logged])
+
+        return await self._read(op)
+
+    async def find_alarms(self, *, elder_ids: Sequence[str] | None = None,
+                          device_id: str | None = None, start: float | None = None,
+                          end: float | None = None, limit: int = 500) -> list[AlarmRecord]:
+        """Alarms by elder(s), device and press time in [start, end), newest first."""
+        where: list[str] = []
+        args: list[Any] = []
+        if elder_ids is not None:
+            if not elder_ids:
+                return []
+            where.append(f"elder_id IN ({', '.join('?' * len(elder_ids))})")
+            args.extend(elder_ids)
+        if device_id is not None:
+            where.append("device_id = ?")
+            args.append(device_id)
+        if start is not None:
+            where.append("received_at >= ?")
+            args.append(start)
+        if end is not None:
+            where.append("received_at < ?")
+            args.append(end)
+        sql = (f"SELECT {_ALARM_COLS} FROM alarms"
+               + (f" WHERE {' AND '.join(where)}" if where else "")
+               + " ORDER BY received_at DESC LIMIT ?")
+        args.append(limit)
+
+        def op(conn: sqlite3.Connection) -> list[AlarmRecord]:
+            return [_alarm(r) for r in conn.execute(sql, args).fetchall()]
 
         return await self._read(op)
 
@@ -1502,7 +1612,7 @@ class Journal:
                                 " wave = ? ORDER BY position, id", (alarm_id, wave)).fetchall()
             return [_call(r) for r in rows]
 
-        return await self._run(op)
+        return await self._run(op, ("alarm", alarm_id))
 
     async def update_call(self, call_id: int, state: CallState, *, sid: str | None = None,
                           status: str | None = None, answered_by: str | None = None,
@@ -1533,7 +1643,9 @@ class Journal:
             return _call(conn.execute(f"SELECT {_CALL_COLS} FROM calls WHERE id = ?",
                                       (call_id,)).fetchone())
 
-        return await self._run(op)
+        record = await self._run(op)
+        self._changed("alarm", record.alarm_id)
+        return record
 
     async def call_by_sid(self, sid: str) -> CallRecord | None:
         def op(conn: sqlite3.Connection) -> CallRecord | None:
@@ -1577,13 +1689,13 @@ class Journal:
                 " at, by) VALUES (?, ?, ?, ?, ?)",
                 (responder_id, int(on_duty), int(roster_on_duty), at, by))
 
-        await self._run(op)
+        await self._run(op, ("duty", responder_id))
 
     async def drop_duty_override(self, responder_id: str) -> None:
         def op(conn: sqlite3.Connection) -> None:
             conn.execute("DELETE FROM duty_overrides WHERE responder_id = ?", (responder_id,))
 
-        await self._run(op)
+        await self._run(op, ("duty", responder_id))
 
     async def duty_overrides(self) -> list[DutyOverride]:
         def op(conn: sqlite3.Connection) -> list[DutyOverride]:
@@ -1681,7 +1793,7 @@ class Journal:
                 _log(conn, alarm_id, when, "alarm.keep_open_ended", data)
             return state
 
-        return await self._run(op)
+        return await self._run(op, ("alarm", alarm_id))
 
     async def save_report(self, day: str, zone: str, data: dict[str, Any]) -> None:
         """Journal the report of local day ``day`` (YYYY-MM-DD); a newer one replaces it."""

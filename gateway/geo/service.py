@@ -341,6 +341,12 @@ class GeoService:
             return fix.lonlat, False
         return index.responders[slot].base, True
 
+    def fix_age_s(self, responder_id: str) -> float | None:
+        """Seconds since a responder's last live fix, stale or not; None: never reported."""
+        slot = self._index.slot_of.get(responder_id)
+        fix = None if slot is None else self._index.fix[slot]
+        return None if fix is None else max(0.0, self._clock() - fix.timestamp)
+
     # ---- reloads ---------------------------------------------------------------------------
 
     def adopt_live_state(self, previous: GeoService) -> None:

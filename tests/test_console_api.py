@@ -1,0 +1,262 @@
+"""The operator console's API and event stream (issue 11), against a real gateway in this
+process: sign-in, sessions, CSRF, the board, actions named after the operator, and a
+stream that loses nothing across a disconnect. The browser tests (test_console_browser.py)
+drive the same routes through the page."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from argon2 import PasswordHasher
+
+from devices.events import Qualifier
+from devices.surgard import ACK, encode_mlr2
+from gateway.console.accounts import OperatorAccounts, accounts_path
+from gateway.daemon import Gateway
+from gateway.lifecycle import AlarmState
+from gateway.sandbox.twilio_double import TwilioDouble
+from tests.helpers import Pty, eventually, running
+from tests.test_control_security import tcp_gateway
+
+pytestmark = pytest.mark.integration
+
+PASSWORD = "correct horse battery"
+FAST = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
+
+
+def add_operator(state_dir: Path, login: str = "wang", name: str = "王值班") -> None:
+    state_dir.mkdir(parents=True, exist_ok=True)
+    with OperatorAccounts(accounts_path(state_dir), hasher=FAST) as accounts:
+        accounts.add(login, name, PASSWORD)
+
+
+class Console:
+    """One browser-like session: its cookie jar and CSRF token."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.http = aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True))
+        self.csrf = ""
+
+    async def sign_in(self, login: str = "wang", password: str = PASSWORD) -> tuple[int, Any]:
+        status, body = await self.post("sign-in", {"login": login, "password": password},
+                                       csrf=False)
+        if status == 200:
+            self.csrf = body["csrf"]
+        return status, body
+
+    async def get(self, path: str) -> tuple[int, Any]:
+        async with self.http.get(f"{self.url}/console/api/{path}") as r:
+            return r.status, await r.json() if r.content_type == "application/json" \
+                else await r.text()
+
+    async def post(self, path: str, body: dict[str, Any] | None = None, *,
+                   csrf: bool = True) -> tuple[int, Any]:
+        headers = {"X-CSRF-Token": self.csrf} if csrf else {}
+        async with self.http.post(f"{self.url}/console/api/{path}", json=body or {},
+                                  headers=headers) as r:
+            return r.status, await r.json()
+
+    async def events(self, after: str = "", last_id: str | None = None,
+                     ) -> AsyncIterator[tuple[str, str | None, dict[str, Any]]]:
+        headers = {"Last-Event-ID": last_id} if last_id else {}
+        async with self.http.get(f"{self.url}/console/api/events?after={after}",
+                                 headers=headers) as r:
+            assert r.status == 200
+            event, event_id, data = "", None, ""
+            async for raw in r.content:
+                line = raw.decode().rstrip("\n")
+                if line.startswith("event: "):
+                    event = line[7:]
+                elif line.startswith("id: "):
+                    event_id = line[4:]
+                elif line.startswith("data: "):
+                    data = line[6:]
+                elif not line and event:
+                    yield event, event_id, json.loads(data)
+                    event, event_id, data = "", None, ""
+
+    async def close(self) -> None:
+        await self.http.close()
+
+
+def press(gw: Gateway, pty: Pty, index: int = 0) -> str:
+    assert gw.registry is not None
+    devices = sorted((d for d in gw.registry.devices.values() if d.scheme == "contact_id"),
+                     key=lambda d: d.device_id)
+    device = devices[index]
+    pty.write(encode_mlr2("01", "1", device.address, Qualifier.NEW, "101", "01", "001"))
+    return device.device_id
+
+
+async def test_sign_in_board_ack_and_csrf(tmp_path: Path, twilio: TwilioDouble,
+                                          pty: Pty) -> None:
+    gw = tcp_gateway(tmp_path, twilio, pty)
+    add_operator(tmp_path / "state")
+    async with running(gw):
+        assert gw.control is not None and gw.control.url
+        console = Console(gw.control.url)
+        try:
+            # No session: every API route but sign-in says 401.
+            assert (await console.get("board"))[0] == 401
+            assert (await console.sign_in(password="wrong password!"))[0] == 401
+            status, me = await console.sign_in()
+            assert status == 200 and me["name"] == "王值班"
+            status, board = await console.get("board")
+            assert status == 200 and board["alarms"] == []
+
+            device_id = press(gw, pty)
+            assert await pty.read() == ACK
+            await eventually(lambda: gw.dispatcher is not None and gw.dispatcher.active)
+            assert gw.dispatcher is not None
+            await gw.dispatcher.wait_idle(timeout=15)
+            status, board = await console.get("board")
+            (alarm,) = board["alarms"]
+            assert alarm["device_id"] == device_id and alarm["elder"]["name"]
+            assert alarm["notifications"] and alarm["nearby"]["facilities"]
+            alarm_id = alarm["alarm_id"]
+
+            # An action without the CSRF token is refused and changes nothing.
+            status, _ = await console.post(f"alarms/{alarm_id}/ack", csrf=False)
+            assert status == 403
+            assert (await gw.journal.get_alarm(alarm_id)).state is not \
+                AlarmState.ACKNOWLEDGED  # type: ignore[union-attr]
+            status, body = await console.post(f"alarms/{alarm_id}/ack")
+            assert status == 200, body
+            record = await gw.journal.get_alarm(alarm_id)  # type: ignore[union-attr]
+            assert record.state is AlarmState.ACKNOWLEDGED
+            assert record.acknowledged_by == "operator:wang"
+
+            status, view = await console.get(f"alarms/{alarm_id}")
+            assert status == 200
+            assert any(e["event"] == "alarm.acknowledged" for e in view["timeline"])
+
+            status, body = await console.post(f"alarms/{alarm_id}/false-alarm",
+                                              {"note": "按错了"})
+            assert status == 200 and body["false_alarm"]
+            record = await gw.journal.get_alarm(alarm_id)  # type: ignore[union-attr]
+            assert record.state is AlarmState.RESOLVED and "按错了" in (record.note or "")
+            status, rows = await console.get("history")
+            assert [r["alarm_id"] for r in rows["alarms"]] == [alarm_id]
+            async with console.http.get(f"{gw.control.url}/console/api/history.csv") as r:
+                text = await r.text()
+            assert r.status == 200 and alarm_id in text
+
+            assert (await console.post("sign-out"))[0] == 200
+            assert (await console.get("board"))[0] == 401
+        finally:
+            await console.close()
+
+
+async def test_stream_catches_up_after_a_disconnect(tmp_path: Path, twilio: TwilioDouble,
+                                                    pty: Pty) -> None:
+    """A console away during presses gets every change when it comes back (Last-Event-ID);
+    a cursor of another run gets a resync."""
+    gw = tcp_gateway(tmp_path, twilio, pty)
+    add_operator(tmp_path / "state")
+    async with running(gw):
+        assert gw.control is not None
+        console = Console(gw.control.url)
+        try:
+            await console.sign_in()
+            _, board = await console.get("board")
+            last_id = board["cursor"]
+            stream = console.events(after=board["cursor"])
+            event, _, hello = await anext(stream)
+            assert event == "hello" and hello["stream_id"]
+            await stream.aclose()  # the tab goes to sleep
+
+            for i in range(5):
+                press(gw, pty, i)
+                assert await pty.read() == ACK
+            assert gw.journal is not None
+            await eventually(lambda: len(gw.dispatcher.active) == 5)  # type: ignore[union-attr]
+
+            seen: set[str] = set()
+            stream = console.events(last_id=last_id)
+            async for event, _event_id, data in stream:
+                if event == "change":
+                    seen.update(data["alarms"])
+                if len(seen) >= 5:
+                    break
+            await stream.aclose()
+            open_ids = {a.alarm_id for a in await gw.journal.open_alarms()}
+            assert seen == open_ids
+
+            stream = console.events(last_id="feedbeef-3")
+            assert (await anext(stream))[0] == "hello"
+            assert (await anext(stream))[0] == "resync"
+            await stream.aclose()
+        finally:
+            await console.close()
+
+
+async def test_lockout_after_repeated_failures(tmp_path: Path, twilio: TwilioDouble,
+                                               pty: Pty) -> None:
+    gw = tcp_gateway(tmp_path, twilio, pty)
+    add_operator(tmp_path / "state")
+    async with running(gw):
+        assert gw.control is not None
+        console = Console(gw.control.url)
+        try:
+            for _ in range(4):
+                assert (await console.sign_in(password="not the password"))[0] == 401
+            status, body = await console.sign_in(password="not the password")
+            assert status == 423 and body["error"] == "locked"
+            status, body = await console.sign_in()
+            assert status == 423, "the right password is refused while locked"
+        finally:
+            await console.close()
+
+
+async def test_cross_site_and_form_posts_are_refused(tmp_path: Path, twilio: TwilioDouble,
+                                                     pty: Pty) -> None:
+    gw = tcp_gateway(tmp_path, twilio, pty)
+    add_operator(tmp_path / "state")
+    async with running(gw):
+        assert gw.control is not None
+        url = gw.control.url
+        console = Console(url)
+        try:
+            await console.sign_in()
+            async with console.http.post(f"{url}/console/api/sign-in",
+                                         data={"login": "wang", "password": PASSWORD}) as r:
+                assert r.status == 415  # an HTML form cannot sign anyone in
+            async with console.http.post(
+                    f"{url}/console/api/notices/1/ack", json={},
+                    headers={"X-CSRF-Token": console.csrf,
+                             "Origin": "http://evil.example"}) as r:
+                assert r.status == 403
+            async with console.http.get(f"{url}/console/") as r:
+                assert r.status == 200
+                assert "script-src 'self'" in r.headers["Content-Security-Policy"]
+            async with console.http.get(f"{url}/", allow_redirects=False) as r:
+                assert r.status == 302 and r.headers["Location"] == "/console/"
+        finally:
+            await console.close()
+
+
+async def test_sessions_survive_a_restart(tmp_path: Path, twilio: TwilioDouble,
+                                          pty: Pty) -> None:
+    add_operator(tmp_path / "state")
+    gw = tcp_gateway(tmp_path, twilio, pty)
+    async with running(gw):
+        assert gw.control is not None
+        console = Console(gw.control.url)
+        await console.sign_in()
+        url = gw.control.url
+    try:
+        port = int(url.rsplit(":", 1)[1])
+        gw2 = tcp_gateway(tmp_path, twilio, pty, port=port)
+        async with running(gw2):
+            status, _ = await console.get("board")
+            assert status == 200
+            assert (await console.post("notices/999/ack"))[0] == 404  # CSRF still valid
+    finally:
+        await console.close()
+
