@@ -206,24 +206,27 @@ def _near(n: Nearby, *, texted: bool) -> dict[str, Any]:
 def _timeline(rec: AlarmRecord, logged: Iterable[tuple[float, str, dict[str, Any]]],
               notes: Sequence[NotificationRecord]) -> list[dict[str, Any]]:
     """Press, journal, alert, each SMS, delivery, acknowledgement, resolution: times
-    relative to the press (``t_s``)."""
-    names = {n.id: f"{n.name} ({n.role})" for n in notes}
+    relative to the press (``t_s``); ``name`` and ``role`` say whom an SMS event is about."""
+    by_id = {n.id: n for n in notes}
     rows: list[dict[str, Any]] = [
         {"at": rec.received_at, "t_s": 0.0, "event": "press", "detail": rec.source}]
+    logged_notes: set[int] = set()
     for at, event, data in logged:
         if event not in TIMELINE_EVENTS and not event.startswith(("alarm.", "sms.", "call.")):
             continue
-        detail = data.get("by") or data.get("status") or data.get("note") or ""
-        nid = data.get("notification_id")
-        if isinstance(nid, int) and nid in names:
-            detail = f"{names[nid]} {detail}".strip()
-        rows.append({"at": at, "t_s": round(at - rec.received_at, 3), "event": event,
-                     "detail": str(detail)})
-    for n in notes:
-        if n.latency_ms is not None:
+        row: dict[str, Any] = {
+            "at": at, "t_s": round(at - rec.received_at, 3), "event": event,
+            "detail": str(data.get("by") or data.get("status") or data.get("note") or "")}
+        note = by_id.get(data.get("notification_id", -1))
+        if note is not None:
+            logged_notes.add(note.id)
+            row.update(name=note.name, role=note.role)
+        rows.append(row)
+    for n in notes:  # SMS whose acceptance the log does not carry: from the row itself
+        if n.latency_ms is not None and n.id not in logged_notes:
             rows.append({"at": rec.received_at + n.latency_ms / 1000,
                          "t_s": round(n.latency_ms / 1000, 3), "event": "sms.accepted",
-                         "detail": f"{n.name} ({n.role}) {n.state.value}"})
+                         "detail": n.state.value, "name": n.name, "role": n.role})
     rows.sort(key=lambda r: r["at"])
     return rows
 

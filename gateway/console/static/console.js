@@ -234,7 +234,7 @@
       h("td", {}, n.latency_ms !== null ? (n.latency_ms / 1000).toFixed(2) + " " + t("seconds") : "")));
     const calls = a.calls.map((c) => h("tr", {}, h("td", {}, c.name), h("td", {}, t("role_" + c.role)),
       h("td", {}, c.phone), h("td", {}, t("wave") + " " + c.wave), h("td", {}, c.state), h("td", {}, c.digits || "")));
-    box.replaceChildren(
+    box.replaceChildren(...[
       h("div", { class: "detail-head" },
         h("h2", {}, e ? e.name : t("unknown_elder"), " ", stateBadge(a.state)),
         h("div", { class: "actions" },
@@ -255,7 +255,7 @@
         r.stale ? h("span", { class: "pill stale" }, t("stale")) : null, r.texted ? h("span", { class: "pill ms-accepted" }, t("texted")) : null))),
       h("h3", {}, t("facilities")),
       h("ul", { class: "nearby" }, a.nearby.facilities.map((f) => h("li", {}, f.name + " · " + dist(f.distance_m)))),
-      h("button", { class: "link", onclick: () => showTimeline(a.alarm_id) }, t("timeline")));
+      h("button", { class: "link", onclick: () => showTimeline(a.alarm_id) }, t("timeline"))].flat().filter(Boolean));
     renderChosenLines(a);
   }
 
@@ -343,7 +343,7 @@
   // -- map -----------------------------------------------------------------------------------
   function initMap() {
     if (S.map || !window.L) return;
-    S.map = L.map("map", { zoomControl: true, attributionControl: !!S.me.tile_url, preferCanvas: true });
+    S.map = L.map("map", { zoomControl: true, attributionControl: !!S.me.tile_url, preferCanvas: false });
     if (S.me.tile_url) L.tileLayer(S.me.tile_url, { attribution: S.me.tile_attribution, maxZoom: 19 }).addTo(S.map);
     S.layers.base = L.layerGroup().addTo(S.map);
     S.layers.responders = L.layerGroup().addTo(S.map);
@@ -376,8 +376,10 @@
   function renderResponderMarkers() {
     if (!S.map) return;
     S.layers.responders.clearLayers();
+    // A live fix: filled green; at the roster's base (no fresh fix): a small hollow ring.
     S.responders.filter((r) => r.on_duty).forEach((r) => L.circleMarker([r.lat, r.lon], {
-      radius: 5, color: r.stale ? "#888" : "#1b7f3b", weight: 2, fillColor: r.stale ? "#fff" : "#2ea44f", fillOpacity: r.stale ? 0.3 : 0.9,
+      radius: r.stale ? 3.5 : 6, color: r.stale ? "#5f7d5f" : "#1b7f3b", weight: r.stale ? 1.2 : 2,
+      fillColor: "#2ea44f", fillOpacity: r.stale ? 0 : 0.9, className: r.stale ? "responder stale" : "responder live",
     }).bindTooltip(r.name + (r.stale ? " (" + t("stale") + ")" : "")).addTo(S.layers.responders));
   }
   function renderAlarmMarkers() {
@@ -460,7 +462,7 @@
       h("ol", { class: "events" }, a.timeline.map((r) => h("li", {},
         h("span", { class: "t" }, "+" + r.t_s.toFixed(2) + " " + t("seconds")),
         h("span", { class: "ev" }, t("ev_" + r.event) !== "ev_" + r.event ? t("ev_" + r.event) : r.event),
-        h("span", { class: "detail" }, r.detail)))));
+        h("span", { class: "what" }, [r.name ? r.name + (r.role ? "（" + t("role_" + r.role) + "）" : "") : "", r.detail].filter(Boolean).join(" "))))));
     $("timeline").scrollIntoView({ block: "nearest" });
   }
   async function loadReport(ev) {
