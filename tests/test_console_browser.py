@@ -290,3 +290,99 @@ async def _open_count(gw: Gateway, n: int) -> bool:
 
 async def _count_is(locator: Any, n: int) -> bool:
     return int(await locator.count()) == n
+
+
+async def test_the_alert_sounds_in_the_browser_and_silent_consoles_are_flagged(
+        tmp_path: Path, twilio: TwilioDouble, mosquitto: Mosquitto, browser: Any) -> None:
+    """The start-shift click turns a console's sound on; it then plays the center's alert
+    (tone + announcement, rendered by the gateway); a silent or muted console is a warning
+    on the others."""
+    gw = console_gateway(tmp_path, twilio, mosquitto)
+    async with running(gw):
+        assert gw.control is not None and gw.mqtt is not None
+        await eventually(gw.mqtt.connected.is_set)
+        one = await Tab.open(browser, gw.control.url)
+        two = await Tab.open(browser, gw.control.url)
+        await one.sign_in("wang", PASSWORD)
+        await two.sign_in("li", PASSWORD)
+        for tab in (one, two):
+            await tab.page.wait_for_selector("#app:not([hidden])")
+        await one.page.wait_for_selector(".silent-console:has-text('李值班')")
+
+        await two.page.click("#sound-button")  # the gesture: the shift starts
+        await two.page.wait_for_selector("#sound-button.on")
+        await one.page.locator(".silent-console").wait_for(state="detached")
+        await two.page.wait_for_selector(".silent-console:has-text('王值班')")
+
+        device = z2m_devices(1)[0]
+        async with two.page.expect_response("**/alert.wav", timeout=20_000) as answer:
+            await publish(mosquitto, device.address, {"action": "emergency"})
+        response = await answer.value  # the media element asks for ranges (206)
+        assert response.status in (200, 206)
+        assert response.headers["content-type"] == "audio/wav"
+        whole = await two.context.request.get(response.url)  # the same session's cookie
+        assert whole.status == 200
+        wav = tmp_path / "browser-alert.wav"
+        wav.write_bytes(await whole.body())
+        seconds, peak = _wav_figures(wav)
+        assert seconds > 1.5 and peak > 1000, (seconds, peak)  # tone and speech, not silence
+
+        await two.page.click("#sound-button")  # muted
+        await one.page.wait_for_selector(".silent-console:has-text('已静音')")
+        assert one.blocked == [] and two.blocked == []
+        await one.context.close()
+        await two.context.close()
+
+
+def _wav_figures(path: Path) -> tuple[float, int]:
+    import array
+    import wave
+
+    with wave.open(str(path)) as w:
+        frames = w.readframes(w.getnframes())
+        seconds = w.getnframes() / w.getframerate()
+    samples = array.array("h", frames)
+    return seconds, max(abs(s) for s in samples)
+
+
+async def test_responders_and_devices_pages(
+        tmp_path: Path, twilio: TwilioDouble, mosquitto: Mosquitto, browser: Any) -> None:
+    """The responders page changes a duty (confirmed, journaled with the operator, on
+    every console); the devices page lists every device with its last report."""
+    gw = console_gateway(tmp_path, twilio, mosquitto)
+    async with running(gw):
+        assert gw.control is not None and gw.mqtt is not None and gw.journal is not None
+        assert gw.registry is not None and gw.geo is not None
+        await eventually(gw.mqtt.connected.is_set)
+        device = z2m_devices(1)[0]
+        await publish(mosquitto, device.address, {"battery": 77, "linkquality": 90})
+        await eventually(lambda: _seen(gw, device.device_id))
+        tab = await Tab.open(browser, gw.control.url)
+        await tab.sign_in("wang", PASSWORD)
+        page = tab.page
+        await page.wait_for_selector("#app:not([hidden])")
+
+        await page.click("button[data-view='devices']")
+        row = page.locator("#devices-body tr", has_text=device.device_id)
+        await row.wait_for()
+        assert "77%" in await row.inner_text()
+        assert await page.locator("#devices-body tr").count() == len(gw.registry.devices)
+
+        await page.click("button[data-view='responders']")
+        responder = next(r for r in sorted(gw.registry.responders.values(),
+                                           key=lambda r: r.responder_id)
+                         if gw.geo.is_on_duty(r.responder_id))
+        line = page.locator(f"tr[data-responder='{responder.responder_id}']")
+        await line.locator("button").click()
+        await page.click("#confirm-ok")
+        await eventually(lambda: gw.geo.is_on_duty(responder.responder_id) is False)  # type: ignore[union-attr]
+        overrides = {o.responder_id: o for o in await gw.journal.duty_overrides()}
+        assert overrides[responder.responder_id].by == "operator:wang"
+        await line.locator("td:nth-child(4):has-text('否')").wait_for()
+        assert tab.blocked == []
+        await tab.context.close()
+
+
+async def _seen(gw: Gateway, device_id: str) -> bool:
+    return any(d["device_id"] == device_id and d["battery_pct"] == 77
+               for d in gw.device_health())
