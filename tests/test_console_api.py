@@ -20,8 +20,8 @@ from gateway.console.accounts import OperatorAccounts, accounts_path
 from gateway.daemon import Gateway
 from gateway.lifecycle import AlarmState
 from gateway.sandbox.twilio_double import TwilioDouble
-from tests.helpers import Pty, eventually, running
-from tests.test_control_security import tcp_gateway
+from tests.helpers import Pty, eventually, gateway_config, running
+from tests.test_control_security import tcp_gateway, with_token
 
 pytestmark = pytest.mark.integration
 
@@ -260,3 +260,84 @@ async def test_sessions_survive_a_restart(tmp_path: Path, twilio: TwilioDouble,
     finally:
         await console.close()
 
+
+
+async def test_history_filters_report_and_csv(tmp_path: Path, twilio: TwilioDouble,
+                                              pty: Pty) -> None:
+    gw = tcp_gateway(tmp_path, twilio, pty)
+    add_operator(tmp_path / "state")
+    async with running(gw):
+        assert gw.control is not None and gw.registry is not None and gw.journal is not None
+        console = Console(gw.control.url)
+        try:
+            await console.sign_in()
+            first = press(gw, pty, 0)
+            assert await pty.read() == ACK
+            second = press(gw, pty, 1)
+            assert await pty.read() == ACK
+            alarms = await eventually(lambda: _two(gw))
+            by_device = {a.device_id: a for a in alarms}
+            elder = gw.registry.elders[by_device[first].elder_id]
+
+            status, rows = await console.get(f"history?device={second}")
+            assert status == 200
+            assert [r["alarm_id"] for r in rows["alarms"]] == [by_device[second].alarm_id]
+            status, rows = await console.get(f"history?elder={elder.name}")
+            assert by_device[first].alarm_id in {r["alarm_id"] for r in rows["alarms"]}
+            assert all(elder.name in r["elder"] for r in rows["alarms"])
+            day = rows["alarms"][0]["received_at_local"][:10]
+            status, rows = await console.get(f"history?day={day}")
+            assert {r["alarm_id"] for r in rows["alarms"]} == {a.alarm_id for a in alarms}
+            status, rows = await console.get("history?day=2001-01-01")
+            assert rows["alarms"] == []
+            assert (await console.get("history?day=yesterday"))[0] == 400
+
+            status, report = await console.get(f"report?day={day}")
+            assert status == 200 and report["alarms"] == 2
+            async with console.http.get(
+                    f"{gw.control.url}/console/api/report.csv?day={day}") as r:
+                assert r.status == 200 and r.content_type == "text/csv"
+                assert "attachment" in r.headers["Content-Disposition"]
+                text = await r.text()
+            assert "alarms,2" in text
+        finally:
+            await console.close()
+
+
+async def _two(gw: Gateway) -> list[Any] | None:
+    assert gw.journal is not None
+    alarms = await gw.journal.open_alarms()
+    return alarms if len(alarms) == 2 else None
+
+
+@pytest.mark.parametrize("tls", [False, True])
+async def test_session_cookie_and_page_policy(tmp_path: Path, twilio: TwilioDouble,
+                                              pty: Pty, tls: bool) -> None:
+    """HttpOnly, SameSite=Strict; Secure (and the __Host- prefix) when browsers come over
+    TLS; the page's policy allows only the gateway, and a tile server when one is set."""
+    tiles = {"tile_url": "https://tiles.center.local/{z}/{x}/{y}.png"} if tls else {}
+    cfg = gateway_config(tmp_path, twilio, control={"port": 0, "behind_tls_proxy": tls},
+                         console=tiles,
+                         serial=[{"name": "rx", "port": pty.path, "protocol": "surgard"}])
+    gw = Gateway(cfg, with_token(twilio))
+    add_operator(tmp_path / "state")
+    async with running(gw):
+        assert gw.control is not None
+        console = Console(gw.control.url)
+        try:
+            async with console.http.post(
+                    f"{gw.control.url}/console/api/sign-in",
+                    json={"login": "wang", "password": PASSWORD},
+                    headers={"Origin": gw.control.url.replace("http:", "https:")
+                             if tls else gw.control.url}) as r:
+                assert r.status == 200
+                cookie = r.headers["Set-Cookie"]
+            assert "HttpOnly" in cookie and "SameSite=Strict" in cookie
+            assert ("Secure" in cookie) is tls
+            assert cookie.startswith("__Host-gw_console=" if tls else "gw_console=")
+            async with console.http.get(f"{gw.control.url}/console/") as r:
+                policy = r.headers["Content-Security-Policy"]
+            assert "connect-src 'self'" in policy and "frame-ancestors 'none'" in policy
+            assert ("https://tiles.center.local" in policy) is tls
+        finally:
+            await console.close()

@@ -53,7 +53,7 @@ def test_stop_timeout_leaves_room_for_the_phased_shutdown() -> None:
     stop = int(re.search(r"^TimeoutStopSec=(\d+)", text, re.M).group(1))  # type: ignore[union-attr]
     cfg = load_config(REPO / "config" / "gateway.example.toml")
     assert cfg.model.gateway.shutdown_timeout_s + 5 <= stop
-    for secret in ("twilio_account_sid", "twilio_auth_token", "mqtt_password"):
+    for secret in ("twilio_account_sid", "twilio_auth_token", "mqtt_password", "control_token"):
         assert f"LoadCredential={secret}:" in text
     assert "Type=notify" in text and "WatchdogSec=" in text
 

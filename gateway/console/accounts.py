@@ -267,6 +267,12 @@ class OperatorAccounts:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             os.fchmod(fd, 0o600)
+            # Root (``gateway operator add`` on the server) keeps the file the service's:
+            # the owner of the state folder (systemd's DynamicUser), or the service could
+            # not open it. SQLite gives its -wal and -shm the database file's owner.
+            folder = path.parent.stat()
+            if os.geteuid() == 0 and folder.st_uid != 0:
+                os.fchown(fd, folder.st_uid, folder.st_gid)
         finally:
             os.close(fd)
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
