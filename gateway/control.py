@@ -18,6 +18,11 @@ is refused too. Acting requests (POST) take only ``application/json`` bodies
 without a CORS preflight that is never answered, and must name the person
 acting (``by``, 400 without it), which is journaled with the action.
 
+The operator console (:mod:`gateway.console.server`) is mounted under ``/console/`` on
+the same app: the Host, Origin and Sec-Fetch-Site checks apply to it too, but its
+requests are authenticated by an operator's session cookie and CSRF token instead of
+the bearer token and ``by`` (the signed-in operator is who acts). ``/`` redirects to it.
+
 Twilio's webhooks are not served here: :class:`gateway.webhooks.WebhookServer`
 has a listener of its own, the only one a public reverse proxy may reach.
 ``GET /metrics`` serves Prometheus text.
