@@ -114,10 +114,12 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         print(f"registry {cfg.registry_dir}: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     registry = world.registry
+    district = _check_district_map(cfg)
     secrets = load_secrets(cfg)
     check_control_token(cfg, secrets)
     # A SID that passes here but not at Twilio would fail every SMS at the first press.
     check_twilio_secrets(cfg, secrets)
+    console, console_warning = _check_console(cfg)
     summary: dict[str, Any] = {
         "config": str(cfg.source),
         "registry": str(cfg.registry_dir),
@@ -129,9 +131,11 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         "control": {"socket": str(cfg.model.control.socket_path(cfg.model.gateway.state_dir)),
                     "tcp": (None if cfg.model.control.port is None
                             else f"{cfg.model.control.host}:{cfg.model.control.port}")},
+        "district_map": district,
+        "console": console,
         "secrets": repr(secrets),
     }
-    missing = []
+    missing = [] if console_warning is None else [console_warning]
     waves = cfg.model.escalation.waves
     voice = cfg.model.voice.enabled
     for gap in silent_waves(waves, registry,
@@ -166,11 +170,69 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_district_map(cfg: Config) -> dict[str, Any] | None:
+    """``[registry] district_map`` read and checked as the gateway will at start (a
+    broken map stops the start); its features counted by kind. None when unset."""
+    from gateway.mapdata import MapDataError, load_district_map
+
+    path = cfg.district_map_path
+    if path is None:
+        return None
+    try:
+        collection = load_district_map(path, cfg.model.registry.bbox)
+    except MapDataError as exc:
+        raise ConfigError(cfg.source, "registry.district_map", str(exc)) from None
+    kinds: dict[str, int] = {}
+    for feature in collection["features"]:
+        kind = feature["properties"]["kind"]
+        kinds[kind] = kinds.get(kind, 0) + 1
+    return {"file": str(path), "features": kinds}
+
+
+def _check_console(cfg: Config) -> tuple[dict[str, Any] | str, str | None]:
+    """The console's summary and, when it is on but nobody can sign in, the warning.
+
+    The accounts file is only read: check-config may run before the gateway ever
+    started, or as another user, and must not create the gateway's files."""
+    import sqlite3
+
+    from gateway.console.accounts import OperatorAccounts, accounts_path
+
+    m = cfg.model
+    if not m.console.enabled:
+        return "disabled", None
+    if m.control.port is None:
+        return "off (no control.port)", None
+    path = accounts_path(m.gateway.state_dir)
+    operators = []
+    if path.is_file():
+        try:
+            with OperatorAccounts(path) as accounts:
+                operators = accounts.list()
+        except (OSError, sqlite3.Error) as exc:
+            return ({"accounts": str(path), "operators": None},
+                    f"{path}: cannot read the operator accounts ({exc}); run check-config "
+                    "as the gateway's user")
+    enabled = [o for o in operators if not o.disabled]
+    summary = {"accounts": str(path), "operators": len(operators),
+               "disabled": len(operators) - len(enabled)}
+    if enabled:
+        return summary, None
+    return summary, (f"{path}: no operator can sign in: gateway operator add LOGIN --name "
+                     f"NAME --config {cfg.source}"
+                     + (f" (all {len(operators)} disabled: or gateway operator enable LOGIN)"
+                        if operators else ""))
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from gateway.demo import run_demo
 
+    if args.every <= 0:
+        print("demo: --every must be more than 0 seconds", file=sys.stderr)
+        return EXIT_FAILED
     return asyncio.run(run_demo(presses=args.presses, out=Path(args.out) if args.out else None,
-                                sound=args.sound, verbose=args.verbose))
+                                sound=args.sound, verbose=args.verbose, console=args.console,
+                                every=args.every, port=args.port))
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -551,6 +613,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", help="keep the journal, WAVs and logs here (default: temp dir)")
     sp.add_argument("--sound", action="store_true", help="play the alert on the sound card")
     sp.add_argument("--verbose", action="store_true", help="print the JSON log lines too")
+    sp.add_argument("--console", action="store_true",
+                    help="then keep running for the operator console (until Ctrl-C or "
+                         "SIGTERM) with one more press every --every seconds, left for "
+                         "the operator to acknowledge in the browser")
+    sp.add_argument("--every", type=float, default=30.0,
+                    help="with --console: seconds between presses (default 30)")
+    sp.add_argument("--port", type=int, default=0,
+                    help="the console's port on 127.0.0.1 (default: any free port)")
     sp.set_defaults(func=cmd_demo)
     sp = sub.add_parser("simulate", help="inject device messages into a running gateway")
     ssub = sp.add_subparsers(dest="what", required=True)
