@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
+import signal
 import sqlite3
 import subprocess
 import sys
 import wave
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -21,6 +24,10 @@ def test_demo_runs_the_pipeline_end_to_end(tmp_path: Path) -> None:
                          check=False)
     assert res.returncode == 0, res.stdout + res.stderr
     text = res.stdout
+    # The console's address and the demo login come before the presses.
+    console = re.search(r"Operator console: (http://127\.0\.0\.1:\d+/console/)", text)
+    assert console and "login: demo   password: " in text
+    assert text.index("password: ") < text.index("receiver got ACK")
     assert "receiver got ACK" in text
     assert "joins the open alarm" in text
     assert "nearest on duty:" in text and "nearest hospital:" in text
@@ -52,3 +59,64 @@ def test_demo_runs_the_pipeline_end_to_end(tmp_path: Path) -> None:
     # Phone numbers appear only masked in the logs.
     assert not [line for line in log_lines if re.search(r"\+86\d{11}", line)]
     assert any(re.search(r"\+86\d{3}\*{4}\d{4}", line) for line in log_lines)
+
+
+async def _line(stream: asyncio.StreamReader, pattern: str, seen: list[str],
+                timeout: float = 120) -> re.Match[str]:
+    """Read the demo's output until a line matches ``pattern``."""
+    async with asyncio.timeout(timeout):
+        while True:
+            raw = await stream.readline()
+            if not raw:
+                raise AssertionError(f"the demo ended before {pattern!r}:\n" + "".join(seen))
+            seen.append(raw.decode())
+            found = re.search(pattern, seen[-1])
+            if found:
+                return found
+
+
+async def test_demo_console_signs_in_and_shows_live_presses(tmp_path: Path) -> None:
+    with (tmp_path / "stderr.txt").open("wb") as err:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gateway.cli", "demo", "--console", "--every", "1",
+            "--presses", "1", "--out", str(tmp_path / "demo"),
+            stdout=asyncio.subprocess.PIPE, stderr=err)
+    assert proc.stdout is not None
+    seen: list[str] = []
+    try:
+        url = (await _line(proc.stdout, r"Operator console: (http://127\.0\.0\.1:\d+)/console/ ",
+                           seen)).group(1)
+        login, password = (await _line(proc.stdout, r"login: (\S+)   password: (\S+) ",
+                                       seen)).groups()
+        assert login == "demo"
+        jar = aiohttp.CookieJar(unsafe=True)  # cookies for a bare IP address
+        async with aiohttp.ClientSession(cookie_jar=jar) as http:
+            async with http.get(f"{url}/console/") as r:
+                assert r.status == 200 and "text/html" in r.content_type
+            async with http.post(f"{url}/console/api/sign-in",
+                                 json={"login": login, "password": password + "x"}) as r:
+                assert r.status == 401
+            async with http.post(f"{url}/console/api/sign-in",
+                                 json={"login": login, "password": password}) as r:
+                assert r.status == 200, await r.text()
+                assert (await r.json())["name"] == "演示值班员"
+            # A press of the --console loop, after the scripted one: open on the board.
+            alarm_id = (await _line(proc.stdout, r"alarm (\S+): .* on the console now",
+                                    seen)).group(1)
+            async with http.get(f"{url}/console/api/board") as r:
+                assert r.status == 200
+                board = await r.json()
+            shown = {a["alarm_id"]: a for a in board["alarms"]}
+            assert alarm_id in shown, board
+            assert shown[alarm_id]["state"] != "acknowledged"  # left for the operator
+        # Interrupted there: the next press, or the wait for it.
+        proc.send_signal(signal.SIGINT)
+        async with asyncio.timeout(60):
+            rest, _ = await proc.communicate()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    text = "".join(seen) + rest.decode()
+    assert proc.returncode == 0, text + (tmp_path / "stderr.txt").read_text(encoding="utf-8")
+    assert "Stopped. Alarms raised for the console: " in text
