@@ -56,7 +56,8 @@ def write_toml(tmp_path: Path, body: str) -> Path:
 @pytest.mark.integration  # runs the gateway CLI as a subprocess
 def test_check_config_on_the_example_prints_a_summary() -> None:
     res = gateway_cmd("check-config", "--config", str(REPO / "config/gateway.example.toml"),
-                      env={"TWILIO_ACCOUNT_SID": "AC" + "1" * 32, "TWILIO_AUTH_TOKEN": "x"})
+                      env={"TWILIO_ACCOUNT_SID": "AC" + "1" * 32, "TWILIO_AUTH_TOKEN": "x",
+                           "CONTROL_TOKEN": "c0ntrol-" + "5a" * 16})
     assert res.returncode == 0, res.stderr
     summary = json.loads(res.stdout)
     assert summary["counts"]["elders"] == 88

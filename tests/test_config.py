@@ -201,9 +201,11 @@ def test_twilio_secrets_missing_or_malformed_name_the_credential(tmp_path: Path)
 def _check_config(config: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items()
              if not k.startswith("TWILIO_") and k != "CREDENTIALS_DIRECTORY"}
+    # The example's control listener (the console) takes the token the unit hands over.
+    given = {"CONTROL_TOKEN": "c0ntrol-" + "5a" * 16, **env}
     return subprocess.run([sys.executable, "-m", "gateway.cli", "check-config", "--config",
                            str(config)], capture_output=True, text=True, timeout=120,
-                          env={**clean, **env}, check=False)
+                          env={**clean, **given}, check=False)
 
 
 @pytest.mark.integration  # runs the gateway CLI as a subprocess

@@ -29,9 +29,11 @@ import tempfile
 import threading
 import time
 import tomllib
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import paho.mqtt.client as paho
 import pytest
@@ -408,6 +410,7 @@ def rig(installed: Installed, tmp_path: Path) -> Iterator[tuple[Broker, Twilio, 
         edit_config(config, {
             ("sms", "base_url"): twilio.base_url,
             ("mqtt", "port"): broker.port,
+            ("control", "port"): free_port(),
             ("gateway", "state_dir"): str(installed.at("/var/lib")
                                           / service.unit.one("StateDirectory")),
         })
@@ -438,7 +441,7 @@ def test_install_lays_out_the_readme_install_section(installed: Installed) -> No
 
     assert mode("/etc/alarm-gateway/secrets") == 0o700
     for name in ("twilio_account_sid", "twilio_auth_token", "mqtt_password",
-                 "broker-logins.csv"):
+                 "control_token", "broker-logins.csv"):
         assert mode(f"/etc/alarm-gateway/secrets/{name}") == 0o600, name
     assert installed.at("/etc/alarm-gateway/secrets/twilio_account_sid").read_text() \
         == ACCOUNT_SID
@@ -465,8 +468,31 @@ def test_install_lays_out_the_readme_install_section(installed: Installed) -> No
     assert [s for s in secrets if s in out] == []
 
 
+def console_board(installed: Installed, tmp_path: Path) -> dict[str, Any]:
+    """``gateway operator add`` with the installed CLI, then sign in and read the board."""
+    config = installed.at("/etc/alarm-gateway/gateway.toml")
+    secret = tmp_path / "operator-password"
+    secret.write_text("duty-desk-password-1\n", encoding="utf-8")
+    added = subprocess.run(
+        [str(installed.at("/opt/alarm-gateway/venv/bin/gateway")), "operator", "add", "ops",
+         "--name", "值班员", "--password-file", str(secret), "--config", str(config)],
+        capture_output=True, text=True, timeout=60, check=False)
+    assert added.returncode == 0, added.stderr
+    state = Path(tomllib.loads(config.read_text("utf-8"))["gateway"]["state_dir"])
+    url = json.loads((state / "control.json").read_text("utf-8"))["url"]
+    jar = urllib.request.build_opener(urllib.request.HTTPCookieProcessor())
+    request = urllib.request.Request(
+        f"{url}/console/api/sign-in", method="POST",
+        data=json.dumps({"login": "ops", "password": "duty-desk-password-1"}).encode(),
+        headers={"Content-Type": "application/json"})
+    with jar.open(request, timeout=10) as answer:
+        assert answer.status == 200
+    with jar.open(f"{url}/console/api/board", timeout=10) as answer:
+        return dict(json.loads(answer.read()))
+
+
 def test_installed_gateway_under_its_unit_takes_a_press_to_sms_and_tells_the_console(
-        installed: Installed, rig: tuple[Broker, Twilio, Service]) -> None:
+        installed: Installed, rig: tuple[Broker, Twilio, Service], tmp_path: Path) -> None:
     broker, twilio, service = rig
     service.wait_notify("WATCHDOG=1", 10)  # the watchdog ping runs from the event loop
     passwords = provisioned(installed)
@@ -489,6 +515,10 @@ def test_installed_gateway_under_its_unit_takes_a_press_to_sms_and_tells_the_con
         while not family & {m["to"] for m in twilio.messages()}:
             assert time.monotonic() < deadline, f"no SMS to the family:\n{service.log()}"
             time.sleep(0.2)
+        # The operator console, as the README sets it up: an operator made with the
+        # installed CLI signs in on the control listener and sees the press on the board.
+        board = console_board(installed, tmp_path)
+        assert button.device_id in {a["device_id"] for a in board["alarms"]}
         # A notice: the bridge reports a Zigbee button unavailable; the console hears it.
         bridge.publish(f"{sensor.address}/availability", b'{"state":"offline"}')
         notice = json.loads(console.wait_for("alarm/notices", sensor.device_id, 30))
