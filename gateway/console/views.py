@@ -220,13 +220,14 @@ def _timeline(rec: AlarmRecord, logged: Iterable[tuple[float, str, dict[str, Any
         note = by_id.get(data.get("notification_id", -1))
         if note is not None:
             logged_notes.add(note.id)
-            row.update(name=note.name, role=note.role)
+            row.update(name=note.name, role=note.role, kind=note.kind.value)
         rows.append(row)
     for n in notes:  # SMS whose acceptance the log does not carry: from the row itself
         if n.latency_ms is not None and n.id not in logged_notes:
             rows.append({"at": rec.received_at + n.latency_ms / 1000,
                          "t_s": round(n.latency_ms / 1000, 3), "event": "sms.accepted",
-                         "detail": n.state.value, "name": n.name, "role": n.role})
+                         "detail": n.state.value, "name": n.name, "role": n.role,
+                         "kind": n.kind.value})
     rows.sort(key=lambda r: r["at"])
     return rows
 

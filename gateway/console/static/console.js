@@ -461,7 +461,8 @@
       h("h3", {}, t("timeline") + " · " + (e ? e.name : a.device_id) + " · " + a.alarm_id),
       h("ol", { class: "events" }, a.timeline.map((r) => h("li", {},
         h("span", { class: "t" }, "+" + r.t_s.toFixed(2) + " " + t("seconds")),
-        h("span", { class: "ev" }, t("ev_" + r.event) !== "ev_" + r.event ? t("ev_" + r.event) : r.event),
+        h("span", { class: "ev" }, (t("ev_" + r.event) !== "ev_" + r.event ? t("ev_" + r.event) : r.event)
+          + (r.kind && r.kind !== "escalation" ? " · " + t("kind_" + r.kind) : "")),
         h("span", { class: "what" }, [r.name ? r.name + (r.role ? "（" + t("role_" + r.role) + "）" : "") : "", r.detail].filter(Boolean).join(" "))))));
     $("timeline").scrollIntoView({ block: "nearest" });
   }

@@ -37,6 +37,7 @@ window.I18N = {
     "ev_alarm.resolved": "已结束", "ev_alarm.cancelled": "已取消",
     "ev_sms.accepted": "短信受理", "ev_sms.status": "短信状态",
     "ev_alarm.false_alarm": "标记误报", more_open: "另有 {n} 起未显示",
+    kind_taken: "已有人处理", kind_cancelled: "已取消", kind_fallback: "短信猫补发",
   },
   en: {
     app_title: "One-key alarm · Command console", login: "Login", password: "Password",
@@ -77,6 +78,7 @@ window.I18N = {
     "ev_alarm.acknowledged": "acknowledged", "ev_alarm.resolved": "resolved",
     "ev_alarm.cancelled": "cancelled", "ev_sms.accepted": "SMS accepted",
     "ev_sms.status": "SMS status", "ev_alarm.false_alarm": "marked false alarm",
-    more_open: "{n} more not shown",
+    more_open: "{n} more not shown", kind_taken: "taken by", kind_cancelled: "cancelled",
+    kind_fallback: "GSM resend",
   },
 };
