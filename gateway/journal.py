@@ -916,11 +916,13 @@ class Journal:
         if self._thread is None or self._loop is None:
             raise JournalError("journal is not open")
         fut: asyncio.Future[T] = self._loop.create_future()
-        self._queue.put((fn, fut))
-        result = await fut
         if touch is not None:
-            self._changed(*touch)
-        return result
+            # On the future, not after the await: told even if the caller was cancelled
+            # while the commit was on its way.
+            fut.add_done_callback(lambda f: None if f.cancelled() or f.exception()
+                                  else self._changed(*touch))
+        self._queue.put((fn, fut))
+        return await fut
 
     # -- watchers -------------------------------------------------------------------------
 
