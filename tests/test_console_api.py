@@ -16,6 +16,7 @@ from argon2 import PasswordHasher
 
 from devices.events import Qualifier
 from devices.surgard import ACK, encode_mlr2
+from gateway.console import views
 from gateway.console.accounts import OperatorAccounts, accounts_path
 from gateway.daemon import Gateway
 from gateway.lifecycle import AlarmState
@@ -339,5 +340,32 @@ async def test_session_cookie_and_page_policy(tmp_path: Path, twilio: TwilioDoub
                 policy = r.headers["Content-Security-Policy"]
             assert "connect-src 'self'" in policy and "frame-ancestors 'none'" in policy
             assert ("https://tiles.center.local" in policy) is tls
+        finally:
+            await console.close()
+
+
+async def test_map_data_offline_and_bounded(tmp_path: Path, twilio: TwilioDouble, pty: Pty,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The map's data comes from the gateway: the district's GeoJSON, facilities and homes;
+    a city's homes are left out (only alarms' homes are drawn then)."""
+    cfg = gateway_config(tmp_path, twilio, control={"port": 0},
+                         registry={"district_map": "district.geojson"},
+                         serial=[{"name": "rx", "port": pty.path, "protocol": "surgard"}])
+    gw = Gateway(cfg, with_token(twilio))
+    add_operator(tmp_path / "state")
+    async with running(gw):
+        assert gw.control is not None
+        console = Console(gw.control.url)
+        try:
+            await console.sign_in()
+            status, data = await console.get("map")
+            assert status == 200
+            kinds = {f["properties"]["kind"] for f in data["district"]["features"]}
+            assert kinds == {"district", "community", "grid"}
+            assert len(data["elders"]) == data["elders_total"] == 88
+            assert len(data["facilities"]) == 11
+            monkeypatch.setattr(views, "MAP_ELDERS_MAX", 10)
+            status, data = await console.get("map")
+            assert data["elders"] == [] and data["elders_total"] == 88
         finally:
             await console.close()

@@ -25,6 +25,8 @@ URGENCY: Final = {"emergency": 0, "inactivity": 1}
 SUPERVISION_RANK: Final = 2
 #: Open alarms sent with one board read; a storm beyond it shows the count.
 BOARD_LIMIT: Final = 500
+#: Homes drawn on the map for every elder up to this many (beyond: a city, too many dots).
+MAP_ELDERS_MAX: Final = 5000
 #: Log events of an alarm's timeline, with the label the console shows.
 TIMELINE_EVENTS: Final = frozenset({
     "alarm.journaled", "press.joined", "alarm.notifying", "alarm.notified",
@@ -186,11 +188,14 @@ class Views:
         return rows
 
     def map_points(self) -> dict[str, Any]:
+        """Elders' homes (a city's are left out: only alarms' homes are drawn then) and
+        the facilities."""
         registry = self.world.registry
+        elders = registry.elders.values() if len(registry.elders) <= MAP_ELDERS_MAX else ()
         return {
+            "elders_total": len(registry.elders),
             "elders": [{"id": e.elder_id, "name": e.name, "lon": e.location.lon,
-                        "lat": e.location.lat, "community": e.community}
-                       for e in registry.elders.values()],
+                        "lat": e.location.lat, "community": e.community} for e in elders],
             "facilities": [{"id": f.facility_id, "name": f.name, "kind": f.kind.value,
                             "lon": f.location.lon, "lat": f.location.lat}
                            for f in registry.facilities.values()],

@@ -364,7 +364,7 @@
       }).addTo(S.layers.base);
       S.map.fitBounds(gj.getBounds());
     }
-    if (m.elders.length <= 5000) m.elders.forEach((e) => L.circleMarker([e.lat, e.lon], { radius: 2, color: "#777", weight: 0, fillOpacity: 0.6 }).bindTooltip(e.name).addTo(S.layers.base));
+    m.elders.forEach((e) => L.circleMarker([e.lat, e.lon], { radius: 2, color: "#777", weight: 0, fillOpacity: 0.6 }).bindTooltip(e.name).addTo(S.layers.base));
     m.facilities.forEach((f) => L.circleMarker([f.lat, f.lon], { radius: 7, color: "#fff", weight: 2, fillColor: "#c62828", fillOpacity: 1 }).bindTooltip("✚ " + f.name).addTo(S.layers.base));
     if (!m.district && m.elders.length) S.map.fitBounds(L.latLngBounds(m.elders.map((e) => [e.lat, e.lon])));
   }
