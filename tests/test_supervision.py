@@ -72,6 +72,24 @@ def test_a_device_missing_its_check_in_is_reported_once_and_back_online() -> Non
     assert not {h.device_id: h for h in sup.health()}[device.device_id].overdue
 
 
+def test_counts_for_the_metrics_agree_with_health() -> None:
+    """counts() walks the devices without sorting or records (a /metrics scrape of a city)
+    and must say what health() says: offline devices, and overdue ones including them."""
+    clock = Clock()
+    sup = make(clock)
+    quiet, offline, fresh = z2m_devices(3)
+    for d in (quiet, offline, fresh):
+        sup.observe("mqtt", event(EventKind.TEST), d.device_id, clock.t)
+    clock.t += 24 * 3600 * 1.6  # past every 24 h device's check-in, the unheard ones too
+    sup.observe("mqtt", event(EventKind.TEST), fresh.device_id, clock.t)
+    sup.observe("mqtt", event(EventKind.OFFLINE), offline.device_id, clock.t)
+    health = sup.health()
+    overdue = sum(h.overdue for h in health)
+    assert sup.counts() == (1, overdue)
+    by_id = {h.device_id: h.overdue for h in health}
+    assert by_id[quiet.device_id] and by_id[offline.device_id] and not by_id[fresh.device_id]
+
+
 def test_devices_never_heard_count_from_start_and_restore_from_journal() -> None:
     clock = Clock()
     sup = make(clock)
