@@ -228,8 +228,9 @@ def dump_toml(data: dict[str, Any]) -> str:
     """Enough TOML for the example config: tables, arrays of tables, inline tables."""
     out: list[str] = []
 
-    def table(prefix: str, values: dict[str, Any], header: str) -> None:
-        out.append(header)
+    def table(prefix: str, values: dict[str, Any], header: str | None) -> None:
+        if header is not None:
+            out.append(header)
         nested = []
         for k, v in values.items():
             if isinstance(v, dict) or (
@@ -245,8 +246,7 @@ def dump_toml(data: dict[str, Any]) -> str:
                 for item in v:
                     table(name, item, f"\n[[{name}]]")
 
-    for key, value in data.items():
-        table(key, value, f"\n[{key}]")
+    table("", data, None)
     return "\n".join(out).lstrip() + "\n"
 
 
@@ -442,6 +442,23 @@ class RunRecord:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def profile_top(path: Path, n: int = 12) -> list[dict[str, Any]] | None:
+    """The functions with the most own time in a cProfile file (the whole process life,
+    start-up included; ``share`` of the time not spent waiting in epoll)."""
+    import pstats
+
+    if not path.exists():
+        return None
+    stats: Any = pstats.Stats(str(path)).stats  # type: ignore[attr-defined]
+    # The event loop's wait in epoll is idle time, not work: left out of the shares.
+    busy = {k: v for k, v in stats.items() if "epoll" not in k[2]}
+    total = sum(v[2] for v in busy.values()) or 1.0
+    rows = sorted(busy.items(), key=lambda kv: kv[1][2], reverse=True)[:n]
+    return [{"function": f"{name} ({Path(file).name}:{line})", "calls": v[1],
+             "tottime_s": round(v[2], 3), "share": round(v[2] / total, 3),
+             "cumtime_s": round(v[3], 3)} for (file, line, name), v in rows]
+
+
 def _journal_query(journal: Path, sql: str) -> list[tuple[Any, ...]]:
     if not journal.exists():
         return []
@@ -506,6 +523,7 @@ async def gateway_run(ctx: Context, spec: RunSpec, alert: str) -> RunRecord:
         hwm, rss_end = proc_status_kb(gw.pid, "VmHWM"), proc_status_kb(gw.pid, "VmRSS")
     await asyncio.to_thread(clear_session, ctx.port)
     alarms = dict(_journal_query(journal, "SELECT alarm_id, device_id FROM alarms"))
+    top = profile_top(profile) if profile else None
     records = recorded["records"]
     return RunRecord(
         spec, "gateway", alert, min(r["published_at"] for r in records), ended,
@@ -514,7 +532,7 @@ async def gateway_run(ctx: Context, spec: RunSpec, alert: str) -> RunRecord:
         {"ready_s": round(gw.ready_s, 3), "rss_ready_mb": round(gw.rss_ready_kb / 1024, 1),
          "rss_peak_mb": round(hwm / 1024, 1), "rss_end_mb": round(rss_end / 1024, 1),
          "stop_s": round(gw.stop_s, 3), "exit_code": gw.exit_code,
-         "profile": str(profile) if profile else None})
+         "profile": str(profile) if profile else None, "profile_top_tottime": top})
 
 
 async def peer_run(ctx: Context, spec: RunSpec) -> RunRecord:

@@ -1,0 +1,53 @@
+"""bench/e2e.py's pieces that can break silently: the config it writes from the example
+(a new key or table shape there must still round-trip and validate) and its percentiles.
+The benchmark itself is run by hand (bench/README.md)."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import sys
+import tomllib
+from pathlib import Path
+from types import ModuleType
+
+from gateway.district import generate_district
+
+BENCH = Path(__file__).resolve().parent.parent / "bench" / "e2e.py"
+
+
+@functools.cache
+def _e2e() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_e2e", BENCH)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_example_config_round_trips_through_the_benchmarks_toml_writer() -> None:
+    e2e = _e2e()
+    example = tomllib.loads(e2e.EXAMPLE.read_text(encoding="utf-8"))
+    assert tomllib.loads(e2e.dump_toml(example)) == example
+
+
+def test_the_generated_config_validates_and_points_at_the_run(tmp_path: Path) -> None:
+    e2e = _e2e()
+    registry = tmp_path / "registry"
+    generate_district(registry)
+    double = e2e.DoubleInfo("http://127.0.0.1:9", "AC" + "0" * 32, "token")
+    path = e2e.write_config(tmp_path / "gw.toml", state=tmp_path / "state", registry=registry,
+                            broker_port=1884, double=double, alert="file")
+    data = tomllib.loads(path.read_text(encoding="utf-8"))
+    assert data["mqtt"]["port"] == 1884
+    assert data["sms"]["base_url"] == double.base_url
+    assert data["alert"]["backend"] == "file"
+    assert "serial" not in data
+
+
+def test_percentiles_are_nearest_rank() -> None:
+    p = _e2e().percentiles([float(i) for i in range(1, 1001)])
+    assert (p["n"], p["p50"], p["p99"], p["p99.9"], p["max"]) == (1000, 501.0, 991.0, 1000.0,
+                                                                  1000.0)
+    assert _e2e().percentiles([]) == {"n": 0}
