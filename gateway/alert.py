@@ -2,17 +2,33 @@
 
 Theory of operation
 -------------------
-Each alarm is rendered once (:func:`render_alert_wav`, in a worker thread) into
-a single WAV: a two-tone alarm sound, a short silence, then espeak-ng speaking
-the announcement. Rendering never depends on the audio device, so a broken
-speaker cannot stop an alarm from being queued.
+An alarm's announcement is one WAV (:func:`render_alert_wav`): a two-tone alarm
+sound, a short silence, then espeak-ng speaking the text. Rendering never depends
+on the audio device, so a broken speaker cannot stop an alarm from being announced.
 
-One playback loop task (owned by the player's TaskGroup) plays the active
-alarms round robin, oldest first, one at a time so announcements never overlap
-on the speaker. After each round it pauses ``repeat_interval_s``; a newly
-started alarm cuts that pause short and is played at once. Acknowledging an
-alarm (:meth:`AlertPlayer.stop`) removes it from the rotation and, if it is on
-the speaker right now, kills its playback subprocess.
+:meth:`AlertPlayer.start` only records the alarm (no render, no file, no task):
+one playback loop task (owned by the player's TaskGroup) decides what the speaker
+says next, one thing at a time so announcements never overlap:
+
+* more alarms waiting than ``summary_over``: one summary, "紧急求助：共N起，最新：<the
+  newest alarm's text>" (N open alarms), which covers all of them; this also
+  replaces a round of reminders when that many alarms are open;
+* else the newest alarm not yet heard; else the oldest of this round's reminders.
+  After a round the loop pauses ``repeat_interval_s``; a new alarm cuts the pause.
+
+Storms (issue 13): a new alarm cuts whatever is playing once it has sounded for
+``_CUT_AFTER_S`` (the cut item waits again), so a press is heard within about a
+second at any rate of alarms, never behind minutes of queued announcements. The
+item to play is rendered just before it plays: espeak-ng runs as a child process
+of the loop (killed when cancelled), the mixing and WAV writing in a worker thread
+(a few ms). A render slower than ``_TONE_DEADLINE_S`` does not hold the alarm back:
+the plain tone plays first. An alarm's WAV stays on disk for its repeats, but at
+most ``max_wav_files`` of them (least recently played evicted, rendered again when
+needed): 10,000 open alarms use a few MB, not gigabytes. Closing kills what runs
+and removes that folder, in bounded time whatever the number of open alarms.
+
+Acknowledging an alarm (:meth:`AlertPlayer.stop`) removes it from the rotation
+and, if it is on the speaker right now, kills its playback subprocess.
 
 Playback failures (missing binary, bad device, non-zero exit, timeout) are
 logged as ``alert.playback_failed`` and retried on the next round: the alarm
@@ -32,14 +48,15 @@ import re
 import shutil
 import subprocess
 import tempfile
+import time
 import wave
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Final, Literal, Self
+from typing import Any, Final, Literal, Self
 
 import numpy as np
 import numpy.typing as npt
@@ -69,9 +86,24 @@ _TAIL_S: Final = 0.2  # some sound cards drop the last buffer; keep it silent
 _MIN_RATE: Final = 8000
 _MAX_RATE: Final = 192_000
 
+_TONE_HZ: Final = (880.0, 660.0)
+_TONE_S: Final = 1.2
+_SAMPLE_RATE: Final = 22050
+_SPEED_WPM: Final = 150
+
 _PLAYS_LOG: Final = "plays.log"
+_SUMMARY: Final = "紧急求助：共{count}起，最新：{newest}"
+# Alarm WAVs are named by the alarm id, which never starts with "_" (see _file_stem).
+_SUMMARY_WAV: Final = "_summary.wav"
+_TONE_WAV: Final = "_tone.wav"
+# A new alarm cuts what is on the speaker once that has sounded this long: its tone
+# is then heard within about this long of the press, however many alarms arrive.
+_CUT_AFTER_S: Final = 0.75
+# A render not done by then (a loaded CPU, a slow espeak-ng): the tone plays first.
+_TONE_DEADLINE_S: Final = 0.5
+_THREAD_WAIT_S: Final = 2.0  # closing: longest wait for a render's CPU part (ms in practice)
+_LOG_IDS: Final = 20  # alarm ids named in one log line; the count says the rest
 _PROBE_TIMEOUT_S: Final = 3.0
-_MAX_CONCURRENT_RENDERS: Final = 2  # an alarm storm must not starve the default executor
 _STOPPED_HISTORY: Final = 4096  # acknowledged alarms remembered for idempotent start/stop
 _LOOP_ERROR_BACKOFF_S: Final = 1.0
 _STDERR_KEEP: Final = 300
@@ -156,20 +188,29 @@ def render_alert_wav(
     if not path.parent.is_dir():
         raise AlertError("output directory does not exist", path=path)
 
-    parts = [_two_tone(tone_hz, tone_s, sample_rate)]
-    has_speech = False
+    speech: FloatArray | None = None
     if text.strip():
         try:
             speech = _speak(path.parent, text, voice, espeak, speed_wpm, sample_rate, timeout_s)
         except _SpeechUnavailableError as exc:
             log.warning("alert.speech_unavailable", reason=str(exc), espeak=espeak, voice=voice)
-        else:
-            parts += [_silence(_GAP_S, sample_rate), speech]
-            has_speech = True
     else:
         log.warning("alert.speech_unavailable", reason="blank text", espeak=espeak, voice=voice)
-    parts.append(_silence(_TAIL_S, sample_rate))
+    return _mix_and_write(path, speech, tone_hz, tone_s, sample_rate)
 
+
+def _mix_and_write(
+    path: Path,
+    speech: FloatArray | None,
+    tone_hz: tuple[float, float],
+    tone_s: float,
+    sample_rate: int,
+) -> RenderInfo:
+    """Tone, gap, speech (if any), tail: mixed to 16-bit PCM and written atomically."""
+    parts = [_two_tone(tone_hz, tone_s, sample_rate)]
+    if speech is not None:
+        parts += [_silence(_GAP_S, sample_rate), speech]
+    parts.append(_silence(_TAIL_S, sample_rate))
     samples = np.concatenate(parts)
     pcm = np.clip(np.round(samples * 32767.0), -32768, 32767).astype("<i2").tobytes()
     _write_wav_atomically(path, pcm, sample_rate)
@@ -177,7 +218,7 @@ def render_alert_wav(
         path=path,
         duration_s=len(samples) / sample_rate,
         sample_rate=sample_rate,
-        has_speech=has_speech,
+        has_speech=speech is not None,
     )
 
 
@@ -260,9 +301,13 @@ def _speak(
         if done.returncode != 0:
             err = done.stderr.decode("utf-8", "replace").strip()[:_STDERR_KEEP]
             raise _SpeechUnavailableError(f"{espeak} exited {done.returncode}: {err}")
-        samples, src_rate = _read_mono(tmp)
+        return _speech_samples(tmp, rate, espeak)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _speech_samples(path: Path, rate: int, espeak: str) -> FloatArray:
+    samples, src_rate = _read_mono(path)
     if samples.size == 0:
         raise _SpeechUnavailableError(f"{espeak} produced no audio")
     return _resample(samples, src_rate, rate)
@@ -319,6 +364,52 @@ def _write_wav_atomically(path: Path, pcm: bytes, rate: int) -> None:
         raise AlertError(f"cannot write alert WAV: {exc}", path=path) from exc
 
 
+async def _espeak_to_file(
+    out: Path, text: str, *, voice: str, espeak: str, speed_wpm: int, timeout_s: float
+) -> None:
+    """espeak-ng as a child of the event loop: cancelling the caller kills it at once
+    (a ``subprocess.run`` in a thread cannot be cancelled and held shutdown up)."""
+    argv = [espeak, "-v", voice, "-s", str(speed_wpm), "--stdin", "-w", str(out)]
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+    except FileNotFoundError as exc:
+        raise _SpeechUnavailableError(f"{espeak} not found") from exc
+    except OSError as exc:
+        raise _SpeechUnavailableError(f"{espeak} could not run: {exc}") from exc
+    try:
+        async with asyncio.timeout(timeout_s):
+            _, err = await proc.communicate(text.encode("utf-8"))
+    except TimeoutError as exc:
+        raise _SpeechUnavailableError(f"{espeak} timed out after {timeout_s}s") from exc
+    finally:
+        await _reap(proc)
+    if proc.returncode != 0:
+        reason = err.decode("utf-8", "replace").strip()[:_STDERR_KEEP]
+        raise _SpeechUnavailableError(f"{espeak} exited {proc.returncode}: {reason}")
+
+
+def _finish_render(
+    path: Path, speech_wav: Path | None, sample_rate: int, espeak: str, voice: str
+) -> RenderInfo:
+    """The CPU part of a render (read espeak's WAV, resample, mix, write): run in a
+    worker thread. Measured at 2-6 ms for a 14-20 s announcement (espeak-ng itself,
+    a child process, takes ~20-30 ms); in a 200-alarm burst the loop's ticks were
+    late by at most 7 ms. Only the item about to play is rendered, so this runs at
+    most about once per ``_CUT_AFTER_S``: a process pool would cost more than it saves."""
+    speech: FloatArray | None = None
+    if speech_wav is not None:
+        try:
+            speech = _speech_samples(speech_wav, sample_rate, espeak)
+        except _SpeechUnavailableError as exc:
+            log.warning("alert.speech_unavailable", reason=str(exc), espeak=espeak, voice=voice)
+    return _mix_and_write(path, speech, _TONE_HZ, _TONE_S, sample_rate)
+
+
 class _PlaybackError(Exception):
     def __init__(self, reason: str, *, returncode: int | None = None, stderr: str = "") -> None:
         super().__init__(reason)
@@ -327,14 +418,33 @@ class _PlaybackError(Exception):
         self.stderr = stderr
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class _Alert:
     alarm_id: str
-    info: RenderInfo
+    text: str
     seq: int
-    plays: int = 0
+    path: Path  # where its WAV is rendered (just before it plays)
+    info: RenderInfo | None = None  # its WAV on disk, None if not rendered or evicted
+    plays: int = 0  # announced: on its own or in a summary
+    announced: bool = False  # heard at least once (its first announcement is not owed)
     consecutive_failures: int = 0
     stopped: bool = False
+
+
+@dataclass(slots=True, eq=False)
+class _Item:
+    """One thing on the speaker: an alarm's announcement, or a summary of many."""
+
+    alerts: tuple[_Alert, ...]  # the alarm, or every alarm the summary covers
+    text: str
+    path: Path
+    count: int = 0  # a summary: open alarms it announces; 0 for a single alarm
+    sounding_at: float | None = None  # loop time the first sound started
+    sounding: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def label(self) -> str:
+        return "summary" if self.count else self.alerts[0].alarm_id
 
 
 _RENDER_PREFIX: Final = "gateway-alert-"
@@ -369,12 +479,12 @@ def remove_orphaned_render_dirs(parent: Path | None = None) -> list[Path]:
 
 
 class AlertPlayer:
-    """Plays every active alarm's WAV round robin until each one is acknowledged.
+    """Announces every open alarm until it is acknowledged, summarising in a storm.
 
     Use as ``async with AlertPlayer(settings) as player:`` with the validated
     ``[alert]`` section (:class:`gateway.config.AlertSection`: backend, device,
-    pauses, espeak-ng). ``sleep`` is the pause between rounds (inject a fast one in
-    tests). Single use: it cannot be re-entered.
+    pauses, espeak-ng, ``summary_over``, ``max_wav_files``). ``sleep`` is the pause
+    between rounds (inject a fast one in tests). Single use: it cannot be re-entered.
     """
 
     def __init__(
@@ -394,19 +504,24 @@ class AlertPlayer:
         self._closed = False
         self._active: dict[str, _Alert] = {}  # insertion order == start order == seq order
         self._stopped: OrderedDict[str, _Alert] = OrderedDict()
-        self._pending: dict[str, asyncio.Event] = {}  # alarm_id -> set when its render ends
-        self._stop_requested: set[str] = set()  # acknowledged while still rendering
-        self._playing: tuple[_Alert, asyncio.Task[None]] | None = None
+        # Waiting to be announced. "fresh": never heard, newest first (a stack sorted by
+        # seq); "queued": the rest of this round, oldest first. The dicts say who is
+        # still waiting (an acknowledged alarm leaves them at once), the sequences give
+        # the order; stale entries in a sequence are skipped when reached.
+        self._fresh: dict[str, _Alert] = {}
+        self._fresh_order: list[_Alert] = []
+        self._queued: dict[str, _Alert] = {}
+        self._queue_order: deque[_Alert] = deque()
+        self._playing: tuple[_Item, asyncio.Task[None]] | None = None
         self._seq = itertools.count(1)
-        self._last_seq = 0  # seq of the alarm played last in the current round
         self._round = 1
-        # What is left to play in this round, oldest first; alarms that start during the
-        # round join at the end. Finding the next alarm costs O(1), not a scan of the
-        # rotation (a storm leaves hundreds of alarms in it).
-        self._queue: deque[_Alert] = deque()
-        self._wakeup = asyncio.Event()  # a new alarm became active
+        self._wakeup = asyncio.Event()  # a new alarm became active (cuts the pause)
+        self._arrived = asyncio.Event()  # a new alarm since the current item was picked
         self._changed = asyncio.Event()  # replaced on every play/stop; see _notify
-        self._render_slots = asyncio.Semaphore(_MAX_CONCURRENT_RENDERS)
+        # Rendered WAVs on disk, least recently played first; at most max_wav_files.
+        self._wavs: OrderedDict[Path, _Alert] = OrderedDict()
+        self._tone: RenderInfo | None = None
+        self._threads: set[asyncio.Future[RenderInfo]] = set()  # renders' CPU parts
 
     @property
     def backend(self) -> str:
@@ -454,7 +569,13 @@ class AlertPlayer:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        """Close in bounded time, however many alarms are open: the loop is cancelled
+        (which kills a running aplay/paplay or espeak-ng), an unfinished render's CPU
+        part gets at most ``_THREAD_WAIT_S``, and the render folder (at most
+        ``max_wav_files`` + 2 WAVs) is removed. Open alarms need no work here: none
+        has a WAV or a task of its own."""
         self._closed = True
+        began = time.monotonic()
         try:
             if self._loop_task is not None:
                 self._loop_task.cancel()
@@ -463,23 +584,29 @@ class AlertPlayer:
                 # ExceptionGroup. The loop never fails on its own, so this only waits.
                 await self._tg.__aexit__(None, None, None)
         finally:
-            if self._active:
-                log.warning("alert.closed", unacknowledged=tuple(self._active))
-            else:
-                log.info("alert.closed", unacknowledged=())
+            if self._threads:
+                # A render thread must not write into the folder while it is removed.
+                await asyncio.wait(set(self._threads), timeout=_THREAD_WAIT_S)
             if self._owned_dir is not None:
                 await asyncio.to_thread(shutil.rmtree, self._owned_dir, True)
+            log_close = log.warning if self._active else log.info
+            log_close(
+                "alert.closed",
+                unacknowledged=tuple(itertools.islice(self._active, _LOG_IDS)),
+                open_alarms=len(self._active),
+                close_ms=round((time.monotonic() - began) * 1000, 1),
+            )
             self._notify()
 
     async def start(self, alarm_id: str, text: str) -> None:
-        """Render the alarm's WAV (in a thread) and add it to the rotation.
+        """Add the alarm to the rotation; it is announced next (newest first).
 
-        Idempotent per ``alarm_id``: an alarm already active, rendering or
-        acknowledged is not started again.
+        Nothing is rendered here: the announcement is rendered just before it
+        plays, so a storm of alarms costs no espeak-ng runs and no files. Idempotent
+        per ``alarm_id``: an alarm already active or acknowledged is not started again.
 
         Raises:
-            AlertError: the player is not running, ``alarm_id`` is empty, or the
-                WAV could not be written.
+            AlertError: the player is not running, or ``alarm_id`` is empty.
         """
         if not self._entered or self._closed:
             raise AlertError("alert player is not running", alarm_id=alarm_id)
@@ -488,72 +615,45 @@ class AlertPlayer:
         if alarm_id in self._active or alarm_id in self._stopped:
             log.debug("alert.duplicate", alarm_id=alarm_id)
             return
-        pending = self._pending.get(alarm_id)
-        if pending is not None:
-            await pending.wait()
-            if alarm_id not in self._active and alarm_id not in self._stopped:
-                raise AlertError("concurrent start of this alarm failed", alarm_id=alarm_id)
-            return
-
-        done = asyncio.Event()
-        self._pending[alarm_id] = done
-        try:
-            path = self._dir() / f"{_file_stem(alarm_id)}.wav"
-            if self._backend == "none":
-                # Nothing will play it: no espeak-ng run, no WAV (about 30 ms of CPU per
-                # alarm, which an alarm storm on a small machine cannot spare).
-                info = RenderInfo(path=path, duration_s=0.0, sample_rate=0, has_speech=False)
-            else:
-                async with self._render_slots:
-                    info = await asyncio.to_thread(
-                        render_alert_wav,
-                        path,
-                        text,
-                        voice=self._settings.voice,
-                        espeak=self._settings.espeak,
-                        timeout_s=self._settings.max_render_s,
-                    )
-            if self._closed:
-                raise AlertError("alert player closed while rendering", alarm_id=alarm_id)
-            alert = _Alert(alarm_id=alarm_id, info=info, seq=next(self._seq))
-            log.info(
-                "alert.started",
-                alarm_id=alarm_id,
-                duration_s=round(info.duration_s, 3),
-                has_speech=info.has_speech,
-            )
-            if alarm_id in self._stop_requested:
-                self._retire(alert)
-                self._discard_wav(alert)
-            else:
-                self._active[alarm_id] = alert
-                self._queue.append(alert)
-                self._wakeup.set()
-        finally:
-            del self._pending[alarm_id]
-            self._stop_requested.discard(alarm_id)
-            done.set()
-            self._notify()
+        alert = _Alert(
+            alarm_id=alarm_id,
+            text=text,
+            seq=next(self._seq),
+            path=self._dir() / f"{_file_stem(alarm_id)}.wav",
+        )
+        self._active[alarm_id] = alert
+        self._fresh[alarm_id] = alert
+        self._fresh_order.append(alert)  # seq grows: the stack stays sorted
+        log.info("alert.started", alarm_id=alarm_id, waiting=self.waiting_count())
+        self._wakeup.set()
+        self._arrived.set()
+        self._notify()
 
     async def stop(self, alarm_id: str) -> bool:
         """Acknowledge: stop repeating the alarm, cutting its playback if it is on now.
 
         Returns False for an unknown ``alarm_id``; True otherwise (also when it was
-        already acknowledged, or is still rendering: it will then never play).
+        already acknowledged). A summary that counts it plays on for the others.
         """
-        if alarm_id in self._pending:
-            self._stop_requested.add(alarm_id)
-            return True
         alert = self._active.pop(alarm_id, None)
         if alert is None:
             return alarm_id in self._stopped
+        self._fresh.pop(alarm_id, None)
+        self._queued.pop(alarm_id, None)
         # Retired before the first await, so a second acknowledgement arriving while
         # the cut is in progress sees a known alarm. A cancelled play is never counted,
         # so the plays logged here are final.
         self._retire(alert)
         self._notify()
         playing = self._playing
-        if playing is not None and playing[0] is alert:
+        # Still rendering into output_dir: its WAV is the record of the alarm, so the
+        # render finishes in the loop's own time; it is not played (_perform checks).
+        if (
+            playing is not None
+            and not playing[0].count
+            and playing[0].alerts[0] is alert
+            and not (self._keeps_wavs() and not playing[0].sounding.is_set())
+        ):
             playing[1].cancel()
             await asyncio.wait({playing[1]})
         self._discard_wav(alert)
@@ -564,11 +664,20 @@ class AlertPlayer:
         return len(self._active)
 
     def active(self) -> tuple[str, ...]:
-        """Alarm ids in the rotation (rendered, not yet acknowledged), oldest first."""
+        """Alarm ids in the rotation (not yet acknowledged), oldest first."""
         return tuple(self._active)
 
+    def waiting_count(self) -> int:
+        """Alarms waiting for their turn on the speaker (new ones and this round's)."""
+        return len(self._fresh) + len(self._queued)
+
+    def wav_count(self) -> int:
+        """Rendered alarm WAVs on disk (at most ``max_wav_files``)."""
+        return len(self._wavs)
+
     def plays(self, alarm_id: str) -> int:
-        """How many times the alarm has been played successfully (0 if unknown)."""
+        """How many times the alarm has been announced, on its own or in a summary
+        (0 if unknown)."""
         alert = self._active.get(alarm_id) or self._stopped.get(alarm_id)
         return alert.plays if alert is not None else 0
 
@@ -578,7 +687,7 @@ class AlertPlayer:
         times: int = 1,
         timeout: float = 5.0,
     ) -> None:
-        """Wait until the alarm has been played ``times`` times.
+        """Wait until the alarm has been announced ``times`` times (see :meth:`plays`).
 
         Raises:
             TimeoutError: not played often enough within ``timeout`` seconds.
@@ -590,11 +699,7 @@ class AlertPlayer:
                 changed = self._changed
                 alert = self._active.get(alarm_id) or self._stopped.get(alarm_id)
                 if alert is None:
-                    pending = self._pending.get(alarm_id)
-                    if pending is None:
-                        raise AlertError("unknown alarm", alarm_id=alarm_id)
-                    await pending.wait()
-                    continue
+                    raise AlertError("unknown alarm", alarm_id=alarm_id)
                 if alert.plays >= times:
                     return
                 if alert.stopped:
@@ -625,11 +730,26 @@ class AlertPlayer:
             self._stopped.popitem(last=False)
         log.info("alert.stopped", alarm_id=alert.alarm_id, plays=alert.plays)
 
-    def _discard_wav(self, alert: _Alert) -> None:
+    def _keeps_wavs(self) -> bool:
         # The "file" backend's WAVs in a configured output_dir are its observable
-        # output and stay; private render files would otherwise pile up.
-        if self._backend != "file" or self._owned_dir is not None:
-            alert.info.path.unlink(missing_ok=True)
+        # output and stay after acknowledgement (still at most max_wav_files of them).
+        return self._backend == "file" and self._owned_dir is None
+
+    def _discard_wav(self, alert: _Alert) -> None:
+        if alert.info is None or self._keeps_wavs():
+            return
+        self._wavs.pop(alert.path, None)
+        alert.path.unlink(missing_ok=True)
+        alert.info = None
+
+    def _remember_wav(self, alert: _Alert, info: RenderInfo) -> None:
+        alert.info = info
+        self._wavs[alert.path] = alert
+        self._wavs.move_to_end(alert.path)
+        while len(self._wavs) > self._settings.max_wav_files:
+            path, evicted = self._wavs.popitem(last=False)
+            path.unlink(missing_ok=True)
+            evicted.info = None  # rendered again when its turn comes
 
     async def _resolve_backend(self) -> tuple[Backend, str]:
         wanted = self._settings.backend
@@ -653,10 +773,9 @@ class AlertPlayer:
                 await self._sleep(_LOOP_ERROR_BACKOFF_S)
 
     async def _cycle(self) -> None:
-        alert = self._next_alert()
-        if alert is not None:
-            self._last_seq = alert.seq
-            await self._play_once(alert)
+        item = self._next_item()
+        if item is not None:
+            await self._play_once(item)
             return
         if not self._active:
             self._wakeup.clear()
@@ -665,21 +784,62 @@ class AlertPlayer:
             return
         if not await self._pause(self._settings.repeat_interval_s):
             self._start_round()
-        # Interrupted: keep the round going, so the new alarm (highest seq) plays next.
+        # Interrupted: keep the round going; the new alarm is announced first.
 
     def _start_round(self) -> None:
-        self._last_seq = 0
         self._round += 1
-        self._queue = deque(self._active.values())
+        self._queue_order = deque(a for a in self._active.values() if a.alarm_id not in self._fresh)
+        self._queued = {a.alarm_id: a for a in self._queue_order}
 
-    def _next_alert(self) -> _Alert | None:
-        queue = self._queue
-        while queue:
-            alert = queue.popleft()
-            # Skip alarms acknowledged since they were queued.
-            if alert.seq > self._last_seq and self._active.get(alert.alarm_id) is alert:
-                return alert
-        return None
+    def _next_item(self) -> _Item | None:
+        """What plays next: a summary when more alarms wait than ``summary_over``,
+        else the newest alarm never heard, else the oldest of this round."""
+        waiting = self.waiting_count()
+        if waiting == 0:
+            return None
+        self._arrived.clear()  # what arrived so far is in this choice
+        if waiting > self._settings.summary_over:
+            covered = (*self._fresh.values(), *self._queued.values())
+            self._fresh, self._fresh_order = {}, []
+            self._queued, self._queue_order = {}, deque()
+            newest = next(reversed(self._active.values()))
+            count = len(self._active)
+            return _Item(
+                alerts=covered,
+                text=_SUMMARY.format(count=count, newest=newest.text),
+                path=self._dir() / _SUMMARY_WAV,
+                count=count,
+            )
+        if self._fresh:
+            while True:
+                alert = self._fresh_order.pop()
+                if self._fresh.get(alert.alarm_id) is alert:
+                    del self._fresh[alert.alarm_id]
+                    break
+        else:
+            while True:
+                alert = self._queue_order.popleft()
+                if self._queued.get(alert.alarm_id) is alert:
+                    del self._queued[alert.alarm_id]
+                    break
+        return _Item(alerts=(alert,), text=alert.text, path=alert.path)
+
+    def _requeue(self, item: _Item) -> None:
+        """A cut item's alarms wait again: the unheard with the new ones (by seq), the
+        heard at the head of this round."""
+        unheard: list[_Alert] = []
+        for alert in reversed(item.alerts):
+            if self._active.get(alert.alarm_id) is not alert:
+                continue  # acknowledged meanwhile
+            if alert.announced:
+                self._queued[alert.alarm_id] = alert
+                self._queue_order.appendleft(alert)
+            else:
+                self._fresh[alert.alarm_id] = alert
+                unheard.append(alert)
+        if unheard:
+            live = [a for a in self._fresh_order if self._fresh.get(a.alarm_id) is a]
+            self._fresh_order = sorted([*live, *unheard], key=lambda a: a.seq)
 
     async def _pause(self, seconds: float) -> bool:
         """Sleep between rounds; True if a new alarm cut the pause short."""
@@ -696,66 +856,219 @@ class AlertPlayer:
             sleeper.result()  # surface an error from an injected sleep to the loop
         return waker in done and not waker.cancelled()
 
-    async def _play_once(self, alert: _Alert) -> None:
-        # A child task so that stop() can cut exactly this play without touching the loop.
-        task = asyncio.create_task(self._play(alert), name=f"alert-play-{alert.alarm_id}")
-        self._playing = (alert, task)
+    async def _play_once(self, item: _Item) -> None:
+        # A child task so that stop() or a new alarm can cut exactly this play.
+        task = asyncio.create_task(self._perform(item), name=f"alert-play-{item.label}")
+        self._playing = (item, task)
         try:
-            await asyncio.wait({task})
+            cut = await self._until_done_or_cut(item, task)
         finally:
             if not task.done():
                 task.cancel()
                 await asyncio.wait({task})
             self._playing = None
+        if cut:
+            self._requeue(item)
+            log.info("alert.cut_for_new_alarm", cut=item.label, waiting=self.waiting_count())
+            return
         if not task.cancelled():
             task.result()  # re-raise a bug (playback failures are handled inside)
 
-    async def _play(self, alert: _Alert) -> None:
-        backend = self._backend
-        failure: _PlaybackError | None = None
-        try:
-            if backend == "file":
-                self._record_file_play(alert)
-            elif backend in ("aplay", "paplay"):
-                limit_s = alert.info.duration_s + self._settings.playback_margin_s
-                await _run_player(self._player_argv(alert.info.path), limit_s)
-        except _PlaybackError as exc:
-            failure = exc
-        if failure is not None:
-            # An expected, recoverable condition: the reason and stderr say it all,
-            # a traceback would only bury them.
-            alert.consecutive_failures += 1
-            log.error(
-                "alert.playback_failed",
-                alarm_id=alert.alarm_id,
-                backend=backend,
-                reason=failure.reason,
-                returncode=failure.returncode,
-                stderr=failure.stderr,
-                consecutive_failures=alert.consecutive_failures,
-            )
+    async def _until_done_or_cut(self, item: _Item, task: asyncio.Task[None]) -> bool:
+        """Wait for the play; True if a new alarm should cut it. The cut comes once
+        the play has sounded for ``_CUT_AFTER_S`` (so every alarm's tone is heard within
+        about that long, whatever the load), and never for an alarm acknowledged
+        meanwhile."""
+        while True:
+            if not await _first(task, self._arrived.wait()):
+                return False
+            if not item.sounding.is_set() and not await _first(task, item.sounding.wait()):
+                return False
+            sounded = asyncio.get_running_loop().time() - (item.sounding_at or 0.0)
+            if sounded < _CUT_AFTER_S:
+                await asyncio.wait({task}, timeout=_CUT_AFTER_S - sounded)
+                if task.done():
+                    return False
+            if self._fresh:
+                return True
+            self._arrived.clear()  # the newcomer was acknowledged already
+
+    async def _perform(self, item: _Item) -> None:
+        """Render the item (just now, unless its WAV is still on disk) and play it.
+        A render later than ``_TONE_DEADLINE_S`` does not hold the alarm: the plain
+        tone plays first, the announcement as soon as it is rendered."""
+        if self._backend == "none":
+            self._mark_sounding(item)
+            self._played(item, None)
             return
-        alert.plays += 1  # no await since the file backend logged it: count and log agree
-        alert.consecutive_failures = 0
+        alone = item.alerts[0] if not item.count else None
+        info = alone.info if alone is not None else None
+        if info is not None and alone is not None and info.path.exists():
+            self._wavs.move_to_end(alone.path)
+        else:
+            render = asyncio.create_task(self._render(item), name=f"alert-render-{item.label}")
+            try:
+                done, _ = await asyncio.wait({render}, timeout=_TONE_DEADLINE_S)
+                if not done and not (alone is not None and alone.stopped):
+                    await self._sound_tone(item)
+                info = await render
+            except AlertError as exc:
+                log.error("alert.render_failed", item=item.label, reason=str(exc))
+                self._failed(item, _PlaybackError(f"render failed: {exc.reason}"))
+                return
+            finally:
+                if not render.done():
+                    render.cancel()
+                    await asyncio.wait({render})
+            if alone is not None:
+                self._remember_wav(alone, info)
+                if alone.stopped:
+                    return  # acknowledged while rendering (see stop)
+        self._mark_sounding(item)
+        try:
+            await self._sound(item, info)
+        except _PlaybackError as exc:
+            self._failed(item, exc)
+            return
+        self._played(item, info)
+
+    async def _render(self, item: _Item) -> RenderInfo:
+        began = time.monotonic()
+        s = self._settings
+        speech_wav: Path | None = None
+        if item.text.strip():
+            try:
+                fd, name = tempfile.mkstemp(prefix=".speech-", suffix=".wav", dir=item.path.parent)
+            except OSError as exc:
+                raise AlertError(f"cannot create a temporary file: {exc}", path=item.path) from exc
+            os.close(fd)
+            speech_wav = Path(name)
+        else:
+            log.warning("alert.speech_unavailable", reason="blank text", espeak=s.espeak,
+                        voice=s.voice)
+        try:
+            if speech_wav is not None:
+                try:
+                    await _espeak_to_file(speech_wav, item.text, voice=s.voice, espeak=s.espeak,
+                                          speed_wpm=_SPEED_WPM, timeout_s=s.max_render_s)
+                except _SpeechUnavailableError as exc:
+                    log.warning("alert.speech_unavailable", reason=str(exc), espeak=s.espeak,
+                                voice=s.voice)
+                    speech_wav.unlink(missing_ok=True)
+                    speech_wav = None
+            info = await self._in_thread(item.path, speech_wav)
+        finally:
+            if speech_wav is not None:
+                speech_wav.unlink(missing_ok=True)
         log.info(
-            "alert.played",
-            alarm_id=alert.alarm_id,
-            round=self._round,
-            plays=alert.plays,
-            backend=backend,
+            "alert.rendered",
+            item=item.label,
+            duration_s=round(info.duration_s, 3),
+            has_speech=info.has_speech,
+            render_ms=round((time.monotonic() - began) * 1000, 1),
         )
+        return info
+
+    async def _in_thread(self, path: Path, speech_wav: Path | None) -> RenderInfo:
+        # Tracked, so that closing can wait for it before removing the folder it writes.
+        fut = asyncio.get_running_loop().run_in_executor(
+            None, _finish_render, path, speech_wav, _SAMPLE_RATE, self._settings.espeak,
+            self._settings.voice,
+        )
+        self._threads.add(fut)
+        fut.add_done_callback(self._thread_done)
+        try:
+            return await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            # Cancelled (acknowledged or closing) while the thread still writes: what it
+            # writes belongs to nobody, so it must not outlive it and escape the bound.
+            fut.add_done_callback(lambda _: path.unlink(missing_ok=True))
+            raise
+
+    def _thread_done(self, fut: asyncio.Future[RenderInfo]) -> None:
+        self._threads.discard(fut)
+        if not fut.cancelled():
+            fut.exception()  # retrieved: a cancelled render's error is not news
+
+    async def _sound_tone(self, item: _Item) -> None:
+        """The plain tone, while the announcement is still rendering."""
+        if self._tone is None or not self._tone.path.exists():
+            self._tone = await self._in_thread(self._dir() / _TONE_WAV, None)
+        self._mark_sounding(item)
+        try:
+            await self._sound(item, self._tone, kind="tone")
+        except _PlaybackError as exc:
+            log.error("alert.playback_failed", item=item.label, backend=self._backend,
+                      reason=exc.reason, returncode=exc.returncode, stderr=exc.stderr)
+            return
+        log.info("alert.tone_played", item=item.label, backend=self._backend)
+
+    def _mark_sounding(self, item: _Item) -> None:
+        if not item.sounding.is_set():
+            item.sounding_at = asyncio.get_running_loop().time()
+            item.sounding.set()
+
+    async def _sound(self, item: _Item, info: RenderInfo, kind: str | None = None) -> None:
+        if self._backend == "file":
+            self._record_file_play(item, info, kind)
+        elif self._backend in ("aplay", "paplay"):
+            limit_s = info.duration_s + self._settings.playback_margin_s
+            await _run_player(self._player_argv(info.path), limit_s)
+
+    def _failed(self, item: _Item, failure: _PlaybackError) -> None:
+        # An expected, recoverable condition: the reason and stderr say it all, a
+        # traceback would only bury them. The alarms wait for the next round.
+        for alert in item.alerts:
+            alert.consecutive_failures += 1
+        log.error(
+            "alert.playback_failed",
+            alarm_id=item.alerts[0].alarm_id if not item.count else None,
+            item=item.label,
+            backend=self._backend,
+            reason=failure.reason,
+            returncode=failure.returncode,
+            stderr=failure.stderr,
+            consecutive_failures=item.alerts[0].consecutive_failures,
+        )
+
+    def _played(self, item: _Item, info: RenderInfo | None) -> None:
+        # No await since the file backend logged it: count and log agree.
+        del info
+        for alert in item.alerts:
+            alert.plays += 1
+            alert.announced = True
+            alert.consecutive_failures = 0
+        if item.count:
+            log.info(
+                "alert.summary_played",
+                count=item.count,
+                covered=len(item.alerts),
+                round=self._round,
+                backend=self._backend,
+            )
+        else:
+            alert = item.alerts[0]
+            log.info(
+                "alert.played",
+                alarm_id=alert.alarm_id,
+                round=self._round,
+                plays=alert.plays,
+                backend=self._backend,
+            )
         self._notify()
 
-    def _record_file_play(self, alert: _Alert) -> None:
+    def _record_file_play(self, item: _Item, info: RenderInfo, kind: str | None) -> None:
         # Synchronous on purpose: the count and the log line change together, with no
         # await in between, so a stop() can never fall between them. One short append.
-        entry = {
-            "ts": datetime.now(UTC).isoformat(),
-            "alarm_id": alert.alarm_id,
-            "play": alert.plays + 1,
-            "round": self._round,
-            "wav": alert.info.path.name,
-        }
+        entry: dict[str, object] = {"ts": datetime.now(UTC).isoformat()}
+        if kind is not None:
+            entry["kind"] = kind
+        elif item.count:
+            entry |= {"kind": "summary", "count": item.count, "covered": len(item.alerts)}
+        else:
+            alert = item.alerts[0]
+            entry |= {"kind": "alarm", "alarm_id": alert.alarm_id, "play": alert.plays + 1}
+        entry |= {"round": self._round, "wav": info.path.name}
         try:
             with (self._dir() / _PLAYS_LOG).open("a", encoding="utf-8") as fh:
                 fh.write(json.dumps(entry, ensure_ascii=False) + "\n")
@@ -767,6 +1080,17 @@ class AlertPlayer:
         if self._backend == "paplay":
             return ["paplay", *([f"--device={device}"] if device else []), str(wav)]
         return ["aplay", "-q", *(["-D", device] if device else []), str(wav)]
+
+
+async def _first(task: asyncio.Task[None], signal: Coroutine[Any, Any, object]) -> bool:
+    """Wait for ``task`` to end or ``signal`` to come; True if the signal came first."""
+    waiter = asyncio.ensure_future(signal)
+    try:
+        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+        await asyncio.gather(waiter, return_exceptions=True)
+    return not task.done()
 
 
 def _as_backend(name: str) -> Backend:

@@ -179,6 +179,9 @@ class AlertSection(_Section):
     ``max_render_s`` bounds espeak-ng per announcement (the tone plays alone past it);
     ``playback_margin_s`` is added to a WAV's duration to time out a stuck player;
     ``espeak`` is the espeak-ng binary (name on PATH or absolute path).
+    ``summary_over``: when more alarms than this wait for the speaker, one summary
+    ("紧急求助：共N起，最新：…") is announced instead of each (0: always a summary);
+    ``max_wav_files`` bounds the rendered announcements kept on disk.
     """
 
     backend: Literal["auto", "aplay", "paplay", "file", "none"] = "auto"
@@ -189,6 +192,8 @@ class AlertSection(_Section):
     max_render_s: PositiveFloat = 10.0
     playback_margin_s: float = Field(3.0, ge=0, allow_inf_nan=False)
     espeak: str = Field("espeak-ng", min_length=1)
+    summary_over: int = Field(3, ge=0)
+    max_wav_files: int = Field(16, ge=1, le=10_000)
 
 
 # A DNS host name: dot-separated labels of letters, digits and inner hyphens. No

@@ -14,8 +14,10 @@ import json
 import os
 import shutil
 import subprocess
+import time
 import wave
 from collections.abc import Callable, MutableMapping, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -297,6 +299,8 @@ def test_render_that_cannot_replace_the_target_is_an_alert_error(tmp_path: Path)
         {"playback_margin_s": float("inf")},
         {"voice": ""},
         {"device": ""},
+        {"summary_over": -1},
+        {"max_wav_files": 0},
     ],
 )
 def test_settings_are_validated(kwargs: dict[str, Any]) -> None:
@@ -308,11 +312,13 @@ def test_settings_come_from_the_config_file(tmp_path: Path) -> None:
     data = {
         "sms": {"from_number": "+15005550006"},
         "alert": {"repeat_interval_s": 0, "max_render_s": 4, "playback_margin_s": 1.5,
-                  "espeak": "/opt/espeak-ng/bin/espeak-ng", "device": "plughw:1,0"},
+                  "espeak": "/opt/espeak-ng/bin/espeak-ng", "device": "plughw:1,0",
+                  "summary_over": 5, "max_wav_files": 8},
     }
     alert = parse_config(data, tmp_path / "gateway.toml").model.alert
     assert alert == AlertSection(repeat_interval_s=0.0, max_render_s=4.0, playback_margin_s=1.5,
-                                 espeak="/opt/espeak-ng/bin/espeak-ng", device="plughw:1,0")
+                                 espeak="/opt/espeak-ng/bin/espeak-ng", device="plughw:1,0",
+                                 summary_over=5, max_wav_files=8)
     assert (alert.backend, alert.voice) == ("auto", "cmn")
     with pytest.raises(ConfigError) as caught:
         parse_config({**data, "alert": {"max_render_s": 0}}, tmp_path / "gateway.toml")
@@ -348,8 +354,10 @@ async def test_file_backend_repeats_an_alarm_until_it_is_stopped(out: Path) -> N
 
     [started] = events(logs, "alert.started")
     assert started["alarm_id"] == "A1"
-    assert started["has_speech"] is True
-    assert started["duration_s"] > TONE_S + 0.5
+    [rendered] = events(logs, "alert.rendered")  # once: the repeats reuse the WAV
+    assert rendered["item"] == "A1"
+    assert rendered["has_speech"] is True
+    assert rendered["duration_s"] > TONE_S + 0.5
     played = events(logs, "alert.played")
     assert len(played) == plays
     assert {(e["alarm_id"], e["backend"]) for e in played} == {("A1", "file")}
@@ -392,26 +400,35 @@ async def test_two_alarms_alternate_and_stopping_one_leaves_the_other(out: Path)
 async def test_each_round_plays_every_alarm_in_the_rotation_once_oldest_first(
     out: Path,
 ) -> None:
-    settings = AlertSection(backend="file", output_dir=out, repeat_interval_s=0.0)
+    """Reminder rounds go oldest first; an alarm not yet heard goes before them, the
+    newest first (issue 13: the center hears the latest press at once)."""
+    settings = AlertSection(backend="file", output_dir=out, repeat_interval_s=0.0,
+                            summary_over=10)
     order = ["A", "B", "C", "D", "E"]
     async with AlertPlayer(settings, sleep=FastSleep()) as player:
         for alarm in order[:4]:
             await player.start(alarm, SHORT)
-        await player.wait_played("D", 2)
+        await player.wait_played("D", 2)  # the last of the first reminder round
         await player.stop("B")  # acknowledged in the middle of the rotation
+        mark = len(play_log(out))
         await player.start("E", SHORT)  # a new alarm joins
         await player.wait_played("E", 3)
+        assert "E" in [e["alarm_id"] for e in play_log(out)[mark:mark + 2]]  # next, or so
         await player.stop("C")
         await player.wait_played("E", player.plays("E") + 2)
         assert player.active() == ("A", "D", "E")
         assert player.active_count() == 3
 
+    entries = play_log(out)
+    firsts = [e["alarm_id"] for e in entries if e["play"] == 1]
+    assert firsts == ["D", "C", "B", "A", "E"]
     rounds: dict[int, list[str]] = {}
-    for entry in play_log(out):
+    for entry in entries:
         rounds.setdefault(entry["round"], []).append(entry["alarm_id"])
     for played in rounds.values():
-        assert played == sorted(set(played), key=order.index)  # once each, oldest first
-    assert ["A", "B", "C", "D"] in rounds.values()
+        assert len(played) == len(set(played))  # once each
+    # A reminder round, oldest first (E, started at its end, may join it).
+    assert any(r[:4] == ["A", "B", "C", "D"] for r in rounds.values())
     assert ["A", "C", "D", "E"] in rounds.values()  # B gone, E joined
     assert ["A", "D", "E"] in rounds.values()
     last = rounds[max(rounds)]
@@ -625,7 +642,7 @@ async def test_missing_player_binary_is_logged_not_raised(
     failures = events(logs, "alert.playback_failed")
     assert failures
     assert "cannot run aplay" in failures[0]["reason"]
-    assert events(logs, "alert.started")[0]["has_speech"] is True
+    assert events(logs, "alert.rendered")[0]["has_speech"] is True
 
 
 @pytest.mark.integration
@@ -639,15 +656,15 @@ async def test_stop_cuts_the_alarm_on_the_speaker_and_the_next_one_plays(
             await player.start("A", SHORT)
             await player.start("B", SHORT)
             await wait_for(lambda: len(pids(hanging_aplay)) == 1)
-            [a_pid] = pids(hanging_aplay)
-            assert pid_alive(a_pid)
+            [b_pid] = pids(hanging_aplay)  # the newest is announced first
+            assert pid_alive(b_pid)
 
-            assert await player.stop("A") is True
-            assert not pid_alive(a_pid)
-            await wait_for(lambda: len(pids(hanging_aplay)) == 2)  # B is on the speaker
-            assert player.active() == ("B",)
+            assert await player.stop("B") is True
+            assert not pid_alive(b_pid)
+            await wait_for(lambda: len(pids(hanging_aplay)) == 2)  # A is on the speaker
+            assert player.active() == ("A",)
     assert events(logs, "alert.playback_failed") == []
-    assert [(e["alarm_id"], e["plays"]) for e in events(logs, "alert.stopped")] == [("A", 0)]
+    assert [(e["alarm_id"], e["plays"]) for e in events(logs, "alert.stopped")] == [("B", 0)]
 
 
 @pytest.mark.integration
@@ -828,3 +845,201 @@ def test_render_folders_of_dead_gateways_are_removed_at_start(tmp_path: Path) ->
         (folder / "A1.wav").write_bytes(b"RIFF")
     assert remove_orphaned_render_dirs(tmp_path) == [orphan]
     assert not orphan.exists() and alive.exists() and other.exists()
+
+
+# -- storms (issue 13) -------------------------------------------------------------------
+
+
+def speaker_log(path: Path) -> list[tuple[float, int, str]]:
+    """(time, pid, WAV name) of every play the ``speaker`` fixture started."""
+    if not path.exists():
+        return []
+    rows = [line.split() for line in path.read_text().splitlines()]
+    return [(float(t), int(pid), name) for t, pid, name in rows]
+
+
+@pytest.fixture
+def speaker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An ``aplay`` first on PATH that logs when it starts which WAV, then plays
+    'forever' (a speaker busy with a long announcement)."""
+    logfile = tmp_path / "speaker.log"
+    bindir = tmp_path / "bin"
+    stamp = f"{shutil.which('date') or 'date'} +%s.%N"
+    write_script(bindir / "aplay", f'for last in "$@"; do :; done\n'
+                 f'echo "$({stamp}) $$ $(basename "$last")" >> "{logfile}"\nexec sleep 30\n')
+    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
+    return logfile
+
+
+def summary_entries(out: Path) -> list[dict[str, Any]]:
+    return [e for e in play_log(out) if e.get("kind") == "summary"]
+
+
+@pytest.mark.integration
+@needs_espeak
+async def test_a_backlog_is_announced_as_one_summary_naming_the_newest(
+    tmp_path: Path, out: Path
+) -> None:
+    settings = AlertSection(backend="file", output_dir=out, repeat_interval_s=0.0,
+                            summary_over=3)
+    ids = [f"S{i}" for i in range(10)]
+    with capture_logs() as logs:
+        async with AlertPlayer(settings, sleep=FastSleep()) as player:
+            for alarm_id in ids:
+                await player.start(alarm_id, SENTENCE)
+            await player.wait_played(ids[0], 1)  # heard in the summary
+            [first, *_] = summary_entries(out)
+            assert first["count"] == first["covered"] == 10
+            assert first["wav"] == "_summary.wav"
+            assert all(player.plays(a) >= 1 for a in ids)
+            assert wav_files(out) == [out / "_summary.wav"]  # no per-alarm WAV rendered
+
+            # The backlog shrinks to summary_over: each alarm is announced again.
+            for alarm_id in ids[:7]:
+                await player.stop(alarm_id)
+            mark = len(play_log(out))
+            await player.wait_played("S9", player.plays("S9") + 2)
+            await player.wait_played("S7", player.plays("S7") + 1)
+
+    later = play_log(out)[mark:]
+    assert {e.get("alarm_id") for e in later if e["kind"] == "alarm"} == {"S7", "S8", "S9"}
+    assert all(e["kind"] == "alarm" for e in later[1:])  # a summary at most just after
+    summary = next(e for e in events(logs, "alert.rendered") if e["item"] == "summary")
+    assert summary["has_speech"] is True
+    # "紧急求助：共10起，最新：" + the newest alarm's text: longer than that text alone.
+    alone = render_alert_wav(tmp_path / "alone.wav", SENTENCE)
+    params, samples = read_wav(out / "_summary.wav")
+    duration = params.nframes / params.framerate
+    assert duration > alone.duration_s + 1.0
+    assert rms(samples[int((TONE_S + GAP_S) * RATE):]) > 300  # speech, not silence
+
+
+@pytest.mark.integration
+@needs_espeak
+async def test_a_new_alarm_is_heard_within_a_second_while_another_plays(speaker: Path) -> None:
+    """The speaker is busy with a long announcement (it never ends): a new alarm cuts
+    it after _CUT_AFTER_S, and the cut one is announced again after it."""
+    settings = AlertSection(backend="aplay", playback_margin_s=60.0, espeak=ESPEAK or "")
+    async with AlertPlayer(settings, sleep=BlockingSleep()) as player:
+        await player.start("A", SENTENCE)
+        await wait_for(lambda: len(speaker_log(speaker)) == 1)
+        await asyncio.sleep(1.0)  # A has been on the speaker for a while
+        pressed = time.time()
+        await player.start("B", SENTENCE)
+        await wait_for(lambda: len(speaker_log(speaker)) == 2)
+        [(_, a_pid, a_wav), (b_at, _, b_wav)] = speaker_log(speaker)
+        assert (a_wav, b_wav) == ("A.wav", "B.wav")
+        assert b_at - pressed < 0.5  # A had sounded long enough: cut at once
+        assert not pid_alive(a_pid)
+        await player.stop("B")
+        await wait_for(lambda: len(speaker_log(speaker)) == 3)
+        assert speaker_log(speaker)[2][2] == "A.wav"  # cut, so announced again
+        assert player.plays("A") == 0  # a cut play is not a play
+
+
+@pytest.mark.integration
+@needs_espeak
+async def test_in_a_burst_of_200_alarms_each_is_heard_within_a_second(speaker: Path) -> None:
+    """100 alarms/s while the speaker is busy: every alarm's arrival is followed by a
+    new sound (a tone) within ~1 s; after the first, the sounds are summaries."""
+    settings = AlertSection(backend="aplay", playback_margin_s=60.0, espeak=ESPEAK or "",
+                            summary_over=3)
+    pressed: list[float] = []
+    with capture_logs() as logs:
+        async with AlertPlayer(settings, sleep=BlockingSleep()) as player:
+            for i in range(200):
+                pressed.append(time.time())
+                await player.start(f"B{i:03d}", SENTENCE)
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(1.2)
+            sounds = speaker_log(speaker)
+            assert player.wav_count() <= 1  # only the first alarm was rendered on its own
+    delays = [min(t for t, _, _ in sounds if t >= at) - at
+              for at in pressed if any(t >= at for t, _, _ in sounds)]
+    assert len(delays) == len(pressed)
+    assert max(delays) < 1.2
+    assert {name for _, _, name in sounds[1:]} == {"_summary.wav"}
+    assert events(logs, "alert.cut_for_new_alarm")
+
+
+@pytest.mark.integration
+@needs_espeak
+async def test_wavs_on_disk_are_bounded_and_rendered_again_when_needed(tmp_path: Path) -> None:
+    settings = AlertSection(backend="file", repeat_interval_s=0.0, summary_over=100,
+                            max_wav_files=4)
+    ids = [f"W{i:02d}" for i in range(12)]
+    most = 0
+    async with AlertPlayer(settings, sleep=FastSleep()) as player:
+        workdir = player.output_dir
+        assert workdir is not None
+        for alarm_id in ids:
+            await player.start(alarm_id, SHORT)
+        for round_no in (1, 2):
+            for alarm_id in ids:
+                await player.wait_played(alarm_id, round_no, timeout=20)
+                most = max(most, len([w for w in wav_files(workdir) if w.name[0] != "_"]))
+        assert player.wav_count() == 4
+        kept = [w for w in wav_files(workdir) if w.name[0] != "_"]
+        params, samples = read_wav(kept[0])
+        assert params.nframes / params.framerate > TONE_S + GAP_S + 0.3
+        assert rms(samples) > 300
+        entries = play_log(workdir)
+    assert most <= 4
+    assert len({e["alarm_id"] for e in entries}) == 12
+    assert not workdir.exists()
+
+
+@pytest.mark.integration
+@needs_espeak
+async def test_a_slow_render_does_not_hold_back_the_tone(tmp_path: Path, out: Path) -> None:
+    assert ESPEAK is not None
+    slow = write_script(tmp_path / "bin" / "slow-espeak", f'sleep 1.5\nexec "{ESPEAK}" "$@"\n')
+    settings = AlertSection(backend="file", output_dir=out, espeak=str(slow))
+    async with AlertPlayer(settings, sleep=BlockingSleep()) as player:
+        pressed = time.time()
+        await player.start("A", SHORT)
+        await player.wait_played("A", 1)
+    tone, alarm = play_log(out)
+    assert tone["kind"] == "tone"
+    assert datetime.fromisoformat(tone["ts"]).timestamp() - pressed < 0.9
+    assert (alarm["kind"], alarm["alarm_id"]) == ("alarm", "A")
+    params, samples = read_wav(out / "A.wav")
+    assert params.nframes / params.framerate > TONE_S + GAP_S + 0.3  # speech made it in
+    assert rms(samples[int((TONE_S + GAP_S) * RATE):]) > 300
+    _, tone_samples = read_wav(out / "_tone.wav")
+    assert abs(peak_hz(tone_samples[: int(0.25 * RATE)], RATE) - 880) < 20
+
+
+@pytest.mark.integration
+@needs_espeak
+@pytest.mark.parametrize("slow", ["speaker", "espeak"])
+async def test_closing_with_500_open_alarms_and_a_slow_backend_is_quick(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, slow: str
+) -> None:
+    """Issue 13: after a storm, closing took 37 s, past TimeoutStopSec=30. Closing now
+    kills the player or espeak-ng on the speaker and removes the folder at once."""
+    pidfile = tmp_path / "slow.pids"
+    hang = write_script(tmp_path / "bin" / "hang", f'echo $$ >> "{pidfile}"\nexec sleep 30\n')
+    if slow == "speaker":
+        (tmp_path / "bin" / "aplay").symlink_to(hang)
+        monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+        settings = AlertSection(backend="aplay", playback_margin_s=60.0, espeak=ESPEAK or "")
+    else:
+        settings = AlertSection(backend="file", espeak=str(hang))
+    with capture_logs() as logs:
+        async with AlertPlayer(settings, sleep=BlockingSleep()) as player:
+            for i in range(500):
+                await player.start(f"C{i:03d}", SENTENCE)
+            await wait_for(lambda: len(pids(pidfile)) >= 1)
+            workdir = player.output_dir
+            assert workdir is not None
+            assert len(list(workdir.iterdir())) <= 4
+            closing = time.monotonic()
+        closed_s = time.monotonic() - closing
+    assert closed_s < 1.0
+    assert not any(pid_alive(p) for p in pids(pidfile))
+    assert not workdir.exists()
+    assert asyncio.all_tasks() == {asyncio.current_task()}
+    [closed] = events(logs, "alert.closed")
+    assert closed["open_alarms"] == 500
+    assert len(closed["unacknowledged"]) == 20
