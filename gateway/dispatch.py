@@ -25,8 +25,9 @@ are rebuilt from the journal's ``received_at``. An alarm waiting for its next wa
 idle: a stop does not wait for it (the next start rebuilds the timer).
 
 The first SMS is on the critical path, so nothing slow sits before it: the responder
-search is an in-memory index query (microseconds), the alert renders in a worker thread
-in parallel, and the wave plan is one group-committed journal write.
+search is an in-memory index query (microseconds), the alert only records the alarm (the
+player renders what it is about to play, by itself), and the wave plan is one
+group-committed journal write.
 
 Acknowledgement and cancel live here rather than in a module of their own because they
 *are* the other half of the alarm task: they set the event the task waits on, release
@@ -230,9 +231,8 @@ class Dispatcher:
 
     async def __aexit__(self, *exc_info: Any) -> None:
         tg, self._tg = self._tg, None
-        # After a storm, alert renders queue two at a time (~30 ms each) and would hold
-        # shutdown long past its deadline. A stopping gateway plays nothing, and the next
-        # start resumes the alert of every open alarm from the journal.
+        # A stopping gateway plays nothing (the player's close kills what plays), and the
+        # next start resumes the alert of every open alarm from the journal.
         for task in self._alert_starts:
             task.cancel()
         # Rows still queued stay 'sending' in the journal: the next start reconciles them.
@@ -563,7 +563,7 @@ class Dispatcher:
 
     async def _start_alert(self, alarm: ActiveAlarm) -> None:
         text = self._spoken(alarm)
-        # Rendering runs in a thread; don't hold up the SMS behind it.
+        # In its own task: the SMS never wait for the player.
         if self._tg is None:
             raise RuntimeError("dispatcher is not running")
         task = self._tg.create_task(self._alert(alarm, text), name=f"alert-{alarm.alarm_id}")
