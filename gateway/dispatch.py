@@ -397,8 +397,19 @@ class Dispatcher:
 
     def _locate(self, alarm: ActiveAlarm, elder: Elder, world: World) -> Situation:
         settings = self._geo_settings
-        geo = world.geo.lookup(elder.location, k=self._planner.staff_needed,
-                               exclude=self._busy.keys() if settings.exclude_busy else ())
+        need = self._planner.staff_needed
+        exclude = self._busy.keys() if settings.exclude_busy else ()
+        geo = world.geo.lookup(elder.location, k=need, exclude=exclude)
+        if exclude and len(geo.responders) < need:
+            # More open alarms than free staff (a storm): the nearest busy staff carry
+            # this alarm too, rather than every supervisor being texted for each alarm.
+            have = {r.id for r in geo.responders}
+            shared = tuple(r for r in world.geo.nearest_responders(elder.location, need)
+                           if r.id not in have)[:need - len(geo.responders)]
+            if shared:
+                log.info("responders.shared", shared=[r.id for r in shared],
+                         free=len(geo.responders))
+                geo = GeoResult(geo.responders + shared, geo.facilities)
         alarm.geo = geo
         self._hold(alarm)
         log.info(

@@ -307,3 +307,34 @@ async def test_staff_already_sent_to_an_open_alarm_are_not_sent_to_the_next(
 async def _count_alarms(gw: Gateway, n: int) -> bool:
     assert gw.journal is not None
     return len(await gw.journal.open_alarms()) == n
+
+
+async def test_when_free_staff_run_out_the_nearest_busy_staff_carry_the_next_alarm(
+    tmp_path: Path, pty: Pty, twilio: TwilioDouble
+) -> None:
+    """More open alarms than free staff (issue 13's stock city): the next alarm goes to the
+    nearest staff even though they hold another alarm, not to every supervisor."""
+    gw = Gateway(serial_cfg(tmp_path, pty, twilio), secrets_for(twilio))  # type: ignore[arg-type]
+    async with running(gw):
+        assert gw.journal is not None and gw.dispatcher is not None
+        assert gw.registry is not None and gw.geo is not None
+        await eventually(gw.serial[0].connected.is_set)
+        devices = sorted((d for d in gw.registry.devices.values() if d.scheme == "contact_id"),
+                         key=lambda d: d.device_id)
+        a, b = devices[0], devices[1]
+        # One grid leader on duty in the whole district (supervisors stay as they are).
+        staff = [r for r in gw.registry.responders.values() if r.role.value != "supervisor"]
+        keep = min(staff, key=lambda r: r.responder_id)
+        for r in staff:
+            gw.geo.set_on_duty(r.responder_id, r.responder_id == keep.responder_id)
+        await press(pty, a)
+        await eventually(lambda: _count_alarms(gw, 1))
+        await gw.dispatcher.wait_idle(timeout=15)
+        assert gw.dispatcher.busy_responders() == {keep.responder_id}
+        await press(pty, b)
+        await eventually(lambda: _count_alarms(gw, 2))
+        await gw.dispatcher.wait_idle(timeout=15)
+        second = next(x for x in await gw.journal.open_alarms() if x.device_id == b.device_id)
+        wave1 = [n for n in await gw.journal.notifications(second.alarm_id) if n.wave == 1]
+        assert {n.phone for n in wave1 if n.role == "responder"} == {keep.phone}
+        assert not [n for n in wave1 if n.role == "supervisor"]
