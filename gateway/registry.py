@@ -12,17 +12,26 @@ Values are normalised once here so that lookups downstream are exact string
 matches: phone numbers to E.164, Contact ID accounts to upper-case hex, MQTT base
 topics checked for wildcards. Decoders that need to map what a device sent to a
 registry key use :func:`normalise_device_address` so both sides agree.
+
+Validating a city (100k elders, ~245k distinct numbers) is seconds of ``phonenumbers``
+work, so a caller that passes ``cache_dir`` gets the last validated registry back from
+a snapshot when the files' bytes and the parameters are the same, and a full validation
+that asks ``phonenumbers`` only about numbers it has not seen before otherwise (see
+:mod:`gateway.registry_snapshot`). A registry rebuilt from a snapshot logs no per-row
+warnings (``registry.phone_not_mobile``): the validation that wrote it did.
 """
 
 from __future__ import annotations
 
 import codecs
 import csv
+import gc
 import io
 import math
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Final, TypeVar
@@ -45,6 +54,13 @@ from gateway.model import (
     ResponderRole,
 )
 from gateway.redact import mask_phone
+from gateway.registry_snapshot import (
+    read_phones,
+    read_snapshot,
+    snapshot_key,
+    write_phones,
+    write_snapshot,
+)
 
 __all__ = [
     "DEVICE_SCHEMES",
@@ -350,7 +366,7 @@ class _Phone:
     """One distinct number as written: parsed once, its line type looked up at most once."""
 
     e164: str
-    number: phonenumbers.PhoneNumber
+    number: phonenumbers.PhoneNumber | None  # None: known from an earlier load, not parsed
     line_type: LineType | None = None  # None until a texted field asks for it
 
 
@@ -367,6 +383,12 @@ class _Context:
     # E.164 -> (file, line, value) of the first row that set ``voice_only`` for it: a
     # line either takes an SMS or not, whichever row names it.
     overrides: dict[str, tuple[str, int, bool]]
+    # One object per distinct text for values that repeat across a city's rows (names,
+    # communities, relations, notes, models, elder ids in references).
+    strings: dict[str, str] = field(default_factory=dict)
+
+    def share(self, text: str) -> str:
+        return self.strings.setdefault(text, text)
 
 
 def _decode(path: Path, data: bytes, problems: _Problems) -> str | None:
@@ -390,7 +412,23 @@ def _decode(path: Path, data: bytes, problems: _Problems) -> str | None:
         return None
 
 
-def _read_table(directory: Path, table: _Table, problems: _Problems) -> list[_Row] | None:
+def _read_files(directory: Path, problems: _Problems) -> dict[str, bytes]:
+    """The bytes of every registry file that could be read (the others are problems)."""
+    files: dict[str, bytes] = {}
+    for name in REGISTRY_FILES:
+        path = directory / name
+        try:
+            files[name] = path.read_bytes()
+        except FileNotFoundError:
+            problems.add(path, None, None, "file not found")
+        except OSError as exc:
+            problems.add(path, None, None, f"cannot read file: {exc.strerror or exc}")
+    return files
+
+
+def _read_table(
+    directory: Path, table: _Table, files: Mapping[str, bytes], problems: _Problems
+) -> list[_Row] | None:
     """Read one CSV file into rows keyed by column name.
 
     Returns ``None`` when the file cannot be read as a table at all (missing, not
@@ -398,13 +436,8 @@ def _read_table(directory: Path, table: _Table, problems: _Problems) -> list[_Ro
     that depend on it rather than burying the real problem under consequences.
     """
     path = directory / table.name
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        problems.add(path, None, None, "file not found")
-        return None
-    except OSError as exc:
-        problems.add(path, None, None, f"cannot read file: {exc.strerror or exc}")
+    data = files.get(table.name)
+    if data is None:  # reported by _read_files
         return None
     text = _decode(path, data, problems)
     if text is None:
@@ -415,7 +448,7 @@ def _read_table(directory: Path, table: _Table, problems: _Problems) -> list[_Ro
     start = 1
     try:
         for cells in reader:
-            if any(c.strip() for c in cells):
+            if "".join(cells).strip():  # not a blank row (one call, not one per cell)
                 records.append((start, cells))
             start = reader.line_num + 1
     except csv.Error as exc:
@@ -544,7 +577,10 @@ class _Fields:
         if known is None:
             return None
         if known.line_type is None:  # the parse is reused; the lookup is done once too
-            known.line_type = _LINE_TYPES.get(phonenumbers.number_type(known.number),
+            number = known.number
+            if number is None:  # valid when last seen: parsed again for its line type
+                number = _parse_phone(self.row.values[field], self.ctx.region)
+            known.line_type = _LINE_TYPES.get(phonenumbers.number_type(number),
                                               LineType.UNKNOWN)
         e164, line_type = known.e164, known.line_type
         if override is None:
@@ -644,12 +680,20 @@ def load_registry(
     *,
     default_region: str = "CN",
     bbox: tuple[float, float, float, float] | None = None,
+    cache_dir: Path | None = None,
+    write_cache: bool = True,
 ) -> Registry:
     """Read and validate the registry CSV files in ``directory``.
 
     ``default_region`` (ISO 3166 code) is how phone numbers without ``+`` are read.
     ``bbox`` is the service area ``(min_lon, min_lat, max_lon, max_lat)`` in degrees;
     when given, every elder, responder base and facility must lie inside it.
+
+    ``cache_dir`` (e.g. ``state_dir/registry-cache``): where a validated snapshot is
+    kept (see :mod:`gateway.registry_snapshot`). When its fingerprint matches the files'
+    bytes and these parameters, the registry is rebuilt from it without validating
+    rows again; otherwise the files are validated in full and, if valid, a new snapshot
+    is written there (unless ``write_cache`` is false). ``None``: always validate.
 
     Raises :class:`RegistryError` listing every problem found. Raises
     :class:`ValueError` for a bad ``default_region`` or ``bbox`` (caller errors, not
@@ -663,33 +707,101 @@ def load_registry(
                 and -180 <= min_lon < max_lon <= 180 and -90 <= min_lat < max_lat <= 90):
             raise ValueError(f"bbox {bbox!r} is not (min_lon, min_lat, max_lon, max_lat)")
 
+    with _gc_paused():
+        return _load(directory, default_region, bbox, cache_dir, write_cache)
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    # A city's load makes millions of objects and frees few: the cyclic collector's
+    # passes over them (each generation-2 pass walks them all) cost seconds, for nothing.
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _load(
+    directory: Path,
+    default_region: str,
+    bbox: tuple[float, float, float, float] | None,
+    cache_dir: Path | None,
+    write_cache: bool,
+) -> Registry:
     problems = _Problems()
     if not directory.is_dir():
         problems.add(directory, None, None, "registry directory not found")
         raise RegistryError(problems.items)
-    ctx = _Context(default_region, bbox, problems, {}, {})
+    files = _read_files(directory, problems)
+    key: str | None = None
+    if cache_dir is not None and not problems.items:
+        key = snapshot_key(files, default_region, bbox)
+        cached = read_snapshot(cache_dir, key)
+        if cached is not None:
+            log.info("registry.loaded", directory=str(directory), snapshot=True,
+                     **registry_summary(cached))
+            return cached
+    phones: dict[str, _Phone] = {}
+    if cache_dir is not None:
+        phones = {raw: _Phone(e164, None, None if lt is None else LineType(lt))
+                  for raw, e164, lt in read_phones(cache_dir, default_region)}
+    known = len(phones)
+    try:
+        registry = _validate(directory, files, problems, default_region, bbox, phones)
+    finally:
+        # Also after a refused registry: the next try, with the typo fixed, is fast.
+        if cache_dir is not None and write_cache and len(phones) != known:
+            write_phones(cache_dir, default_region,
+                         ((raw, p.e164, None if p.line_type is None else p.line_type.value)
+                          for raw, p in phones.items()))
+    if cache_dir is not None and key is not None and write_cache:
+        write_snapshot(cache_dir, key, registry)
+    return registry
 
-    elder_rows = _read_table(directory, _ELDERS, problems)
-    device_rows = _read_table(directory, _DEVICES, problems)
-    contact_rows = _read_table(directory, _CONTACTS, problems)
-    responder_rows = _read_table(directory, _RESPONDERS, problems)
-    facility_rows = _read_table(directory, _FACILITIES, problems)
 
-    elders, known_elders = _parse_elders(directory, elder_rows, ctx)
-    devices, device_owners = _parse_devices(directory, device_rows, known_elders, ctx)
-    contacts, contact_owners = _parse_contacts(directory, contact_rows, known_elders, ctx)
-    responders = _parse_responders(directory, responder_rows, ctx)
-    facilities = _parse_facilities(directory, facility_rows, ctx)
+def _validate(
+    directory: Path,
+    files: Mapping[str, bytes],
+    problems: _Problems,
+    default_region: str,
+    bbox: tuple[float, float, float, float] | None,
+    phones: dict[str, _Phone],
+) -> Registry:
+    """Full validation of the files' bytes (``problems`` may already hold read errors).
+
+    ``phones``: numbers already known valid (as written -> what they are); the numbers
+    validated here are added to it.
+    """
+    ctx = _Context(default_region, bbox, problems, phones, {})
+
+    # One table's rows at a time: a city's rows (a dict each) all alive at once would
+    # be most of the load's peak memory.
+    rows = _read_table(directory, _ELDERS, files, problems)
+    elders, known_elders = _parse_elders(directory, rows, ctx)
+    rows = _read_table(directory, _DEVICES, files, problems)
+    devices_read = rows is not None
+    devices, device_owners = _parse_devices(directory, rows, known_elders, ctx)
+    rows = _read_table(directory, _CONTACTS, files, problems)
+    contacts_read = rows is not None
+    contacts, contact_owners = _parse_contacts(directory, rows, known_elders, ctx)
+    rows = _read_table(directory, _RESPONDERS, files, problems)
+    responders = _parse_responders(directory, rows, ctx)
+    rows = _read_table(directory, _FACILITIES, files, problems)
+    facilities = _parse_facilities(directory, rows, ctx)
+    del rows
 
     # An elder without a device cannot raise an alarm; one without a contact cannot be
     # reported to anyone. Only judged when the other file was readable at all.
     elders_path = directory / _ELDERS.name
     for elder_id, line in (known_elders or {}).items():
-        if device_rows is not None and elder_id not in device_owners:
+        if devices_read and elder_id not in device_owners:
             problems.add(elders_path, line, "elder_id",
                          f"elder {elder_id!r} has no device in devices.csv: "
                          "they cannot raise an alarm")
-        if contact_rows is not None and elder_id not in contact_owners:
+        if contacts_read and elder_id not in contact_owners:
             problems.add(elders_path, line, "elder_id",
                          f"elder {elder_id!r} has no contact in contacts.csv: "
                          "nobody can be told of their alarm")
@@ -762,9 +874,11 @@ def _parse_elders(
         location = f.location()
         phone = f.phone("phone", required=False)
         if f.ok and elder_id and location is not None:
+            share = ctx.share
             elders[elder_id] = Elder(
-                elder_id=elder_id, name=name, address=address, community=community,
-                location=location, phone=phone, notes=f.optional("notes"),
+                elder_id=share(elder_id), name=share(name), address=address,
+                community=share(community), location=location, phone=phone,
+                notes=share(f.optional("notes")),
             )
     return elders, first_seen
 
@@ -797,7 +911,9 @@ def _parse_devices(
             scheme = None
         raw_address = f.text("address")
         address: str | None = None
-        if scheme is not None and raw_address:
+        if scheme is AddressScheme.PHONE and raw_address:
+            address = f.phone("address")  # the same parse cache as every other number
+        elif scheme is not None and raw_address:
             try:
                 address = normalise_device_address(scheme, raw_address, ctx.region)
             except FieldValueError as exc:
@@ -818,8 +934,8 @@ def _parse_devices(
             f.problem("test_interval_h", f"{f.optional('test_interval_h')} is not positive")
             interval = None
         if f.ok and device_id and elder_id and scheme is not None and address is not None:
-            devices[device_id] = Device(device_id, elder_id, scheme, address,
-                                        f.optional("model"), interval)
+            devices[device_id] = Device(device_id, ctx.share(elder_id), scheme, address,
+                                        ctx.share(f.optional("model")), interval)
     _check_nested_topics(path, topics, ctx.problems)
     return devices, owners
 
@@ -879,8 +995,10 @@ def _parse_contacts(
                           f"{elder_id!r} (line {first}); they would be told twice")
         if f.ok and elder_id and texted is not None:
             contacts.setdefault(elder_id, []).append(
-                Contact(name=name, phone=texted[0], relation=f.optional("relation"),
-                        language=language, line_type=texted[1], sms_capable=texted[2])
+                Contact(name=ctx.share(name), phone=texted[0],
+                        relation=ctx.share(f.optional("relation")),
+                        language=ctx.share(language), line_type=texted[1],
+                        sms_capable=texted[2])
             )
     return contacts, owners
 
@@ -906,7 +1024,8 @@ def _parse_responders(
         if (f.ok and responder_id and texted is not None and role is not None
                 and on_duty is not None and base is not None):
             responders[responder_id] = Responder(
-                responder_id, name, texted[0], community, role, on_duty, base,
+                responder_id, ctx.share(name), texted[0], ctx.share(community), role,
+                on_duty, base,
                 line_type=texted[1], sms_capable=texted[2],
             )
     return responders

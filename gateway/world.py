@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import structlog
 
@@ -21,6 +23,9 @@ from gateway.model import Registry
 from gateway.registry import RegistryError, RegistryFingerprint, load_registry, registry_fingerprint
 
 log = structlog.get_logger(__name__)
+
+#: The folder of ``gateway.state_dir`` that holds the registry's validated snapshot.
+REGISTRY_CACHE = "registry-cache"
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,12 +61,31 @@ class WorldRef:
 
 
 def load_world(cfg: Config) -> World:
-    """Registry and geo indexes, validated. Raises RegistryError / GeoError / OSError."""
+    """Registry and geo indexes, validated. Raises RegistryError / GeoError / OSError.
+
+    The registry's validated snapshot lives in ``state_dir/registry-cache`` (see
+    :data:`REGISTRY_CACHE`): ``check-config`` (the unit's ``ExecStartPre``) validates
+    and writes it, ``run`` and reloads of unchanged files rebuild from it. It is only
+    written into a state folder that exists and belongs to this process's user.
+    """
     m = cfg.model
+    state_dir = m.gateway.state_dir
     registry = load_registry(cfg.registry_dir, default_region=m.registry.default_region,
-                             bbox=m.registry.bbox)
+                             bbox=m.registry.bbox, cache_dir=state_dir / REGISTRY_CACHE,
+                             write_cache=_owns(state_dir))
     projector = Projector(m.geo.crs, m.geo.source_crs, m.registry.bbox)
     return World(registry, GeoService(registry, projector, stale_after_s=m.geo.stale_after_s))
+
+
+def _owns(state_dir: Path) -> bool:
+    """Whether this process may write into the gateway's state: the folder exists and is
+    ours. ``check-config`` may run before the gateway ever started, or as another user
+    (an operator, root), and must not create the gateway's files; under the unit it runs
+    as the gateway's user once systemd made ``StateDirectory=``."""
+    try:
+        return state_dir.is_dir() and state_dir.stat().st_uid == os.geteuid()
+    except OSError:
+        return False
 
 
 class WorldKeeper:
