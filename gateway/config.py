@@ -255,6 +255,9 @@ class SmsSection(_Section):
     retry_later_s: PositiveFloat = 30.0
     give_up_after_s: PositiveFloat = 1800.0
     concurrency: int = Field(16, ge=1, le=1000)
+    # Messages per second the account (or sender) may start; past it Twilio answers 429 /
+    # 20429. None: only `concurrency` limits. In a storm the first waves go first.
+    rate_per_s: float | None = Field(None, gt=0, le=10000, allow_inf_nan=False)
     budget_ms: PositiveFloat = 2000.0
     # Public HTTPS URL at which Twilio reaches this gateway (reverse proxy to the control
     # port): enables StatusCallback delivery reports and acknowledgement by SMS reply.

@@ -56,6 +56,7 @@ from gateway.lifecycle import (
 from gateway.metrics import Metrics
 from gateway.notices import Notice
 from gateway.redact import mask_phone
+from gateway.sendgate import BACKGROUND, FIRST_WAVE, FOLLOW_UP, LATER_WAVE, SUPERVISOR
 from gateway.sms import Attempt, SendResult, SmsSendError
 
 __all__ = [
@@ -92,8 +93,25 @@ class Finder(Protocol):
                         marker: str) -> list[tuple[str, str]]: ...
 
 
-class TwilioLike(Sender, Finder, Protocol):
-    pass
+class TwilioLike(Finder, Protocol):
+    async def send(
+        self, to: str, body: str, *,
+        on_attempt: Callable[[Attempt], Awaitable[None]] | None = None,
+        priority: int = FIRST_WAVE,
+    ) -> SendResult: ...
+
+
+def priority_of(rec: NotificationRecord, *, background: bool = False) -> int:
+    """Where a message stands when Twilio requests queue (:mod:`gateway.sendgate`): a
+    new alarm's first wave, then later waves, the supervisors, the follow-ups ("taken
+    by", "cancelled"), and reconciliation after a restart last."""
+    if background:
+        return BACKGROUND
+    if rec.kind is not MessageKind.ESCALATION:
+        return FOLLOW_UP
+    if rec.role == "supervisor":
+        return SUPERVISOR
+    return FIRST_WAVE if rec.wave == 1 else LATER_WAVE
 
 
 class Origin(Protocol):
@@ -328,7 +346,8 @@ class Notifier:
                     rec.id, NotificationState.SENDING, attempts=a.number))
 
         async with self._in_twilio(background=background):
-            return await self._sender.send(rec.phone, rec.body, on_attempt=on_attempt)
+            return await self._sender.send(rec.phone, rec.body, on_attempt=on_attempt,
+                                           priority=priority_of(rec, background=background))
 
     async def _via_fallback(self, rec: NotificationRecord, bound: Any,
                             why: str) -> SendResult | None:

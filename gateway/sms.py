@@ -25,11 +25,13 @@ The policy is ours alone: the client's ``max_retries`` would retry POSTs on
 every 5xx silently, and its ``timeout`` is ignored (twilio-python #925), so each
 request runs under ``asyncio.timeout``. Backoff is capped, full-jitter
 exponential; the sleep and the random source are injected so tests are fast
-and deterministic. A semaphore bounds requests in flight (not sends waiting in
-backoff, which hold no connection).
+and deterministic. A :class:`gateway.sendgate.SendGate` bounds requests in flight (not
+sends waiting in backoff, which hold no connection) and the account's message rate
+(``[sms] rate_per_s``), and hands free slots out by priority: a new alarm's first wave
+before later waves, supervisors and follow-ups.
 
 The sender also owns every other call the gateway makes to the Messages API,
-so that they all share its timeout, its semaphore and its error
+so that they all share its timeout, its gate and its error
 classification: one listing with filters and a bounded number of pages
 (:meth:`TwilioSender.list_messages`, used by :meth:`~TwilioSender.find_sent`
 and by the inbound poller of :mod:`gateway.twilio_poll`), one status fetch
@@ -70,6 +72,7 @@ from twilio.rest import Client
 from devices.backoff import full_jitter
 from gateway.config import SmsSection
 from gateway.redact import mask_phone
+from gateway.sendgate import BACKGROUND, FIRST_WAVE, SendGate
 from gateway.smstext import segments
 
 __all__ = [
@@ -416,7 +419,7 @@ class TwilioSender:
         self._rng = rng if rng is not None else random.Random()
         self._http: AsyncTwilioHttpClient | None = None
         self._client: Any = None
-        self._semaphore: asyncio.Semaphore | None = None
+        self._gate: SendGate | None = None
 
     def __repr__(self) -> str:
         return (
@@ -455,9 +458,9 @@ class TwilioSender:
             client.region = None
         self._http = http
         self._client = client
-        self._semaphore = asyncio.Semaphore(sms.concurrency)
+        self._gate = SendGate(sms.concurrency, sms.rate_per_s)
         log.info("sms.sender_opened", base_url=sms.base_url or "twilio",
-                 concurrency=sms.concurrency)
+                 concurrency=sms.concurrency, rate_per_s=sms.rate_per_s)
         return self
 
     async def __aexit__(
@@ -471,16 +474,18 @@ class TwilioSender:
         if http is not None:
             await http.close()
 
-    def _open(self) -> tuple[Any, asyncio.Semaphore]:
-        if self._client is None or self._semaphore is None:
+    def _open(self) -> tuple[Any, SendGate]:
+        if self._client is None or self._gate is None:
             raise RuntimeError("TwilioSender used outside 'async with'")
-        return self._client, self._semaphore
+        return self._client, self._gate
 
-    async def _request(self, call: Callable[[], Awaitable[_T]], capture: _ResponseCapture) -> _T:
-        _, semaphore = self._open()
+    async def _request(self, call: Callable[[], Awaitable[_T]], capture: _ResponseCapture,
+                       priority: int = BACKGROUND, *, rated: bool = False) -> _T:
+        _, gate = self._open()
         token = _capture.set(capture)
         try:
-            async with semaphore, asyncio.timeout(self._sms.request_timeout_s):
+            async with gate.slot(priority, rated=rated), \
+                    asyncio.timeout(self._sms.request_timeout_s):
                 return await call()
         finally:
             _capture.reset(token)
@@ -498,10 +503,13 @@ class TwilioSender:
         *,
         on_attempt: Callable[[Attempt], Awaitable[None]] | None = None,
         status_callback: str | None = None,
+        priority: int = FIRST_WAVE,
     ) -> SendResult:
         """Send one SMS, retrying transient failures; return once Twilio accepted it.
 
         ``on_attempt`` is awaited after every HTTP attempt, before any backoff.
+        ``priority`` orders it among the requests waiting for a slot
+        (:mod:`gateway.sendgate`; each retry waits again at the same priority).
         ``status_callback`` overrides the sender's ``status_callback_url``.
         Raises :class:`SmsSendError` (``permanent`` or ``retryable``, and
         ``outcome_unknown`` when a duplicate may already exist).
@@ -540,8 +548,8 @@ class TwilioSender:
             capture = _ResponseCapture()
             try:
                 message = await self._request(
-                    lambda: client.messages.create_async(**kwargs), capture
-                )
+                    lambda: client.messages.create_async(**kwargs), capture, priority,
+                    rated=True)
             except _CLASSIFIED as exc:
                 failure = _classify(exc, capture, sms.request_timeout_s, to)
                 unknown_before = any(a.outcome == "unknown" for a in attempts)
@@ -609,17 +617,19 @@ class TwilioSender:
         # max_attempts >= 1 is validated, so the loop always returns or raises.
         raise RuntimeError("unreachable: send loop ended without a result")
 
-    async def query(self, what: str, call: Callable[[], Awaitable[_T]], to: str = "") -> _T:
+    async def query(self, what: str, call: Callable[[], Awaitable[_T]], to: str = "",
+                    priority: int = FIRST_WAVE) -> _T:
         """One request through the client (``call`` makes it), under this sender's
-        timeout and semaphore; any failure becomes :class:`SmsSendError` with Twilio's
+        timeout and gate; any failure becomes :class:`SmsSendError` with Twilio's
         status and code (``permanent`` when retrying cannot help). For the other
         Twilio resources the gateway uses (calls, :mod:`gateway.voice`)."""
-        return await self._query(what, call, to)
+        return await self._query(what, call, to, priority)
 
-    async def _query(self, what: str, call: Callable[[], Awaitable[_T]], to: str = "") -> _T:
+    async def _query(self, what: str, call: Callable[[], Awaitable[_T]], to: str = "",
+                     priority: int = BACKGROUND) -> _T:
         capture = _ResponseCapture()
         try:
-            return await self._request(call, capture)
+            return await self._request(call, capture, priority)
         except _CLASSIFIED as exc:
             failure = _classify(exc, capture, self._sms.request_timeout_s, to)
             permanent = failure.kind == "permanent"

@@ -62,10 +62,13 @@ class FakeSender:
         self.lookups: list[tuple[str, str]] = []
         self.entered = asyncio.Event()
         self.gate: asyncio.Event | None = None
+        self.priorities: list[int] = []
 
     async def send(self, to: str, body: str, *,
-                   on_attempt: Callable[[Attempt], Awaitable[None]] | None = None) -> SendResult:
+                   on_attempt: Callable[[Attempt], Awaitable[None]] | None = None,
+                   priority: int = 0) -> SendResult:
         self.sent.append((to, body))
+        self.priorities.append(priority)
         self.entered.set()
         if self.gate is not None:
             await self.gate.wait()

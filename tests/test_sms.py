@@ -24,6 +24,7 @@ from twilio.request_validator import RequestValidator
 from gateway.config import SmsSection
 from gateway.redact import mask_phone
 from gateway.sandbox.twilio_double import TwilioDouble
+from gateway.sendgate import FIRST_WAVE, FOLLOW_UP
 from gateway.sms import (
     Attempt,
     SendResult,
@@ -32,6 +33,7 @@ from gateway.sms import (
     TwilioSender,
     segments,
 )
+from tests.helpers import eventually
 from tests.support.twilio_faults import Fault, FaultyTwilioDouble
 
 SENDER = "+15005550006"
@@ -703,3 +705,19 @@ def test_segments_of_a_long_gsm_body_with_escape_at_the_part_boundary() -> None:
 )
 def test_mask_phone(number: str, masked: str) -> None:
     assert mask_phone(number) == masked
+
+
+@integration
+async def test_a_first_wave_sms_overtakes_queued_follow_ups(double: FaultyTwilioDouble) -> None:
+    """One request at a time, five "taken by" messages queued behind a slow one: a new
+    alarm's first SMS, asked for last, is the next to reach Twilio (gateway/sendgate.py)."""
+    double.inject(Fault.delay(0.3))
+    async with sender_for(double, concurrency=1) as s:
+        follow_ups = [asyncio.create_task(s.send(ELDER_SON, f"taken {n}", priority=FOLLOW_UP))
+                      for n in range(6)]
+        await eventually(lambda: len(double.requests) == 1)  # the slow one is in flight
+        urgent = asyncio.create_task(s.send(ELDER_SON, "new alarm", priority=FIRST_WAVE))
+        await asyncio.gather(*follow_ups, urgent)
+    bodies = [m.body for m in double.messages]
+    assert bodies[0] == "taken 0" and bodies[1] == "new alarm"
+    assert sorted(bodies[2:]) == [f"taken {n}" for n in range(1, 6)]
