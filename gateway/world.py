@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import sys
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +28,8 @@ log = structlog.get_logger(__name__)
 
 #: The folder of ``gateway.state_dir`` that holds the registry's validated snapshot.
 REGISTRY_CACHE = "registry-cache"
+#: A reload whose validation takes longer than this is refused (the old registry stays).
+VALIDATE_TIMEOUT_S = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,10 +95,15 @@ def _owns(state_dir: Path) -> bool:
 class WorldKeeper:
     """Loads the world at start and reloads it when asked or when its files change.
 
-    A reload parses and indexes in a worker thread, then swaps the result in on the
-    loop thread: alarms in flight keep the objects they hold; live responder positions
-    and duty overrides carry over; a broken registry is refused and the running one
-    kept. One reload at a time (SIGHUP, POST /reload and the file watch may coincide).
+    A reload validates the changed files in a process of its own
+    (:mod:`gateway.registry_worker`, which leaves the validated snapshot), so that
+    seconds of validation never share the GIL with the event loop; then rebuilds from
+    that snapshot and indexes in a worker thread, and swaps the result in on the loop
+    thread: alarms in flight keep the objects they hold; live responder positions and
+    duty overrides carry over; a broken registry is refused and the running one kept.
+    Where no snapshot can be written (a state folder not ours) the worker thread
+    validates. One reload at a time (SIGHUP, POST /reload and the file watch may
+    coincide).
     """
 
     def __init__(self, config: Config,
@@ -126,6 +135,13 @@ class WorldKeeper:
         async with self._lock:
             # Taken before reading: a write during the load shows up as a change later.
             files = registry_fingerprint(self._config.registry_dir)
+            if _owns(self._config.model.gateway.state_dir):
+                problem = await self._validate_apart()
+                if problem is not None:
+                    self._failed = files
+                    log.error("registry.reload_failed", error=problem,
+                              action="kept the old registry")
+                    return False
             try:
                 fresh = await asyncio.to_thread(load_world, self._config)
             except (RegistryError, GeoError, OSError) as exc:
@@ -143,6 +159,35 @@ class WorldKeeper:
             if self._on_reloaded is not None:
                 await self._on_reloaded()
             return True
+
+    async def _validate_apart(self) -> str | None:
+        """Validate the registry in a child process (it writes the snapshot the load
+        then rebuilds from); None when valid, else the problems as the child said them."""
+        m = self._config.model
+        argv = [sys.executable, "-m", "gateway.registry_worker",
+                str(self._config.registry_dir), "--region", m.registry.default_region,
+                "--cache", str(m.gateway.state_dir / REGISTRY_CACHE)]
+        if m.registry.bbox is not None:
+            argv += ["--bbox", ",".join(repr(v) for v in m.registry.bbox)]
+        began = time.monotonic()
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE)
+        try:
+            async with asyncio.timeout(VALIDATE_TIMEOUT_S):
+                _, err = await proc.communicate()
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            return f"registry validation took longer than {VALIDATE_TIMEOUT_S:.0f} s"
+        log.info("registry.validated_apart", pid=proc.pid, exit=proc.returncode,
+                 ms=round((time.monotonic() - began) * 1000))
+        if proc.returncode == 0:
+            return None
+        text = err.decode("utf-8", errors="replace").strip()
+        # The child's stderr also carries its warning log lines (JSON): keep the report.
+        lines = [ln for ln in text.splitlines() if not ln.startswith("{")]
+        return "\n".join(lines) or f"registry validation exited {proc.returncode}"
 
     async def watch(self, interval_s: float) -> None:
         """Reload when the registry's files change, once they have stopped changing.

@@ -236,3 +236,33 @@ async def test_the_operator_is_told_when_nobody_is_left_on_duty(
         await gw.desk.set_duty(on_duty[0], True, by="operator:morning")
         assert await eventually(lambda: notices(2)) == [
             ("responders.none_on_duty", "warning"), ("responders.on_duty", "info")]
+
+
+async def test_a_reload_validates_in_a_child_process_and_loads_its_snapshot(
+    tmp_path: Path, twilio: TwilioDouble
+) -> None:
+    """Issue 13: a reload's validation (seconds for a city) runs in a process of its own,
+    not in the gateway's, where it would share the GIL with the event loop; the gateway
+    then rebuilds from the snapshot the child wrote. A broken file's problems come back."""
+    reg = tmp_path / "registry"
+    shutil.copytree(SAMPLE, reg)
+    cfg = gateway_config(tmp_path, twilio,
+                         registry={"directory": str(reg), "watch_interval_s": 0})
+    gw = Gateway(cfg, secrets_for(twilio))
+    with capture_logs() as logs:
+        async with running(gw):
+            old = gw.registry
+            assert old is not None
+            rid = min(r.responder_id for r in old.responders.values() if r.on_duty)
+            _set_roster_duty(reg, rid, False)
+            assert await gw.reload() is True
+            assert gw.registry is not None and not gw.registry.responders[rid].on_duty
+            (reg / "elders.csv").write_text("elder_id,name\nE1,x\n", encoding="utf-8")
+            assert await gw.reload() is False
+    apart = [e for e in logs if e["event"] == "registry.validated_apart"]
+    assert [e["exit"] for e in apart] == [0, 1]
+    assert all(e["pid"] != os.getpid() for e in apart)
+    loads = [e for e in logs if e["event"] == "registry.loaded"]
+    assert loads[-1].get("snapshot") is True  # the gateway rebuilt, it did not validate
+    [failed] = [e for e in logs if e["event"] == "registry.reload_failed"]
+    assert "elders.csv" in failed["error"]
