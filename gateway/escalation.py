@@ -213,9 +213,9 @@ def supervisors_near(registry: Registry, geo: GeoService, elder: Elder) -> tuple
 
     Not pure: it reads the live positions of ``geo``; the planner gets the result."""
     found: list[Nearby] = []
-    for sup in registry.responders.values():
-        if sup.role is not ResponderRole.SUPERVISOR:
-            continue
+    supervisors = geo.supervisors if geo.registry is registry else tuple(
+        r for r in registry.responders.values() if r.role is ResponderRole.SUPERVISOR)
+    for sup in supervisors:
         where, from_base = geo.position_of(sup.responder_id) or (sup.base, True)
         distance, bearing = geo.projector.geodesic(elder.location, where)
         found.append(Nearby(sup.responder_id, sup.name, sup.phone, where, distance, bearing,

@@ -37,7 +37,7 @@ import structlog
 
 from gateway.geo.index import Fix, PointTree, ResponderIndex, point_tree
 from gateway.geo.projection import GeoError, Projector, geodesic_xy, is_number
-from gateway.model import Facility, FacilityKind, LonLat, Registry
+from gateway.model import Facility, FacilityKind, LonLat, Registry, Responder, ResponderRole
 
 _log = structlog.get_logger(__name__)
 
@@ -133,6 +133,9 @@ class GeoService:
             raise GeoError(f"cell_m must be a positive number, got {cell_m!r}")
         started = time.perf_counter()
         self._registry = registry
+        #: The supervisors, found once (an alarm asks for them; a city has 30k staff).
+        self.supervisors: tuple[Responder, ...] = tuple(
+            r for r in registry.responders.values() if r.role is ResponderRole.SUPERVISOR)
         self._projector = projector
         self._geod = projector.geod
         self._stale_after = float(stale_after_s)
