@@ -369,3 +369,23 @@ async def test_map_data_offline_and_bounded(tmp_path: Path, twilio: TwilioDouble
             assert data["elders"] == [] and data["elders_total"] == 88
         finally:
             await console.close()
+
+
+async def test_the_maps_responder_poll_sends_the_shift_only(tmp_path: Path, twilio: TwilioDouble,
+                                                            pty: Pty) -> None:
+    gw = tcp_gateway(tmp_path, twilio, pty)
+    add_operator(tmp_path / "state")
+    async with running(gw):
+        assert gw.control is not None and gw.registry is not None and gw.geo is not None
+        console = Console(gw.control.url)
+        try:
+            await console.sign_in()
+            _, everyone = await console.get("responders")
+            _, shift = await console.get("responders?on_duty=1")
+            assert len(everyone["responders"]) == len(gw.registry.responders)
+            on_duty = {r.responder_id for r in gw.registry.responders.values()
+                       if gw.geo.is_on_duty(r.responder_id)}
+            assert {r["id"] for r in shift["responders"]} == on_duty
+            assert len(on_duty) < len(everyone["responders"])
+        finally:
+            await console.close()

@@ -437,8 +437,9 @@ class ConsoleApp:
                              community=elder.community if elder else None, next_due=due))
         return _json({"devices": rows, "health": self._health()})
 
-    async def _get_responders(self, _request: web.Request) -> web.Response:
-        return _json({"responders": self._views.responders()})
+    async def _get_responders(self, request: web.Request) -> web.Response:
+        on_duty = request.query.get("on_duty") in ("1", "true")
+        return _json({"responders": self._views.responders(on_duty_only=on_duty)})
 
     async def _duty(self, request: web.Request) -> web.Response:
         responder_id = request.match_info["responder_id"]

@@ -167,7 +167,9 @@ class Views:
 
     # -- people and devices --------------------------------------------------------------
 
-    def responders(self) -> list[dict[str, Any]]:
+    def responders(self, *, on_duty_only: bool = False) -> list[dict[str, Any]]:
+        """Every responder (the responders page), or those on duty (the map's poll: a
+        city has 30k staff, a shift a fraction of them)."""
         service = self.world.geo
         busy: dict[str, list[str]] = {}
         for alarm_id, alarm in self.dispatcher.active.items():
@@ -175,6 +177,8 @@ class Views:
                 busy.setdefault(rid, []).append(alarm_id)
         rows = []
         for r in self.world.registry.responders.values():
+            if on_duty_only and not service.is_on_duty(r.responder_id):
+                continue
             at = service.position_of(r.responder_id)
             age = service.fix_age_s(r.responder_id)
             location, stale = at if at is not None else (r.base, True)

@@ -369,7 +369,8 @@
     if (!m.district && m.elders.length) S.map.fitBounds(L.latLngBounds(m.elders.map((e) => [e.lat, e.lon])));
   }
   async function loadResponders() {
-    S.responders = (await api("responders")).responders;
+    // The responders page lists everyone; the map's poll needs the shift only.
+    S.responders = (await api(S.view === "responders" ? "responders" : "responders?on_duty=1")).responders;
     renderResponderMarkers();
     if (S.view === "responders") renderResponders();
   }
