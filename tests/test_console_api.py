@@ -5,7 +5,11 @@ drive the same routes through the page."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import shutil
+import ssl
+import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -389,3 +393,41 @@ async def test_the_maps_responder_poll_sends_the_shift_only(tmp_path: Path, twil
             assert len(on_duty) < len(everyone["responders"])
         finally:
             await console.close()
+
+
+async def test_the_console_over_the_gateways_own_tls_certificate(
+        tmp_path: Path, twilio: TwilioDouble, pty: Pty) -> None:
+    """control.tls_cert_file / tls_key_file: the listener speaks TLS itself (what lets it
+    leave loopback), the session cookie is Secure, and a plain-HTTP request gets nowhere."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.fail("openssl is not installed (scripts/test installs it)")
+    cert, key = tmp_path / "console.crt", tmp_path / "console.key"
+    await asyncio.to_thread(
+        subprocess.run, [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                         "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost",
+                         "-keyout", str(key), "-out", str(cert)], check=True,
+        capture_output=True)
+    cfg = gateway_config(tmp_path, twilio,
+                         control={"port": 0, "tls_cert_file": str(cert),
+                                  "tls_key_file": str(key)},
+                         serial=[{"name": "rx", "port": pty.path, "protocol": "surgard"}])
+    gw = Gateway(cfg, with_token(twilio))
+    add_operator(tmp_path / "state")
+    async with running(gw):
+        assert gw.control is not None and gw.control.url.startswith("https://")
+        port = gw.control.url.rsplit(":", 1)[1]
+        trust = ssl.create_default_context(cafile=str(cert))
+        url = f"https://localhost:{port}"
+        async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
+            async with http.post(f"{url}/console/api/sign-in", ssl=trust,
+                                 json={"login": "wang", "password": PASSWORD},
+                                 headers={"Origin": url}) as r:
+                assert r.status == 200
+                cookie = r.headers["Set-Cookie"]
+            assert cookie.startswith("__Host-gw_console=") and "Secure" in cookie
+            async with http.get(f"{url}/console/api/board", ssl=trust) as r:
+                assert r.status == 200
+            with pytest.raises(aiohttp.ClientError):
+                async with http.get(f"http://localhost:{port}/console/api/board") as r:
+                    await r.read()
