@@ -22,21 +22,19 @@ command line that any local user can read in ``ps``. Nothing here prints a passw
 from __future__ import annotations
 
 import base64
-import contextlib
 import enum
-import grp
 import hashlib
 import hmac
 import os
 import re
 import secrets
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
 from gateway.config import MqttSection
+from gateway.files import write_atomically
 from gateway.model import Registry
 
 OWN_BASE: Final = "alarm/buttons"
@@ -264,42 +262,6 @@ def render_passwd(entries: Mapping[str, str]) -> str:
 
 
 # -- files ------------------------------------------------------------------------------
-
-
-def write_atomically(path: Path, text: str, mode: int, group: str | None = None) -> str:
-    """Write ``text`` to ``path`` by a temp file renamed over it, with ``mode``.
-
-    ``group`` (e.g. "mosquitto", which must read the ACL and password file after it
-    drops root) is applied when that group exists and we may chown; returns what was
-    done about it, for the summary line.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        # Mode first, then content: the text is never readable by others, not even briefly.
-        os.fchmod(fd, mode)
-        note = "group unchanged"
-        if group is not None:
-            try:
-                gid = grp.getgrnam(group).gr_gid
-            except KeyError:
-                note = f"group unchanged (no group {group})"
-            else:
-                try:
-                    os.fchown(fd, -1, gid)
-                    note = f"group {group}"
-                except PermissionError:
-                    note = f"group unchanged (not allowed to chown to {group})"
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return note
 
 
 def append_credentials(path: Path, created: Mapping[str, str]) -> None:

@@ -463,7 +463,8 @@ def _broker_registry(args: argparse.Namespace) -> tuple[Config, Any]:
 
 
 def cmd_broker_acl(args: argparse.Namespace) -> int:
-    from gateway.broker import BrokerRoleError, render_acl, write_atomically
+    from gateway.broker import BrokerRoleError, render_acl
+    from gateway.files import write_atomically
     from gateway.registry import RegistryError
 
     try:

@@ -18,11 +18,8 @@ file in the state directory can at worst be rejected, not run.
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import hashlib
-import os
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from types import MappingProxyType
@@ -33,6 +30,7 @@ import phonenumbers
 import structlog
 
 from devices.events import AddressScheme
+from gateway.files import write_atomically
 from gateway.model import (
     Contact,
     Device,
@@ -136,18 +134,7 @@ def _write(path: Path, key: str, body: bytes) -> Path | None:
     header = orjson.dumps({"version": SNAPSHOT_VERSION, "key": key,
                            "sha256": hashlib.sha256(body).hexdigest()})
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as out:
-                out.write(header + b"\n" + body)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        write_atomically(path, header + b"\n" + body, 0o600)
     except OSError as exc:
         log.warning("registry.snapshot_not_written", path=str(path),
                     error=exc.strerror or str(exc), effect="the next start validates in full")
