@@ -80,15 +80,40 @@ class ControlError(Exception):
         self.reason = reason
 
 
-def _json(data: Any, status: int = 200) -> web.Response:
+def json_response(data: Any, status: int = 200) -> web.Response:
+    """JSON as the gateway's HTTP APIs answer it (UTF-8 text, not ``\\u`` escapes)."""
     return web.json_response(data, status=status,
                              dumps=lambda d: json.dumps(d, ensure_ascii=False, default=str))
 
 
-def _error(status: int, reason: str, **headers: str) -> web.Response:
-    response = _json({"error": reason}, status)
+def json_error(status: int, reason: str, **headers: str) -> web.Response:
+    response = json_response({"error": reason}, status)
     response.headers.update(headers)
     return response
+
+
+class BodyRefused(Exception):
+    """An acting request's body is not a JSON object: answer ``status`` with ``reason``."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+async def json_object(request: web.Request) -> dict[str, Any]:
+    """The JSON object an acting request carries; raises :class:`BodyRefused` (415 for
+    another content type, which no HTML form can send cross-site; 400 otherwise)."""
+    if request.content_type != "application/json":
+        raise BodyRefused(415, "the body must be application/json")
+    try:
+        data = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BodyRefused(400, f"body is not JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise BodyRefused(400, "body must be a JSON object")
+    return data
+
 
 
 @web.middleware
@@ -100,7 +125,7 @@ async def _journal_unavailable(
         return await handler(request)
     except JournalError as exc:
         log.error("control.journal_unavailable", path=request.path, error=str(exc))
-        return _json({"error": f"journal unavailable, not done: {exc}"}, 503)
+        return json_response({"error": f"journal unavailable, not done: {exc}"}, 503)
 
 
 def _host_name(value: str) -> str | None:
@@ -301,7 +326,7 @@ class ControlServer:
             log.warning("control.refused", status=status, reason=reason, path=request.path,
                         method=request.method, remote=request.remote or "unix",
                         suppressed=suppressed)
-        return _error(status, reason, **headers)
+        return json_error(status, reason, **headers)
 
     def _origin_ok(self, request: web.Request, host: str) -> bool:
         origin = request.headers.get(hdrs.ORIGIN)
@@ -333,19 +358,17 @@ class ControlServer:
             return self._refuse(request, 401, "a valid bearer token is required",
                                 **{"WWW-Authenticate": 'Bearer realm="alarm-gateway"'})
         if request.method == hdrs.METH_POST:
-            if request.content_type != "application/json":
-                return self._refuse(request, 415, "the body must be application/json")
             try:
-                data = await request.json()
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                return _error(400, f"body is not JSON: {exc}")
-            if not isinstance(data, dict):
-                return _error(400, "body must be a JSON object")
+                data = await json_object(request)
+            except BodyRefused as exc:
+                if exc.status == 415:
+                    return self._refuse(request, exc.status, exc.reason)
+                return json_error(exc.status, exc.reason)
             by = data.get("by")
             if not isinstance(by, str) or not by.strip():
-                return _error(400, "name who acts: 'by' must be a non-empty string")
+                return json_error(400, "name who acts: 'by' must be a non-empty string")
             if len(by.strip()) > MAX_BY:
-                return _error(400, f"'by' is longer than {MAX_BY} characters")
+                return json_error(400, f"'by' is longer than {MAX_BY} characters")
             data["by"] = by.strip()
             request[_BODY_KEY] = data
         return await handler(request)
@@ -369,15 +392,15 @@ class ControlServer:
         raise web.HTTPFound(CONSOLE_PREFIX + "/")
 
     async def _get_health(self, _request: web.Request) -> web.Response:
-        return _json(self._health())
+        return json_response(self._health())
 
     async def _get_healthz(self, _request: web.Request) -> web.Response:
         """For probes (the name ops tools expect): 200 ``{"status": "ok"}``, or 503 with
         the reasons while starting or degraded, so a plain HTTP check turns red."""
         health = self._health()
         if health["status"] == "ok":
-            return _json({"status": "ok"})
-        return _json({"status": health["status"],
+            return json_response({"status": "ok"})
+        return json_response({"status": health["status"],
                       "problems": health["problems"] or [health["status"]]}, 503)
 
     async def _get_metrics(self, _request: web.Request) -> web.Response:
@@ -386,14 +409,14 @@ class ControlServer:
 
     async def _get_alarms(self, _request: web.Request) -> web.Response:
         alarms = await self._journal.open_alarms()
-        return _json({"alarms": [asdict(a) for a in alarms]})
+        return json_response({"alarms": [asdict(a) for a in alarms]})
 
     async def _get_alarm(self, request: web.Request) -> web.Response:
         alarm_id = request.match_info["alarm_id"]
         try:
             alarm = await self._journal.get_alarm(alarm_id)
         except UnknownAlarm:
-            return _json({"error": f"unknown alarm {alarm_id}"}, 404)
+            return json_response({"error": f"unknown alarm {alarm_id}"}, 404)
         return await self._alarm_view(alarm)
 
     async def _get_drill(self, request: web.Request) -> web.Response:
@@ -402,7 +425,7 @@ class ControlServer:
         drill_id = request.match_info["drill_id"]
         alarm = await self._journal.alarm_for_drill(drill_id)
         if alarm is None:
-            return _json({"error": f"no alarm journaled for drill {drill_id}"}, 404)
+            return json_response({"error": f"no alarm journaled for drill {drill_id}"}, 404)
         return await self._alarm_view(alarm)
 
     async def _alarm_view(self, alarm: AlarmRecord) -> web.Response:
@@ -411,7 +434,7 @@ class ControlServer:
         notes = await self._journal.notifications(alarm_id)
         history = await self._journal.alarm_log(alarm_id)
         calls = await self._journal.calls(alarm_id)
-        return _json({
+        return json_response({
             "alarm": asdict(alarm),
             "calls": [{"role": c.role, "name": c.name, "to": mask_phone(c.phone),
                        "wave": c.wave, "tree": c.tree, "state": c.state, "sid": c.sid,
@@ -437,10 +460,10 @@ class ControlServer:
         try:
             previous = await self._dispatcher.acknowledge(alarm_id, by=f"operator:{by}")
         except UnknownAlarm:
-            return _json({"error": f"unknown alarm {alarm_id}"}, 404)
+            return json_response({"error": f"unknown alarm {alarm_id}"}, 404)
         except IllegalTransition as exc:
-            return _json({"error": str(exc)}, 409)
-        return _json({"alarm_id": alarm_id, "state": "acknowledged", "previous": previous})
+            return json_response({"error": str(exc)}, 409)
+        return json_response({"alarm_id": alarm_id, "state": "acknowledged", "previous": previous})
 
     async def _post_resolve(self, request: web.Request) -> web.Response:
         alarm_id = request.match_info["alarm_id"]
@@ -451,10 +474,10 @@ class ControlServer:
             previous = await self._dispatcher.resolve(
                 alarm_id, None if note is None else str(note)[:2000], by=f"operator:{by}")
         except UnknownAlarm:
-            return _json({"error": f"unknown alarm {alarm_id}"}, 404)
+            return json_response({"error": f"unknown alarm {alarm_id}"}, 404)
         except IllegalTransition as exc:
-            return _json({"error": str(exc)}, 409)
-        return _json({"alarm_id": alarm_id, "state": "resolved", "previous": previous})
+            return json_response({"error": str(exc)}, 409)
+        return json_response({"alarm_id": alarm_id, "state": "resolved", "previous": previous})
 
     async def _post_keep_open(self, request: web.Request) -> web.Response:
         """``{"by": ..., "keep": true|false, "note": ...}``: the gateway must not (or may
@@ -463,60 +486,60 @@ class ControlServer:
         body = self._body(request)
         keep = body.get("keep", True)
         if not isinstance(keep, bool):
-            return _error(400, "'keep' must be true or false")
+            return json_error(400, "'keep' must be true or false")
         note = body.get("note")
         if self._closure is None:
-            return _error(503, "alarm closure is not running")
+            return json_error(503, "alarm closure is not running")
         try:
             state = await self._closure.keep_open(
                 alarm_id, f"operator:{body['by']}", keep=keep,
                 note=None if note is None else str(note)[:2000])
         except UnknownAlarm:
-            return _json({"error": f"unknown alarm {alarm_id}"}, 404)
+            return json_response({"error": f"unknown alarm {alarm_id}"}, 404)
         except AlarmNotOpen as exc:
-            return _json({"error": str(exc)}, 409)
-        return _json({"alarm_id": alarm_id, "state": state, "keep_open": keep})
+            return json_response({"error": str(exc)}, 409)
+        return json_response({"alarm_id": alarm_id, "state": state, "keep_open": keep})
 
     async def _get_devices(self, _request: web.Request) -> web.Response:
         if self._devices is not None:
-            return _json({"devices": self._devices()})
+            return json_response({"devices": self._devices()})
         states = await self._journal.device_states()
-        return _json({"devices": [asdict(s) for s in states]})
+        return json_response({"devices": [asdict(s) for s in states]})
 
     async def _get_notices(self, _request: web.Request) -> web.Response:
-        return _json({"notices": await self._journal.open_notices()})
+        return json_response({"notices": await self._journal.open_notices()})
 
     async def _post_notice_ack(self, request: web.Request) -> web.Response:
         try:
             notice_id = int(request.match_info["notice_id"])
         except ValueError:
-            return _json({"error": "notice id must be a number"}, 400)
+            return json_response({"error": "notice id must be a number"}, 400)
         body = self._body(request)
         by = body["by"]
         if self._notices is None or not await self._notices.acknowledge(notice_id, by):
-            return _json({"error": f"no open notice {notice_id}"}, 404)
-        return _json({"notice_id": notice_id, "acknowledged_by": by})
+            return json_response({"error": f"no open notice {notice_id}"}, 404)
+        return json_response({"notice_id": notice_id, "acknowledged_by": by})
 
     async def _post_duty(self, request: web.Request) -> web.Response:
         responder_id = request.match_info["responder_id"]
         body = self._body(request)
         on_duty = body.get("on_duty")
         if not isinstance(on_duty, bool):
-            return _json({"error": "on_duty must be true or false"}, 400)
+            return json_response({"error": "on_duty must be true or false"}, 400)
         if self._desk is None:
-            return _json({"error": "duty changes not supported"}, 501)
+            return json_response({"error": "duty changes not supported"}, 501)
         by = body["by"]
         try:
             await self._desk.set_duty(responder_id, on_duty, by=f"operator:{by}")
         except UnknownResponder:
-            return _json({"error": f"unknown responder {responder_id}"}, 404)
-        return _json({"responder_id": responder_id, "on_duty": on_duty})
+            return json_response({"error": f"unknown responder {responder_id}"}, 404)
+        return json_response({"responder_id": responder_id, "on_duty": on_duty})
 
     async def _post_reload(self, request: web.Request) -> web.Response:
         if self._on_reload is None:
-            return _json({"error": "reload not supported"}, 501)
+            return json_response({"error": "reload not supported"}, 501)
         # A reload changes no alarm: it is logged with who asked (the journal keeps
         # alarm, notice and duty history, and a reload is none of those).
         log.info("control.reload", by=f"operator:{self._body(request)['by']}")
         ok = await self._on_reload()
-        return _json({"reloaded": ok}, 200 if ok else 422)
+        return json_response({"reloaded": ok}, 200 if ok else 422)

@@ -340,6 +340,8 @@ async def test_session_cookie_and_page_policy(tmp_path: Path, twilio: TwilioDoub
             assert "HttpOnly" in cookie and "SameSite=Strict" in cookie
             assert ("Secure" in cookie) is tls
             assert cookie.startswith("__Host-gw_console=" if tls else "gw_console=")
+            async with console.http.get(f"{gw.control.url}/console/api/board") as r:
+                assert r.headers["Cache-Control"] == "no-store"  # operators' data
             async with console.http.get(f"{gw.control.url}/console/") as r:
                 policy = r.headers["Content-Security-Policy"]
             assert "connect-src 'self'" in policy and "frame-ancestors 'none'" in policy

@@ -39,6 +39,9 @@ from gateway.config import AlertSection, ConsoleSection
 from gateway.console.accounts import OperatorAccounts, Session, SignInRefused
 from gateway.console.feed import MAX_BATCH, ConsoleFeed
 from gateway.console.views import Views, to_csv
+from gateway.control import BodyRefused, json_object
+from gateway.control import json_error as _error
+from gateway.control import json_response as _json
 from gateway.dispatch import Dispatcher
 from gateway.journal import Journal, UnknownAlarm
 from gateway.lifecycle import IllegalTransition
@@ -60,17 +63,6 @@ MAX_NOTE: Final = 2000
 HISTORY_COLUMNS: Final = ("alarm_id", "received_at_local", "elder", "community", "elder_id",
                           "device_id", "channel", "code", "state", "drill",
                           "acknowledged_by", "ack_s", "note")
-
-
-def _json(data: Any, status: int = 200) -> web.Response:
-    response = web.json_response(
-        data, status=status, dumps=lambda d: json.dumps(d, ensure_ascii=False, default=str))
-    response.headers[hdrs.CACHE_CONTROL] = "no-store"
-    return response
-
-
-def _error(status: int, reason: str) -> web.Response:
-    return _json({"error": reason}, status)
 
 
 def static_root() -> Path:
@@ -169,6 +161,10 @@ class ConsoleApp:
                     handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
                     ) -> web.StreamResponse:
         response = await self._checked(request, handler)
+        if request.path.startswith(f"{PREFIX}/api/"):
+            # Operators' data: never kept by a browser or a proxy (the alert WAV says
+            # what it may be kept for itself).
+            response.headers.setdefault(hdrs.CACHE_CONTROL, "no-store")
         response.headers.setdefault("X-Content-Type-Options", "nosniff")
         response.headers.setdefault("Referrer-Policy", "no-referrer")
         response.headers.setdefault("X-Frame-Options", "DENY")
@@ -181,15 +177,10 @@ class ConsoleApp:
         if not path.startswith(f"{PREFIX}/api/"):
             return await handler(request)
         if request.method == hdrs.METH_POST:
-            if request.content_type != "application/json":
-                return _error(415, "the body must be application/json")
             try:
-                body = await request.json()
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                return _error(400, f"body is not JSON: {exc}")
-            if not isinstance(body, dict):
-                return _error(400, "body must be a JSON object")
-            request[_BODY] = body
+                request[_BODY] = await json_object(request)
+            except BodyRefused as exc:
+                return _error(exc.status, exc.reason)
         if path == f"{PREFIX}/api/sign-in":
             return await handler(request)
         token = request.cookies.get(self._cookie, "")
