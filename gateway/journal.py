@@ -446,6 +446,26 @@ def _note_key(rec: NotificationRecord) -> tuple[str, int | None, str]:
     return (rec.kind, rec.wave, rec.phone)
 
 
+#: An alarm, its notifications, its calls and its log (``at, event, data``).
+AlarmDetail = tuple[AlarmRecord, list[NotificationRecord], list[CallRecord],
+                    list[tuple[float, str, dict[str, Any]]]]
+
+
+def _alarm_detail(conn: sqlite3.Connection, alarm_id: str) -> AlarmDetail | None:
+    row = conn.execute(f"SELECT {_ALARM_COLS} FROM alarms WHERE alarm_id = ?",
+                       (alarm_id,)).fetchone()
+    if row is None:
+        return None
+    notes = conn.execute(f"SELECT {_NOTE_COLS} FROM notifications WHERE alarm_id = ?"
+                         " ORDER BY id", (alarm_id,)).fetchall()
+    calls = conn.execute(f"SELECT {_CALL_COLS} FROM calls WHERE alarm_id = ?"
+                         " ORDER BY wave, position, id", (alarm_id,)).fetchall()
+    logged = conn.execute("SELECT at, event, data FROM alarm_log WHERE alarm_id = ?"
+                          " ORDER BY id", (alarm_id,)).fetchall()
+    return (_alarm(row), [_notification(n) for n in notes], [_call(c) for c in calls],
+            [(at, ev, json.loads(data) if data else {}) for at, ev, data in logged])
+
+
 class Journal:
     """Async facade over a single-writer, group-committing SQLite journal.
 
@@ -1467,27 +1487,20 @@ class Journal:
 
         return await self._read(op)
 
-    async def alarm_detail(self, alarm_id: str) -> tuple[
-            AlarmRecord, list[NotificationRecord], list[CallRecord],
-            list[tuple[float, str, dict[str, Any]]]]:
+    async def alarm_detail(self, alarm_id: str) -> AlarmDetail:
         """An alarm with its SMS, calls and log, read in one go (one snapshot).
 
         Raises :class:`UnknownAlarm`."""
-        def op(conn: sqlite3.Connection) -> tuple[
-                AlarmRecord, list[NotificationRecord], list[CallRecord],
-                list[tuple[float, str, dict[str, Any]]]]:
-            row = conn.execute(f"SELECT {_ALARM_COLS} FROM alarms WHERE alarm_id = ?",
-                               (alarm_id,)).fetchone()
-            if row is None:
-                raise UnknownAlarm(alarm_id)
-            notes = conn.execute(f"SELECT {_NOTE_COLS} FROM notifications WHERE alarm_id = ?"
-                                 " ORDER BY id", (alarm_id,)).fetchall()
-            calls = conn.execute(f"SELECT {_CALL_COLS} FROM calls WHERE alarm_id = ?"
-                                 " ORDER BY wave, position, id", (alarm_id,)).fetchall()
-            logged = conn.execute("SELECT at, event, data FROM alarm_log WHERE alarm_id = ?"
-                                  " ORDER BY id", (alarm_id,)).fetchall()
-            return (_alarm(row), [_notification(n) for n in notes], [_call(c) for c in calls],
-                    [(at, ev, json.loads(data) if data else {}) for at, ev, data in logged])
+        (detail,) = await self.alarm_details([alarm_id])
+        if detail is None:
+            raise UnknownAlarm(alarm_id)
+        return detail
+
+    async def alarm_details(self, alarm_ids: Sequence[str]) -> list[AlarmDetail | None]:
+        """:meth:`alarm_detail` of each of ``alarm_ids`` in one read (one snapshot; the
+        console's board); None for an id the journal does not have."""
+        def op(conn: sqlite3.Connection) -> list[AlarmDetail | None]:
+            return [_alarm_detail(conn, alarm_id) for alarm_id in alarm_ids]
 
         return await self._read(op)
 

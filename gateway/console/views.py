@@ -15,7 +15,7 @@ from typing import Any, Final
 
 from gateway.dispatch import Dispatcher
 from gateway.geo.service import GeoResult, Nearby
-from gateway.journal import AlarmRecord, CallRecord, Journal, NotificationRecord
+from gateway.journal import AlarmDetail, AlarmRecord, Journal, NotificationRecord
 from gateway.lifecycle import AlarmState
 from gateway.model import LonLat
 from gateway.world import WorldRef
@@ -47,20 +47,18 @@ class Views:
 
     async def alarm(self, alarm_id: str) -> dict[str, Any]:
         """The full view of one alarm (raises UnknownAlarm)."""
-        rec, notes, calls, logged = await self.journal.alarm_detail(alarm_id)
-        return self._alarm(rec, notes, calls, logged)
+        return self._alarm(await self.journal.alarm_detail(alarm_id))
 
-    def _alarm(self, rec: AlarmRecord, notes: Sequence[NotificationRecord],
-               calls: Sequence[CallRecord],
-               logged: Sequence[tuple[float, str, dict[str, Any]]]) -> dict[str, Any]:
+    def _alarm(self, detail: AlarmDetail) -> dict[str, Any]:
+        rec, notes, calls, logged = detail
         registry = self.world.registry
         elder = registry.elders.get(rec.elder_id)
         device = registry.devices.get(rec.device_id)
         active = self.dispatcher.active.get(rec.alarm_id)
-        kind = "inactivity" if rec.code == "inactivity" else "emergency"
+        kind = _kind(rec.code)
         view: dict[str, Any] = {
             "alarm_id": rec.alarm_id, "state": rec.state.value, "code": rec.code,
-            "kind": kind, "urgency": URGENCY.get(kind, 0), "drill": rec.drill,
+            "kind": kind, "urgency": URGENCY[kind], "drill": rec.drill,
             "channel": rec.source, "device_id": rec.device_id,
             "device": None if device is None else {
                 "scheme": device.scheme.value, "model": device.model,
@@ -125,13 +123,10 @@ class Views:
 
     async def board(self) -> dict[str, Any]:
         open_alarms = await self.journal.open_alarms()
-        shown = sorted(open_alarms, key=lambda a: (
-            URGENCY.get("inactivity" if a.code == "inactivity" else "emergency", 0),
-            a.received_at))[:BOARD_LIMIT]
-        alarms = []
-        for rec in shown:
-            r, notes, calls, logged = await self.journal.alarm_detail(rec.alarm_id)
-            alarms.append(self._alarm(r, notes, calls, logged))
+        shown = sorted(open_alarms, key=lambda a: (URGENCY[_kind(a.code)],
+                                                    a.received_at))[:BOARD_LIMIT]
+        details = await self.journal.alarm_details([a.alarm_id for a in shown])
+        alarms = [self._alarm(d) for d in details if d is not None]
         return {"alarms": alarms, "open_total": len(open_alarms),
                 "notices": await self.notices()}
 
@@ -204,6 +199,11 @@ class Views:
                             "lon": f.location.lon, "lat": f.location.lat}
                            for f in registry.facilities.values()],
         }
+
+
+def _kind(code: str) -> str:
+    """An alarm's kind on the board (its urgency): inactivity, or an emergency."""
+    return "inactivity" if code == "inactivity" else "emergency"
 
 
 def _near(n: Nearby, *, texted: bool) -> dict[str, Any]:
