@@ -89,6 +89,12 @@ class Console:
     async def close(self) -> None:
         await self.http.close()
 
+    async def __aenter__(self) -> Console:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
 
 def press(gw: Gateway, pty: Pty, index: int = 0) -> str:
     assert gw.registry is not None
@@ -105,8 +111,7 @@ async def test_sign_in_board_ack_and_csrf(tmp_path: Path, twilio: TwilioDouble,
     add_operator(tmp_path / "state")
     async with running(gw):
         assert gw.control is not None and gw.control.url
-        console = Console(gw.control.url)
-        try:
+        async with Console(gw.control.url) as console:
             # No session: every API route but sign-in says 401.
             assert (await console.get("board"))[0] == 401
             assert (await console.sign_in(password="wrong password!"))[0] == 401
@@ -154,8 +159,6 @@ async def test_sign_in_board_ack_and_csrf(tmp_path: Path, twilio: TwilioDouble,
 
             assert (await console.post("sign-out"))[0] == 200
             assert (await console.get("board"))[0] == 401
-        finally:
-            await console.close()
 
 
 async def test_stream_catches_up_after_a_disconnect(tmp_path: Path, twilio: TwilioDouble,
@@ -166,8 +169,7 @@ async def test_stream_catches_up_after_a_disconnect(tmp_path: Path, twilio: Twil
     add_operator(tmp_path / "state")
     async with running(gw):
         assert gw.control is not None
-        console = Console(gw.control.url)
-        try:
+        async with Console(gw.control.url) as console:
             await console.sign_in()
             _, board = await console.get("board")
             last_id = board["cursor"]
@@ -197,8 +199,6 @@ async def test_stream_catches_up_after_a_disconnect(tmp_path: Path, twilio: Twil
             assert (await anext(stream))[0] == "hello"
             assert (await anext(stream))[0] == "resync"
             await stream.aclose()
-        finally:
-            await console.close()
 
 
 async def test_lockout_after_repeated_failures(tmp_path: Path, twilio: TwilioDouble,
@@ -207,16 +207,13 @@ async def test_lockout_after_repeated_failures(tmp_path: Path, twilio: TwilioDou
     add_operator(tmp_path / "state")
     async with running(gw):
         assert gw.control is not None
-        console = Console(gw.control.url)
-        try:
+        async with Console(gw.control.url) as console:
             for _ in range(4):
                 assert (await console.sign_in(password="not the password"))[0] == 401
             status, body = await console.sign_in(password="not the password")
             assert status == 423 and body["error"] == "locked"
             status, body = await console.sign_in()
             assert status == 423, "the right password is refused while locked"
-        finally:
-            await console.close()
 
 
 async def test_cross_site_and_form_posts_are_refused(tmp_path: Path, twilio: TwilioDouble,
@@ -226,8 +223,7 @@ async def test_cross_site_and_form_posts_are_refused(tmp_path: Path, twilio: Twi
     async with running(gw):
         assert gw.control is not None
         url = gw.control.url
-        console = Console(url)
-        try:
+        async with Console(url) as console:
             await console.sign_in()
             async with console.http.post(f"{url}/console/api/sign-in",
                                          data={"login": "wang", "password": PASSWORD}) as r:
@@ -242,8 +238,6 @@ async def test_cross_site_and_form_posts_are_refused(tmp_path: Path, twilio: Twi
                 assert "script-src 'self'" in r.headers["Content-Security-Policy"]
             async with console.http.get(f"{url}/", allow_redirects=False) as r:
                 assert r.status == 302 and r.headers["Location"] == "/console/"
-        finally:
-            await console.close()
 
 
 async def test_sessions_survive_a_restart(tmp_path: Path, twilio: TwilioDouble,
@@ -273,8 +267,7 @@ async def test_history_filters_report_and_csv(tmp_path: Path, twilio: TwilioDoub
     add_operator(tmp_path / "state")
     async with running(gw):
         assert gw.control is not None and gw.registry is not None and gw.journal is not None
-        console = Console(gw.control.url)
-        try:
+        async with Console(gw.control.url) as console:
             await console.sign_in()
             first = press(gw, pty, 0)
             assert await pty.read() == ACK
@@ -305,8 +298,6 @@ async def test_history_filters_report_and_csv(tmp_path: Path, twilio: TwilioDoub
                 assert "attachment" in r.headers["Content-Disposition"]
                 text = await r.text()
             assert "alarms,2" in text
-        finally:
-            await console.close()
 
 
 async def _two(gw: Gateway) -> list[Any] | None:
@@ -328,8 +319,7 @@ async def test_session_cookie_and_page_policy(tmp_path: Path, twilio: TwilioDoub
     add_operator(tmp_path / "state")
     async with running(gw):
         assert gw.control is not None
-        console = Console(gw.control.url)
-        try:
+        async with Console(gw.control.url) as console:
             async with console.http.post(
                     f"{gw.control.url}/console/api/sign-in",
                     json={"login": "wang", "password": PASSWORD},
@@ -346,8 +336,6 @@ async def test_session_cookie_and_page_policy(tmp_path: Path, twilio: TwilioDoub
                 policy = r.headers["Content-Security-Policy"]
             assert "connect-src 'self'" in policy and "frame-ancestors 'none'" in policy
             assert ("https://tiles.center.local" in policy) is tls
-        finally:
-            await console.close()
 
 
 async def test_map_data_offline_and_bounded(tmp_path: Path, twilio: TwilioDouble, pty: Pty,
@@ -361,8 +349,7 @@ async def test_map_data_offline_and_bounded(tmp_path: Path, twilio: TwilioDouble
     add_operator(tmp_path / "state")
     async with running(gw):
         assert gw.control is not None
-        console = Console(gw.control.url)
-        try:
+        async with Console(gw.control.url) as console:
             await console.sign_in()
             status, data = await console.get("map")
             assert status == 200
@@ -373,8 +360,6 @@ async def test_map_data_offline_and_bounded(tmp_path: Path, twilio: TwilioDouble
             monkeypatch.setattr(views, "MAP_ELDERS_MAX", 10)
             status, data = await console.get("map")
             assert data["elders"] == [] and data["elders_total"] == 88
-        finally:
-            await console.close()
 
 
 async def test_the_maps_responder_poll_sends_the_shift_only(tmp_path: Path, twilio: TwilioDouble,
@@ -383,8 +368,7 @@ async def test_the_maps_responder_poll_sends_the_shift_only(tmp_path: Path, twil
     add_operator(tmp_path / "state")
     async with running(gw):
         assert gw.control is not None and gw.registry is not None and gw.geo is not None
-        console = Console(gw.control.url)
-        try:
+        async with Console(gw.control.url) as console:
             await console.sign_in()
             _, everyone = await console.get("responders")
             _, shift = await console.get("responders?on_duty=1")
@@ -393,8 +377,6 @@ async def test_the_maps_responder_poll_sends_the_shift_only(tmp_path: Path, twil
                        if gw.geo.is_on_duty(r.responder_id)}
             assert {r["id"] for r in shift["responders"]} == on_duty
             assert len(on_duty) < len(everyone["responders"])
-        finally:
-            await console.close()
 
 
 async def test_the_console_over_the_gateways_own_tls_certificate(
