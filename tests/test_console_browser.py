@@ -77,10 +77,16 @@ class Tab:
         return tab
 
     async def sign_in(self, login: str, password: str) -> None:
+        """Fill in the form and submit it (the answer is the caller's to check)."""
         page = self.page
         await page.fill("#login", login)
         await page.fill("#password", password)
         await page.click("#signin-button")
+
+    async def signed_in(self, login: str) -> None:
+        """Sign in with the test password and wait for the board."""
+        await self.sign_in(login, PASSWORD)
+        await self.page.wait_for_selector("#app:not([hidden])")
 
 
 async def publish(broker: Mosquitto, topic: str, payload: dict[str, Any]) -> None:
@@ -111,11 +117,9 @@ async def test_operator_signs_in_sees_a_press_live_and_acknowledges_it(
         # A wrong password is refused with the reason; the right one opens the board.
         await one.sign_in("wang", "not the password")
         await page.wait_for_selector("#signin-error:has-text('账号或密码错误')")
-        await one.sign_in("wang", PASSWORD)
-        await page.wait_for_selector("#app:not([hidden])")
+        await one.signed_in("wang")
         await page.wait_for_selector("#map path.leaflet-interactive")  # the district drawn
-        await two.sign_in("li", PASSWORD)
-        await two.page.wait_for_selector("#app:not([hidden])")
+        await two.signed_in("li")
         # Both streams are open before the press (the consoles list both).
         await page.wait_for_selector(".silent-console")
 
@@ -260,8 +264,7 @@ async def test_a_console_away_for_30_s_during_20_presses_shows_all_20(
 async def _away_and_back(gw: Gateway, mosquitto: Mosquitto, browser: Any, link: Link) -> None:
     assert gw.journal is not None
     tab = await Tab.open(browser, f"http://127.0.0.1:{link.port}")
-    await tab.sign_in("wang", PASSWORD)
-    await tab.page.wait_for_selector("#app:not([hidden])")
+    await tab.signed_in("wang")
     await tab.page.wait_for_selector("#banner-self-silent")  # the stream said hello
 
     link.cut()  # the network drops: the stream breaks, reconnects are refused
@@ -303,10 +306,8 @@ async def test_the_alert_sounds_in_the_browser_and_silent_consoles_are_flagged(
         await eventually(gw.mqtt.connected.is_set)
         one = await Tab.open(browser, gw.control.url)
         two = await Tab.open(browser, gw.control.url)
-        await one.sign_in("wang", PASSWORD)
-        await two.sign_in("li", PASSWORD)
-        for tab in (one, two):
-            await tab.page.wait_for_selector("#app:not([hidden])")
+        await one.signed_in("wang")
+        await two.signed_in("li")
         await one.page.wait_for_selector(".silent-console:has-text('李值班')")
 
         await two.page.click("#sound-button")  # the gesture: the shift starts
@@ -358,9 +359,8 @@ async def test_responders_and_devices_pages(
         await publish(mosquitto, device.address, {"battery": 77, "linkquality": 90})
         await eventually(lambda: _seen(gw, device.device_id))
         tab = await Tab.open(browser, gw.control.url)
-        await tab.sign_in("wang", PASSWORD)
+        await tab.signed_in("wang")
         page = tab.page
-        await page.wait_for_selector("#app:not([hidden])")
 
         await page.click("button[data-view='devices']")
         row = page.locator("#devices-body tr", has_text=device.device_id)
