@@ -10,14 +10,14 @@ from __future__ import annotations
 import csv
 import io
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 from gateway.dispatch import Dispatcher
 from gateway.geo.service import GeoResult, Nearby
 from gateway.journal import AlarmDetail, AlarmRecord, Journal, NotificationRecord
 from gateway.lifecycle import AlarmState
-from gateway.model import LonLat
+from gateway.model import LonLat, Registry, Responder
 from gateway.world import WorldRef
 
 #: Board ranks (lower first).
@@ -37,11 +37,24 @@ TIMELINE_EVENTS: Final = frozenset({
 })
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Views:
     journal: Journal
     world: WorldRef
     dispatcher: Dispatcher
+    # Responders by phone with their registry position, for the registry in use (built
+    # on first use after a reload): an alarm's view must not scan a city's 30k staff.
+    _by_phone: tuple[Registry, dict[str, list[tuple[int, Responder]]]] | None = field(
+        default=None, repr=False)
+
+    def _responders_by_phone(self) -> dict[str, list[tuple[int, Responder]]]:
+        registry = self.world.registry
+        if self._by_phone is None or self._by_phone[0] is not registry:
+            index: dict[str, list[tuple[int, Responder]]] = {}
+            for i, r in enumerate(registry.responders.values()):
+                index.setdefault(r.phone, []).append((i, r))
+            self._by_phone = (registry, index)
+        return self._by_phone[1]
 
     # -- alarms ---------------------------------------------------------------------
 
@@ -98,8 +111,8 @@ class Views:
         if geo is None:
             geo = service.lookup(home, k=3)
         phones = {n.phone for n in notes}
-        registry = self.world.registry
-        texted = [r for r in registry.responders.values() if r.phone in phones]
+        by_phone = self._responders_by_phone()
+        texted = [r for _, r in sorted(e for p in phones for e in by_phone.get(p, ()))]
         shown: dict[str, dict[str, Any]] = {}
         for near in geo.responders:
             shown[near.id] = _near(near, texted=near.phone in phones)
