@@ -110,6 +110,16 @@ class ConsoleApp:
         self._audio_dir = Path(tempfile.mkdtemp(prefix="gateway-console-audio-"))
         self._renders: dict[str, asyncio.Task[Path]] = {}
         self._cookie = f"__Host-{COOKIE}" if secure else COOKIE
+        # The page and its policy, read and composed once.
+        self._page = (static_root() / "index.html").read_text(encoding="utf-8")
+        tiles = ""
+        if settings.tile_url:
+            parts = urlsplit(settings.tile_url.replace("{s}", "a"))
+            tiles = f" {parts.scheme}://{parts.netloc}"
+        self._policy = (
+            "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+            f"img-src 'self' data:{tiles}; media-src 'self' blob:; connect-src 'self'; "
+            "frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
 
     async def __aenter__(self) -> ConsoleApp:
         return self
@@ -203,16 +213,8 @@ class ConsoleApp:
     # -- the page and the session ----------------------------------------------------
 
     async def _index(self, _request: web.Request) -> web.StreamResponse:
-        html = (static_root() / "index.html").read_text(encoding="utf-8")
-        response = web.Response(text=html, content_type="text/html", charset="utf-8")
-        tiles = ""
-        if self._settings.tile_url:
-            parts = urlsplit(self._settings.tile_url.replace("{s}", "a"))
-            tiles = f" {parts.scheme}://{parts.netloc}"
-        response.headers["Content-Security-Policy"] = (
-            "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
-            f"img-src 'self' data:{tiles}; media-src 'self' blob:; connect-src 'self'; "
-            "frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
+        response = web.Response(text=self._page, content_type="text/html", charset="utf-8")
+        response.headers["Content-Security-Policy"] = self._policy
         response.headers[hdrs.CACHE_CONTROL] = "no-store"
         return response
 
