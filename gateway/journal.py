@@ -930,19 +930,28 @@ class Journal:
         return results, conn.total_changes > changes
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T],
-                   touch: tuple[str, str] | None = None) -> T:
+                   touch: tuple[str, str] | Callable[[T], tuple[str, str] | None] | None = None,
+                   ) -> T:
         """Run ``fn`` in the writer thread inside a (group-committed) transaction;
-        once committed, tell the watchers that ``touch`` (kind, key) changed."""
+        once committed, tell the watchers what changed: ``touch`` is the (kind, key), or
+        a function of ``fn``'s result that gives it (None: nothing changed)."""
         if self._thread is None or self._loop is None:
             raise JournalError("journal is not open")
         fut: asyncio.Future[T] = self._loop.create_future()
         if touch is not None:
             # On the future, not after the await: told even if the caller was cancelled
             # while the commit was on its way.
-            fut.add_done_callback(lambda f: None if f.cancelled() or f.exception()
-                                  else self._changed(*touch))
+            fut.add_done_callback(lambda f: self._committed(f, touch))
         self._queue.put((fn, fut))
         return await fut
+
+    def _committed(self, fut: asyncio.Future[T],
+                   touch: tuple[str, str] | Callable[[T], tuple[str, str] | None]) -> None:
+        if fut.cancelled() or fut.exception() is not None:
+            return
+        changed = touch if isinstance(touch, tuple) else touch(fut.result())
+        if changed is not None:
+            self._changed(*changed)
 
     # -- watchers -------------------------------------------------------------------------
 
@@ -1111,8 +1120,7 @@ class Journal:
             _touch_device(conn, device_id, received_at, kind, None, None, None, None)
             return outcome
 
-        outcome = await self._run(op)
-        self._changed("alarm", outcome.alarm_id)
+        outcome = await self._run(op, lambda o: ("alarm", o.alarm_id))
         if alarm_id is not None and outcome.adopted:
             await self._settle_held(alarm_id, held_transitions, held_notes)
         return outcome
@@ -1338,7 +1346,7 @@ class Journal:
                 _log(conn, row[0], now, event[0], event[1])
             return str(row[0])
 
-        self._changed("alarm", await self._run(op))
+        await self._run(op, lambda changed: ("alarm", changed))
 
     async def record_notice(self, *, at: float, kind: str, subject: str, severity: str,
                             text: str) -> int:
@@ -1350,9 +1358,7 @@ class Journal:
                 (at, kind, subject, severity, text))
             return int(cur.lastrowid or 0)
 
-        notice_id = await self._run(op)
-        self._changed("notice", str(notice_id))
-        return notice_id
+        return await self._run(op, lambda notice_id: ("notice", str(notice_id)))
 
     async def ack_notice(self, notice_id: int, by: str) -> bool:
         now = self._clock()
@@ -1363,10 +1369,7 @@ class Journal:
                 " WHERE id = ? AND acknowledged_at IS NULL", (now, by, notice_id))
             return cur.rowcount > 0
 
-        changed = await self._run(op)
-        if changed:
-            self._changed("notice", str(notice_id))
-        return changed
+        return await self._run(op, lambda done: ("notice", str(notice_id)) if done else None)
 
     async def set_delivery_status(
         self, sid: str, status: str, error_code: int | None
@@ -1396,10 +1399,8 @@ class Journal:
                                (rec.id,)).fetchone()
             return _notification(row), True
 
-        result = await self._run(op)
-        if result is not None and result[1]:
-            self._changed("alarm", result[0].alarm_id)
-        return result
+        return await self._run(
+            op, lambda found: ("alarm", found[0].alarm_id) if found and found[1] else None)
 
     async def prune(self, before: float, batch: int = 5000) -> int:
         """Delete device messages older than ``before`` that belong to no open alarm.
@@ -1658,9 +1659,7 @@ class Journal:
             return _call(conn.execute(f"SELECT {_CALL_COLS} FROM calls WHERE id = ?",
                                       (call_id,)).fetchone())
 
-        record = await self._run(op)
-        self._changed("alarm", record.alarm_id)
-        return record
+        return await self._run(op, lambda record: ("alarm", record.alarm_id))
 
     async def call_by_sid(self, sid: str) -> CallRecord | None:
         def op(conn: sqlite3.Connection) -> CallRecord | None:
