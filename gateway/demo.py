@@ -44,7 +44,7 @@ from gateway.console.accounts import AccountExists, OperatorAccounts, accounts_p
 from gateway.daemon import Gateway
 from gateway.district import generate_district
 from gateway.logs import configure_logging
-from gateway.model import Device
+from gateway.model import Device, Elder
 from gateway.redact import mask_phone
 from gateway.sandbox.pty_device import PtyDevice
 from gateway.sandbox.twilio_double import TwilioDouble
@@ -263,13 +263,7 @@ async def _live(gw: Gateway, receiver: PtyDevice, runner: asyncio.Task[None],
             device = rotation[(number - max(1, scripted)) % len(rotation)]
             number += 1
             elder = gw.registry.elders[device.elder_id]
-            frame = encode_mlr2("01", "1", device.address, Qualifier.NEW, "101", "01", "001")
-            t0 = time.monotonic()
-            answer = await receiver.send(frame)
-            ack_ms = (time.monotonic() - t0) * 1000
-            _p(screen, f"[{number}] {elder.name} pressed the button (device "
-                       f"{device.device_id}, Contact ID account {device.address}) -> receiver "
-                       f"got {'ACK' if answer == ACK else repr(answer)} in {ack_ms:.1f} ms")
+            await _press(receiver, device, elder, number, screen)
             # The receiver got its ACK after the journal's commit: the alarm is there.
             found = await gw.journal.find_alarms(device_id=device.device_id, limit=1)
             if not found:
@@ -292,6 +286,22 @@ async def _live(gw: Gateway, receiver: PtyDevice, runner: asyncio.Task[None],
                f"on the console: {taken}.")
 
 
+def _sos_frame(device: Device) -> bytes:
+    """The Sur-Gard receiver's line for a new personal emergency (Contact ID 101)."""
+    return encode_mlr2("01", "1", device.address, Qualifier.NEW, "101", "01", "001")
+
+
+async def _press(receiver: PtyDevice, device: Device, elder: Elder, number: int,
+                 screen: TextIO) -> None:
+    """One press on the simulated receiver, and its line: who, and the receiver's ACK."""
+    t0 = time.monotonic()
+    answer = await receiver.send(_sos_frame(device))
+    ack_ms = (time.monotonic() - t0) * 1000
+    _p(screen, f"[{number}] {elder.name} pressed the button (device {device.device_id}, "
+               f"Contact ID account {device.address}) -> receiver got "
+               f"{'ACK' if answer == ACK else repr(answer)} in {ack_ms:.1f} ms")
+
+
 async def _presses(gw: Gateway, receiver: PtyDevice, double: TwilioDouble, presses: int,
                    screen: TextIO) -> int:
     if not (gw.registry and gw.dispatcher and gw.journal and gw.player and gw.control):
@@ -300,17 +310,11 @@ async def _presses(gw: Gateway, receiver: PtyDevice, double: TwilioDouble, press
     alarm_ids: list[str] = []
     for i, device in enumerate(devices, 1):
         elder = gw.registry.elders[device.elder_id]
-        frame = encode_mlr2("01", "1", device.address, Qualifier.NEW, "101", "01", "001")
-        t0 = time.monotonic()
-        answer = await receiver.send(frame)
-        ack_ms = (time.monotonic() - t0) * 1000
-        _p(screen, f"[{i}] {elder.name} pressed the button (device {device.device_id}, "
-                   f"Contact ID account {device.address}) -> receiver got "
-                   f"{'ACK' if answer == ACK else repr(answer)} in {ack_ms:.1f} ms")
+        await _press(receiver, device, elder, i, screen)
         if i == 1:
             # The first family contact will answer the alarm call and press 1.
             double.script_callee(elder.contacts[0].phone, "answer", digit="1", ring_s=4)
-            again = await receiver.send(frame)
+            again = await receiver.send(_sos_frame(device))
             _p(screen, f"    pressed again -> {'ACK' if again == ACK else repr(again)}; "
                        "joins the open alarm (no second alarm)")
         await gw.dispatcher.wait_idle(timeout=30)
