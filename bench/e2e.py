@@ -64,7 +64,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import csv
 import json
 import logging
 import math
@@ -89,7 +88,16 @@ import structlog
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.sms import _REF, DoubleInfo, Press, _press, _versions, publish, twilio_double
+from bench.sms import (
+    _REF,
+    DoubleInfo,
+    Press,
+    _press,
+    _versions,
+    all_on_duty,
+    publish,
+    twilio_double,
+)
 from devices.events import AddressScheme
 from gateway.config import parse_config
 from gateway.district import DISTRICT, generate, generate_district
@@ -187,15 +195,7 @@ def build_registry(out: Path, buttons_needed: int, *, seed: int) -> BenchRegistr
     generate(out, elders=elders, responders=responders, seed=seed,
              width_km=DISTRICT.width_km, height_km=DISTRICT.height_km,
              area_name=DISTRICT.area_name)
-    path = out / "responders.csv"
-    with path.open(encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
-        header = list(reader.fieldnames or ())
-        rows = [{**r, "on_duty": "true"} for r in reader]
-    with path.open("w", encoding="utf-8", newline="") as f:
-        writer = csv.DictWriter(f, header, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
+    all_on_duty(out)
     registry = load_registry(out)
     buttons = tuple(sorted((d for d in registry.devices.values()
                             if d.scheme is AddressScheme.MQTT), key=lambda d: d.device_id))

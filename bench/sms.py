@@ -196,6 +196,20 @@ class BenchRegistry:
     counts: dict[str, int]
 
 
+
+def all_on_duty(registry_dir: Path) -> None:
+    """Every responder of a generated registry on duty (the benchmarks' wave 1 is then the
+    same shape for every alarm)."""
+    path = registry_dir / "responders.csv"
+    with path.open(encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        header = list(reader.fieldnames or ())
+        staff = [{**r, "on_duty": "true"} for r in reader]
+    with path.open("w", encoding="utf-8", newline="") as f:
+        writer = csv.DictWriter(f, header, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(staff)
+
 def build_registry(out: Path, *, seed: int) -> BenchRegistry:
     """Generate the district, give each elder exactly 2 contacts, put everyone on duty.
 
@@ -220,15 +234,7 @@ def build_registry(out: Path, *, seed: int) -> BenchRegistry:
                                   else (known[0]["name"] + "家属", "邻居"))
                 # 137 is not one of the generator's mobile blocks: no clash with staff.
                 writer.writerow((elder_id, name, relation, f"137{2 * i + k:08d}", "zh"))
-    responders = out / "responders.csv"
-    with responders.open(encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
-        header = list(reader.fieldnames or ())
-        staff = [{**r, "on_duty": "true"} for r in reader]
-    with responders.open("w", encoding="utf-8", newline="") as f:
-        dict_writer = csv.DictWriter(f, header, lineterminator="\n")
-        dict_writer.writeheader()
-        dict_writer.writerows(staff)
+    all_on_duty(out)
 
     registry = load_registry(out)
     short = [e.elder_id for e in registry.elders.values() if len(e.contacts) != 2]
