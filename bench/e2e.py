@@ -671,6 +671,15 @@ def table_rows(results: list[dict[str, Any]], city: dict[str, dict[str, Any]],
             add("start to READY=1, city, registry changed (full validation)",
                 c["cold_ready_s"], None, "s")
             add("RSS at READY, city, registry changed", c["cold_rss_ready_mb"], None, "MB")
+    def sustained(side: str) -> float | None:
+        """The highest rate run with zero loss and p99 under 1 s."""
+        ok = [r["rate_per_s"] for r in results if r["side"] == side
+              and r["rate_per_s"] is not None and (side == "peer" or r["alert"] == alert)
+              and r["zero_loss"] and (r["latency_ms"].get("p99") or math.inf) < 1000]
+        return max(ok) if ok else None
+
+    add("highest rate run with zero loss and p99 < 1 s", sustained("gateway"),
+        sustained("peer"), "/s")
     for g in (r for r in results if r["side"] == "gateway" and r["alert"] == alert):
         p = peers.get(g["run"], {})
         gl, pl = g["latency_ms"], p.get("latency_ms", {})
@@ -690,6 +699,7 @@ def table_rows(results: list[dict[str, Any]], city: dict[str, dict[str, Any]],
         rows[-1]["peer"] = p.get("zero_loss")
         add(f"{label}: RSS at READY", g["rss_ready_mb"], None, "MB")
         add(f"{label}: RSS peak", g["rss_peak_mb"], p.get("rss_peak_mb"), "MB")
+        add(f"{label}: SIGTERM -> exit (unit: TimeoutStopSec=30)", g.get("stop_s"), None, "s")
     return rows
 
 
@@ -714,6 +724,27 @@ def print_table(rows: list[dict[str, Any]], alert: str) -> None:
               f"{_fmt(r['ratio']):>7}" + ("" if unit or not r["unit"] else f"  {r['unit']}"))
 
 
+#: Issue 13's "measured" column (before this benchmark's work), by figure, for the
+#: README's table: the same shape (gateway run as deployed, 2 cores), an earlier commit.
+BEFORE: Final[dict[str, str]] = {
+    "start to READY=1, city 100k elders / 5k responders (snapshot)": "14 s (no snapshot)",
+    "RSS at READY, city (snapshot)": "503 MB",
+    "start to READY=1, city, registry changed (full validation)": "14 s",
+    "RSS at READY, city, registry changed": "503 MB",
+    "100/s: publish -> 1st SMS p50": "15-20 ms (alert on)",
+    "100/s: publish -> 1st SMS p99": "35-78 ms (alert on)",
+    "highest rate run with zero loss and p99 < 1 s": "~240/s (off), ~175/s (on)",
+    "10/s: CPU per alarm": "4.6 (off) - 5.5 (on) ms",
+    "100/s: CPU per alarm": "4.6 (off) - 5.5 (on) ms",
+    "1000/s: publish -> 1st SMS p99": "not sustained: ~240/s (off), ~175/s (on)",
+    "1000/s: zero loss (alarms, 1st SMS / presses)": "not sustained above ~240/s",
+    "storm 10000: drain until every 1st SMS left": "44-58 s",
+    "storm 10000: zero loss (alarms, 1st SMS / presses)": "yes",
+    "storm 10000: RSS peak": "646 MB",
+    "storm 10000: SIGTERM -> exit (unit: TimeoutStopSec=30)": "59 s",
+}
+
+
 def markdown(report: dict[str, Any]) -> str:
     """The README's table from a report: figure | alert off (gateway, peer, ratio) |
     alert on (gateway, ratio), one row per figure, in the report's order."""
@@ -723,14 +754,14 @@ def markdown(report: dict[str, Any]) -> str:
     for alert in alerts:
         for row in tables[alert]:
             figures.setdefault(row["figure"], {})[alert] = row
-    head = ["figure", "unit"]
+    head = ["figure", "unit", "before (issue 13)"]
     for alert in alerts:
         head += [f"alert {alert}: gateway", "peer", "ratio"] if alert == "off" \
             else [f"alert {alert}: gateway", "ratio"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for figure, by_alert in figures.items():
         unit = next(iter(by_alert.values()))["unit"]
-        cells = [figure, unit if len(unit) <= 8 else ""]
+        cells = [figure, unit if len(unit) <= 8 else "", BEFORE.get(figure, "-")]
         for alert in alerts:
             r = by_alert.get(alert)
             if r is None:

@@ -436,7 +436,7 @@ def _run_publisher(plan_file: Path, out: Path) -> None:
             time.sleep(pause)
         # Open loop: late presses go out at once, they do not shift the schedule.
         published = time.monotonic()
-        infos.append(client.publish(press["topic"], press["payload"].encode(), qos=1))
+        infos.append(client.publish(press["topic"], _stamped(press), qos=1))
         records.append({"device_id": press["device_id"], "due": due, "published_at": published})
     for info in infos:
         info.wait_for_publish(30)
@@ -743,6 +743,18 @@ async def run_once(workdir: Path, reg: BenchRegistry, *, sync: str, alarms: int,
     data.stage_ms = _stages_from_log(workdir / "gateway.log.jsonl", set(data.t0))
     data.library_warnings = _count_warnings(workdir / "stdlib.log")
     return data
+
+
+def _stamped(press: Press) -> bytes:
+    """The payload with the time it leaves, as the button or bridge stamps it (our
+    schema's ``ts``; Zigbee2MQTT's ``last_seen: epoch``, in ms): the gateway's own
+    latency figures then count a wait at the broker."""
+    body = json.loads(press["payload"])
+    if press["topic"].endswith("/event"):
+        body["ts"] = round(time.time(), 3)
+    else:
+        body["last_seen"] = int(time.time() * 1000)
+    return json.dumps(body, separators=(",", ":")).encode()
 
 
 def _press(device: Device) -> Press:

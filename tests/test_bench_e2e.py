@@ -51,3 +51,26 @@ def test_percentiles_are_nearest_rank() -> None:
     assert (p["n"], p["p50"], p["p99"], p["p99.9"], p["max"]) == (1000, 501.0, 991.0, 1000.0,
                                                                   1000.0)
     assert _e2e().percentiles([]) == {"n": 0}
+
+
+def test_the_table_puts_issue_13s_figures_beside_the_new_and_finds_the_sustained_rate() -> None:
+    e2e = _e2e()
+
+    def run(side: str, rate: float, p99: float, loss: bool = False) -> dict[str, object]:
+        return {"run": f"{rate:g}/s", "side": side, "alert": "off", "rate_per_s": rate,
+                "presses": 10, "alarms": 10, "first_sms": 10, "zero_loss": not loss,
+                "latency_ms": {"p50": p99 / 2, "p99": p99, "p99.9": p99, "max": p99},
+                "cpu_ms_per_alarm": 5.0, "rss_ready_mb": 160.0, "rss_peak_mb": 170.0,
+                "stop_s": 1.5}
+
+    results = [run("gateway", 10, 8), run("peer", 10, 3), run("gateway", 100, 80),
+               run("peer", 100, 3), run("gateway", 1000, 30_000), run("peer", 1000, 900)]
+    rows = {r["figure"]: r for r in e2e.table_rows(results, {}, "off")}
+    best = rows["highest rate run with zero loss and p99 < 1 s"]
+    assert (best["gateway"], best["peer"]) == (100, 1000)
+    report = {"tables": {"off": list(rows.values())}, "machine": {
+        "git_commit": "abc1234", "cpus": 2, "load_avg_before": [0.1], "load_avg_after": [1.0]}}
+    table = e2e.markdown(report)
+    assert "| before (issue 13) |" in table.splitlines()[0]
+    line = next(x for x in table.splitlines() if x.startswith("| 100/s: publish -> 1st SMS p99"))
+    assert "35-78 ms (alert on)" in line and "| 80 |" in line
