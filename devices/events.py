@@ -89,6 +89,10 @@ class DeviceEvent:
     link_quality: int | None = None
     extra: tuple[tuple[str, str], ...] = field(default=())
     drill: Drill | None = None  # set only by the drill decoder
+    # Unix seconds at which the device (or its bridge) says it sent this: our schema's
+    # ``ts``, Zigbee2MQTT's ``last_seen``. The gateway's latency clock starts there, so a
+    # wait at the broker counts (gateway/intake.py checks it is plausible first).
+    sent_at: float | None = None
 
 
 class DeviceProtocolError(Exception):

@@ -3,7 +3,8 @@
 Three topic shapes are understood (bases configurable):
 
 * ``zigbee2mqtt/<name>``: Zigbee2MQTT device state (JSON object with ``action``,
-  ``battery``, ``voltage``, ``linkquality``, ``battery_low``, ``tamper``...);
+  ``battery``, ``voltage``, ``linkquality``, ``battery_low``, ``tamper``, and
+  ``last_seen`` when the bridge's ``advanced.last_seen`` is on...);
 * ``zigbee2mqtt/<name>/availability``: ``online``/``offline`` or
   ``{"state": "online"}``;
 * ``alarm/buttons/<device_id>/event``: our own schema, see ``devices/SCHEMA.md``.
@@ -110,6 +111,20 @@ class _Fields:
             return value
         self.invalid.append(key)
         return None
+
+    def unix(self, key: str, *, millis: bool = False) -> float | None:
+        """A moment as unix seconds: a number (``millis``: in milliseconds, as
+        Zigbee2MQTT's ``last_seen: epoch`` writes it) or ISO-8601 with an offset."""
+        value = self._obj.get(key)
+        if value is None:
+            return None
+        if millis and isinstance(value, int | float) and not isinstance(value, bool):
+            value = value / 1000
+        moment = _moment(value)
+        if moment is None:
+            self.invalid.append(key)
+            return None
+        return moment.timestamp()
 
     def timestamp(self, key: str) -> str | None:
         """A unix time or an ISO-8601 string with an offset, as ISO-8601 UTC."""
@@ -329,6 +344,8 @@ class MqttDecoder:
         link_quality = fields.integer("linkquality", 0, 255)
         battery_low = fields.flag("battery_low")
         tamper = fields.flag("tamper")
+        # advanced.last_seen (epoch, ISO_8601 or ISO_8601_local): when the bridge heard it.
+        sent_at = fields.unix("last_seen", millis=True)
         extra = _invalid_extra(fields, primary, payload)
 
         def event(kind: EventKind, code: str | None) -> DeviceEvent:
@@ -341,6 +358,7 @@ class MqttDecoder:
                 voltage_mv=voltage,
                 link_quality=link_quality,
                 extra=extra,
+                sent_at=sent_at,
             )
 
         events: list[DeviceEvent] = []
@@ -395,6 +413,7 @@ def _own_event(address: DeviceAddress, payload: bytes) -> DeviceEvent:
     fields = _Fields(obj)
     seq = fields.integer("seq", 0, 2**63 - 1)
     ts = fields.timestamp("ts")
+    sent_at = datetime.fromisoformat(ts).timestamp() if ts is not None else None
     battery = fields.number("battery", 0, 100)
     rssi = fields.integer("rssi", -255, 255)
     extra: tuple[tuple[str, str], ...] = ()
@@ -412,6 +431,7 @@ def _own_event(address: DeviceAddress, payload: bytes) -> DeviceEvent:
         code=name,
         battery_pct=battery,
         extra=extra,
+        sent_at=sent_at,
     )
 
 

@@ -389,6 +389,11 @@ class VoiceSection(_Section):
 
 class EscalationSection(_Section):
     waves: tuple[WaveSection, ...] = Field(default_factory=_default_waves)
+    # A storm (gateway/digest.py): a supervisor gets at most supervisor_digest_after SMS of
+    # their own per supervisor_digest_s; the alarms after those wait for one digest SMS
+    # per interval naming them (journaled, so a restart sends it).
+    supervisor_digest_after: int = Field(default=3, ge=1)
+    supervisor_digest_s: float = Field(default=120.0, gt=0, le=3600)
 
     @field_validator("waves")
     @classmethod

@@ -52,6 +52,7 @@ from devices.events import Drill
 from gateway.alert import AlertPlayer
 from gateway.calling import CallDesk
 from gateway.config import EscalationSection, GeoSection, SmsSection
+from gateway.digest import SupervisorDigest
 from gateway.escalation import CallWave, Planner, Situation, supervisors_near
 from gateway.geo import GeoResult
 from gateway.journal import (
@@ -96,6 +97,9 @@ class ActiveAlarm:
     address_text: str  # what the operator hears for an unknown device
     received_at: float  # wall clock
     t0: float  # monotonic at receipt (or reconstructed on resume)
+    # Before receipt, by the device's own time (gateway/intake.py): latencies and the SMS
+    # budget count from the press, a wait at the broker included.
+    waited_s: float = 0.0
     durable: bool = True
     task: asyncio.Task[None] | None = None
     geo: GeoResult | None = None
@@ -151,8 +155,13 @@ class Dispatcher:
                                   sleep=sleep, on_notice=on_notice,
                                   on_unjournaled=self._remember)
         self._backlog = Backlog(self._notifier, workers=reconcile_workers)
+        self._digest = SupervisorDigest(
+            journal=journal, composer=self._composer, escalation=escalation,
+            open_alarm=self._digestible, deliver=self._deliver_digest,
+            on_digest=lambda n: metrics.supervisor_digests.inc(), clock=clock, sleep=sleep)
         self._tg: asyncio.TaskGroup | None = None
         self._backlog_task: asyncio.Task[None] | None = None
+        self._digest_task: asyncio.Task[None] | None = None
         self._alert_starts: set[asyncio.Task[None]] = set()
         self.active: dict[str, ActiveAlarm] = {}
         # Responder id -> number of open, unacknowledged alarms whose first wave holds
@@ -227,6 +236,7 @@ class Dispatcher:
         self._tg = asyncio.TaskGroup()
         await self._tg.__aenter__()
         self._backlog_task = self._tg.create_task(self._backlog.run(), name="sms-backlog")
+        self._digest_task = self._tg.create_task(self._digest.run(), name="supervisor-digest")
         return self
 
     async def __aexit__(self, *exc_info: Any) -> None:
@@ -238,6 +248,8 @@ class Dispatcher:
         # Rows still queued stay 'sending' in the journal: the next start reconciles them.
         if self._backlog_task is not None:
             self._backlog_task.cancel()
+        if self._digest_task is not None:  # held rows stay held: the next start sends
+            self._digest_task.cancel()
         if tg is not None:
             await tg.__aexit__(*exc_info)
 
@@ -260,6 +272,7 @@ class Dispatcher:
         """Restart-safety: pick up every open alarm the journal knows about."""
         resumed = 0
         reg = self._world.registry
+        await self._digest.restore()  # before any wave: the supervisors' budgets
         for rec in await self._journal.open_alarms():
             device = reg.devices.get(rec.device_id)
             elder = reg.elders.get(rec.elder_id) if device else None
@@ -356,7 +369,11 @@ class Dispatcher:
             told |= {p.phone for p in plans}
             alarm.idle.clear()
             started = self._monotonic()
-            records = await self._record_plan(alarm, MessageKind.ESCALATION, number, plans)
+            held: list[NotificationPlan] = []
+            if alarm.drill is None:  # a storm: supervisors over their budget get a digest
+                plans, held = self._digest.split(plans)
+            records = await self._record_plan(alarm, MessageKind.ESCALATION, number, plans,
+                                              held=held)
             await self._send_all(alarm, records, wave=number, started=started)
         log.info("alarm.escalation_done", sent=alarm.sent, failed=alarm.failed,
                  acknowledged=alarm.closed.is_set())
@@ -477,20 +494,41 @@ class Dispatcher:
 
     async def _record_plan(
         self, alarm: ActiveAlarm, kind: MessageKind, wave: int | None,
-        plans: Sequence[NotificationPlan],
+        plans: Sequence[NotificationPlan], *, held: Sequence[NotificationPlan] = (),
     ) -> list[NotificationRecord]:
+        """Journal a wave's plans (``held``: supervisor messages for a digest)."""
         try:
-            return await self._journal.plan_notifications(alarm.alarm_id, wave, plans,
-                                                          kind=kind)
+            records = await self._journal.plan_notifications(alarm.alarm_id, wave, plans,
+                                                             kind=kind, held=held)
         except JournalError as exc:
-            # Sending matters more than the record of it: go on from memory.
+            # Sending matters more than the record of it: go on from memory, and a
+            # digest cannot be built from the journal, so the held go one by one.
             log.critical("journal.write_failed", what="notification plan", error=str(exc))
             self._metrics.journal_errors.inc()
+            self._digest.send_anyway(held)
+            plans = [*plans, *held]
             now = self._clock()
             records = [memory_record(alarm.alarm_id, kind, wave, p, -(i + 1), now)
                        for i, p in enumerate(plans)]
             self._remember(*records)
             return records
+        if held:
+            self._metrics.supervisor_held.inc(len(held))
+            log.info("supervisor.held", wave=wave, held=len(held),
+                     waiting=len(self._digest.budgets.waiting | {p.phone for p in held}))
+            self._digest.held(held)
+        return records
+
+    def _digestible(self, alarm_id: str) -> tuple[ActiveAlarm, AlarmFacts] | None:
+        """An alarm a digest may still name: open and not acknowledged, with its facts."""
+        alarm = self.active.get(alarm_id)
+        if alarm is None or alarm.closed.is_set() or alarm.elder is None:
+            return None
+        e = alarm.elder
+        return alarm, AlarmFacts(alarm_id, e.name, e.community, e.address, alarm.received_at)
+
+    def _deliver_digest(self, alarm: Any, rec: NotificationRecord) -> None:
+        self._spawn(self._notifier.deliver(alarm, rec), f"digest-{rec.id}")
 
     # -- what the journal could not record yet -------------------------------------
 
@@ -795,7 +833,7 @@ class Dispatcher:
             log.critical("journal.write_failed", error=str(exc))
 
     def _since(self, alarm: ActiveAlarm) -> float:
-        return round((self._monotonic() - alarm.t0) * 1000, 2)
+        return round((self._monotonic() - alarm.t0 + alarm.waited_s) * 1000, 2)
 
     def cancel_all(self) -> None:
         """Cancel unfinished alarm and call tasks (shutdown); the journal resumes them."""

@@ -36,6 +36,7 @@ from typing import NamedTuple, TypeVar
 from gateway.config import EscalationSection, GeoSection, RecipientKind, WaveSection
 from gateway.geo import GeoResult, GeoService, Nearby
 from gateway.journal import CallPlan, MessageKind, NotificationPlan, NotificationRecord
+from gateway.lifecycle import UNTOLD_NOTIFICATION_STATES
 from gateway.model import Elder, FacilityKind, LonLat, Registry, ResponderRole
 from gateway.wording import AlarmFacts, Composer
 
@@ -174,7 +175,8 @@ class Planner:
 
     def follow_up(self, kind: MessageKind, facts: AlarmFacts, told: Iterable[NotificationRecord],
                   *, by: str = "", skip: str | None = None) -> list[NotificationPlan]:
-        """"Taken by ``by``" or "cancelled" to everyone an escalation wave reached.
+        """"Taken by ``by``" or "cancelled" to everyone an escalation wave reached with
+        an SMS of its own (not to a supervisor who only read of it in a digest).
 
         ``skip`` is the phone of whoever took the alarm (they know)."""
         if kind is MessageKind.TAKEN:
@@ -184,7 +186,8 @@ class Planner:
         else:
             raise ValueError(f"{kind} is not a follow-up")
         people = {r.phone: r for r in told
-                  if r.kind is MessageKind.ESCALATION and r.phone != skip}
+                  if r.kind is MessageKind.ESCALATION and r.phone != skip
+                  and r.state not in UNTOLD_NOTIFICATION_STATES}
         return [NotificationPlan(r.role, r.name, r.phone, text) for r in people.values()]
 
     def _supervisors(self, s: Situation) -> list[NotificationPlan]:

@@ -38,6 +38,12 @@ from gateway.world import WorldRef
 
 log = structlog.get_logger(__name__)
 
+#: A device's stamp (``DeviceEvent.sent_at``) is believed up to this far ahead of the
+#: gateway's clock (NTP on both ends: well under a second), and up to a day old (a
+#: message queued at the broker while the gateway was down is that late, truly).
+CLOCK_AHEAD_S = 2.0
+MAX_WAIT_S = 86_400.0
+
 
 @dataclass(frozen=True, slots=True)
 class _Volatile:
@@ -89,6 +95,7 @@ class Intake:
         t0 = self._monotonic() if received is None else received
         now = self._clock()
         self._metrics.device_messages.labels(source, event.kind.value).inc()
+        waited = self._waited(event, source, now)
         reg = self._world.registry
         if event.drill is not None:
             try:
@@ -98,7 +105,7 @@ class Intake:
             return
         device = reg.device_by_address(event.address)
         try:
-            await self._handle(event, source, device, reg, now, t0)
+            await self._handle(event, source, device, reg, now, t0, waited)
         except JournalError as exc:
             raise CommitFailed(str(exc)) from exc
         finally:
@@ -107,18 +114,35 @@ class Intake:
                 self._supervisor.publish(self._supervisor.observe(
                     source, event, device.device_id if device else None, now))
 
+    def _waited(self, event: DeviceEvent, source: str, now: float) -> float:
+        """Seconds between the device's (or its bridge's) stamp and receipt: 0 when it
+        has none, or an implausible one (a device clock ahead by more than
+        ``CLOCK_AHEAD_S`` or a day behind: counted and logged, receipt is then the
+        press)."""
+        if event.sent_at is None:
+            return 0.0
+        waited = now - event.sent_at
+        if -CLOCK_AHEAD_S <= waited <= MAX_WAIT_S:
+            waited = max(0.0, waited)
+            self._metrics.device_wait.observe(waited * 1000)
+            return waited
+        self._metrics.device_clock_off.inc()
+        log.warning("device.clock_off", source=source, address=_shown_address(event),
+                    offset_s=round(-waited, 1))
+        return 0.0
+
     async def _handle(self, event: DeviceEvent, source: str, device: Device | None,
-                      reg: Registry, now: float, t0: float) -> None:
+                      reg: Registry, now: float, t0: float, waited: float) -> None:
         if event.kind is EventKind.HEARTBEAT:
             return  # receiver liveness only: supervision sees it
         shown = _shown_address(event)
         if device is None:
-            await self._unknown(event, source, shown, now, t0, reg)
+            await self._unknown(event, source, shown, now, t0, reg, waited)
             return
         bound = log.bind(device_id=device.device_id, source=source)
         if event.kind is EventKind.EMERGENCY and event.qualifier is not Qualifier.RESTORE:
             await self._press(event, source, device.device_id, device.elder_id, shown, now, t0,
-                              reg)
+                              reg, waited)
             return
         if event.kind is EventKind.CANCEL or (
             event.kind is EventKind.EMERGENCY and event.qualifier is Qualifier.RESTORE
@@ -190,7 +214,8 @@ class Intake:
             bound.info(f"{what}.cancel_ignored", alarm_id=alarm.alarm_id, reason=str(exc))
 
     async def _press(self, event: DeviceEvent, source: str, device_id: str, elder_id: str,
-                     shown: str, now: float, t0: float, reg: Registry) -> None:
+                     shown: str, now: float, t0: float, reg: Registry,
+                     waited: float = 0.0) -> None:
         bound = log.bind(device_id=device_id, source=source)
         # Two lines per press: ``press.received`` now (proof that the gateway has it, even
         # if the commit hangs or the process dies before it), and ``alarm.received`` once
@@ -214,7 +239,7 @@ class Intake:
             self._metrics.journal_errors.inc()
             bound.critical("journal.write_failed", what="press", error=str(exc),
                            action="alarming from memory; device not acknowledged")
-            alarm_id = await self._volatile_alarm(device_id, reg, now, t0, shown)
+            alarm_id = await self._volatile_alarm(device_id, reg, now, t0, shown, waited)
             bound.info("alarm.received", alarm_id=alarm_id, code=event.code, address=shown,
                        journaled=False)
             raise
@@ -238,14 +263,15 @@ class Intake:
                        state=outcome.state.value, latency_ms=latency)
             return
         self._metrics.alarms.labels(source).inc()
-        bound.info("alarm.journaled", alarm_id=outcome.alarm_id, latency_ms=latency)
+        bound.info("alarm.journaled", alarm_id=outcome.alarm_id, latency_ms=latency,
+                   **({"device_wait_ms": round(waited * 1000, 1)} if waited else {}))
         elder = reg.elders.get(elder_id)
         self._dispatcher.start(ActiveAlarm(
             alarm_id=outcome.alarm_id, device_id=device_id, elder=elder, address_text=shown,
-            received_at=now, t0=t0))
+            received_at=now, t0=t0, waited_s=waited))
 
     async def _volatile_alarm(self, device_id: str, reg: Registry, now: float, t0: float,
-                              shown: str) -> str:
+                              shown: str, waited: float = 0.0) -> str:
         """Alert a press the journal could not take from memory; returns its alarm id."""
         prev = self._volatile.get(device_id)
         if prev is not None and now - prev.last_press <= self._window:
@@ -271,11 +297,11 @@ class Intake:
         elder = reg.elders.get(device.elder_id) if device else None
         self._dispatcher.start(ActiveAlarm(
             alarm_id=alarm_id, device_id=device_id, elder=elder, address_text=shown,
-            received_at=now, t0=t0, durable=False))
+            received_at=now, t0=t0, waited_s=waited, durable=False))
         return alarm_id
 
     async def _unknown(self, event: DeviceEvent, source: str, shown: str, now: float,
-                       t0: float, reg: Registry) -> None:
+                       t0: float, reg: Registry, waited: float) -> None:
         self._metrics.unknown_devices.inc()
         log.error("device.unknown", source=source, address=shown, kind=event.kind.value,
                   code=event.code)
@@ -283,7 +309,7 @@ class Intake:
             # Someone pressed a button we do not know: the operator must still hear it,
             # and the alarm is journaled like any other (under a pseudo device id).
             await self._press(event, source, f"unregistered:{event.address}", "", shown, now,
-                              t0, reg)
+                              t0, reg, waited)
             return
         await self._journal.record_device_message(
             source=source, address=str(event.address), raw=event.raw, received_at=now,

@@ -90,7 +90,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
@@ -101,6 +101,7 @@ import structlog
 from devices.events import Drill
 from gateway.lifecycle import (
     NOTIFICATION_TRANSITIONS,
+    UNTOLD_NOTIFICATION_STATES,
     AlarmState,
     IllegalTransition,
     NotificationState,
@@ -930,7 +931,7 @@ class Journal:
         return results, conn.total_changes > changes
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T],
-                   touch: tuple[str, str] | Callable[[T], tuple[str, str] | None] | None = None,
+                   touch: tuple[str, str] | Callable[[T], _Touched] | None = None,
                    ) -> T:
         """Run ``fn`` in the writer thread inside a (group-committed) transaction;
         once committed, tell the watchers what changed: ``touch`` is the (kind, key), or
@@ -946,12 +947,15 @@ class Journal:
         return await fut
 
     def _committed(self, fut: asyncio.Future[T],
-                   touch: tuple[str, str] | Callable[[T], tuple[str, str] | None]) -> None:
+                   touch: tuple[str, str] | Callable[[T], _Touched]) -> None:
         if fut.cancelled() or fut.exception() is not None:
             return
         changed = touch if isinstance(touch, tuple) else touch(fut.result())
-        if changed is not None:
+        if isinstance(changed, tuple):
             self._changed(*changed)
+        elif changed is not None:  # several
+            for kind, key in changed:
+                self._changed(kind, key)
 
     # -- watchers -------------------------------------------------------------------------
 
@@ -1282,25 +1286,27 @@ class Journal:
         state: NotificationState = NotificationState.SENDING,
         *,
         kind: MessageKind = MessageKind.ESCALATION,
+        held: Iterable[NotificationPlan] = (),
     ) -> list[NotificationRecord]:
         """Record who must be told; returns every row of this (alarm, kind, wave).
 
         Idempotent per (alarm, kind, wave, phone). ``wave`` is the escalation wave and
         must be None for the other kinds. Rows start as ``sending`` because the requests
         leave right after this commit: after a crash, a ``sending`` row is reconciled
-        with Twilio before resending.
+        with Twilio before resending. ``held``: supervisor messages of the same wave
+        that wait for a digest (:mod:`gateway.digest`), recorded ``held``.
         """
         if (kind is MessageKind.ESCALATION) != (wave is not None):
             raise ValueError(f"{kind} messages {'need' if wave is None else 'have no'} wave")
-        plans = list(plans)
+        rows_in = [(p, state) for p in plans] + [(p, NotificationState.HELD) for p in held]
         now = self._clock()
 
         def op(conn: sqlite3.Connection) -> list[NotificationRecord]:
             conn.executemany(
                 "INSERT OR IGNORE INTO notifications(alarm_id, kind, wave, role, name, phone,"
                 " body, state, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [(alarm_id, kind, wave, p.role, p.name, p.phone, p.body, state, now, now)
-                 for p in plans],
+                [(alarm_id, kind, wave, p.role, p.name, p.phone, p.body, st, now, now)
+                 for p, st in rows_in],
             )
             rows = conn.execute(
                 f"SELECT {_NOTE_COLS} FROM notifications WHERE alarm_id = ? AND kind = ?"
@@ -1440,10 +1446,93 @@ class Journal:
                 f"SELECT {', '.join('a.' + c.strip() for c in _ALARM_COLS.split(','))}"
                 " FROM alarms a JOIN notifications n ON n.alarm_id = a.alarm_id"
                 " WHERE n.phone = ? AND a.state != 'resolved'"
+                " AND n.state NOT IN ('held', 'withdrawn')"
                 " ORDER BY a.received_at DESC LIMIT 1", (phone,)).fetchone()
             return None if row is None else _alarm(row)
 
         return await self._read(op)
+
+    async def held_notifications(self) -> list[NotificationRecord]:
+        """Supervisor messages held for a digest (gateway/digest.py), oldest first."""
+
+        def op(conn: sqlite3.Connection) -> list[NotificationRecord]:
+            rows = conn.execute(
+                f"SELECT {_NOTE_COLS} FROM notifications WHERE state = ? ORDER BY id",
+                (NotificationState.HELD,)).fetchall()
+            return [_notification(r) for r in rows]
+
+        return await self._read(op)
+
+    async def supervisor_sends_since(self, since: float) -> list[tuple[str, float]]:
+        """(phone, created_at) of the supervisor SMS of their own planned since ``since``
+        (not held, named by a digest or withdrawn), oldest first: a restart's digest
+        windows."""
+        untold = ", ".join(f"'{s}'" for s in UNTOLD_NOTIFICATION_STATES)
+
+        def op(conn: sqlite3.Connection) -> list[tuple[str, float]]:
+            return [(str(p), float(t)) for p, t in conn.execute(
+                "SELECT phone, created_at FROM notifications WHERE role = 'supervisor'"
+                f" AND created_at >= ? AND state NOT IN ({untold}) ORDER BY created_at",
+                (since,))]
+
+        return await self._read(op)
+
+    async def carry_digest(self, carrier: int, body: str, named: Sequence[int],
+                           withdrawn: Sequence[int]) -> NotificationRecord:
+        """One supervisor's digest, in one commit: the held row ``carrier`` becomes the
+        digest SMS itself (``body``, ``sending``: the request leaves after this commit,
+        and a restart reconciles it like any other), the held rows ``named`` are
+        ``digested``, and ``withdrawn`` (their alarm closed meanwhile) never go. Each
+        alarm's log says which digest told its supervisor. Returns the carrier's row."""
+        now = self._clock()
+        held = NotificationState.HELD
+
+        def op(conn: sqlite3.Connection) -> tuple[NotificationRecord, list[str]]:
+            row = conn.execute(f"SELECT {_NOTE_COLS} FROM notifications WHERE id = ?",
+                               (carrier,)).fetchone()
+            if row is None:
+                raise JournalError(f"no notification {carrier}")
+            rec = _notification(row)
+            check_notification_transition(carrier, rec.state, NotificationState.SENDING)
+            conn.execute("UPDATE notifications SET state = ?, body = ?, updated_at = ?"
+                         " WHERE id = ?", (NotificationState.SENDING, body, now, carrier))
+            touched = {rec.alarm_id}
+            for ids, state in ((named, NotificationState.DIGESTED),
+                               (withdrawn, NotificationState.WITHDRAWN)):
+                for nid in ids:
+                    found = conn.execute(
+                        "UPDATE notifications SET state = ?, updated_at = ?"
+                        " WHERE id = ? AND state = ? RETURNING alarm_id",
+                        (state, now, nid, held)).fetchone()
+                    if found is None:
+                        continue  # acknowledged by its supervisor meanwhile
+                    touched.add(str(found[0]))
+                    if state is NotificationState.DIGESTED:
+                        _log(conn, str(found[0]), now, "supervisor.digested",
+                             {"to": rec.name, "digest": carrier, "carrier": rec.alarm_id})
+            _log(conn, rec.alarm_id, now, "supervisor.digest",
+                 {"to": rec.name, "digest": carrier, "alarms": len(named) + 1})
+            return replace(rec, state=NotificationState.SENDING, body=body), sorted(touched)
+
+        carried, _ = await self._run(op, lambda r: [("alarm", a) for a in r[1]])
+        return carried
+
+    async def withdraw_held(self, ids: Sequence[int]) -> None:
+        """Held rows whose alarms closed before their digest: they never go."""
+        now = self._clock()
+
+        def op(conn: sqlite3.Connection) -> list[tuple[str, str]]:
+            touched = set()
+            for nid in ids:
+                found = conn.execute(
+                    "UPDATE notifications SET state = ?, updated_at = ?"
+                    " WHERE id = ? AND state = ? RETURNING alarm_id",
+                    (NotificationState.WITHDRAWN, now, nid, NotificationState.HELD)).fetchone()
+                if found is not None:
+                    touched.add(("alarm", str(found[0])))
+            return sorted(touched)
+
+        await self._run(op, lambda touched: touched)
 
     async def unfinished_deliveries(self, older_than: float) -> list[NotificationRecord]:
         """Accepted/sent messages without a final carrier status (for status polling)."""
@@ -1970,7 +2059,12 @@ _NOTIFICATIONS_INDEXES = _NOTIFICATIONS_UNIQUE + """;
 CREATE INDEX IF NOT EXISTS notifications_alarm ON notifications(alarm_id);
 CREATE INDEX IF NOT EXISTS notifications_phone ON notifications(phone);
 CREATE INDEX IF NOT EXISTS notifications_sid ON notifications(sid) WHERE sid IS NOT NULL;
+CREATE INDEX IF NOT EXISTS notifications_held ON notifications(id) WHERE state = 'held';
+CREATE INDEX IF NOT EXISTS notifications_supervisor ON notifications(created_at)
+    WHERE role = 'supervisor';
 """
+#: What a commit changed, for the watchers: a (kind, key), several, or nothing.
+_Touched = tuple[str, str] | list[tuple[str, str]] | None
 #: Wave numbers that journals written before message kinds used for follow-ups.
 _OLD_KIND_WAVES = {900: MessageKind.TAKEN, 901: MessageKind.CANCELLED,
                    902: MessageKind.FALLBACK}

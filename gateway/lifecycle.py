@@ -84,6 +84,11 @@ class NotificationState(StrEnum):
     UNDELIVERED = "undelivered"
     FAILED = "failed"  # refused, given up, or failed at the carrier
     ACKNOWLEDGED = "acknowledged"  # this recipient took the alarm
+    # A supervisor's message in a storm (gateway/digest.py): journaled, not sent alone,
+    # waiting for the supervisor's next digest SMS...
+    HELD = "held"
+    DIGESTED = "digested"  # ...which named this alarm (the digest itself is another row)
+    WITHDRAWN = "withdrawn"  # the alarm closed before the digest: never sent
 
 
 _N = NotificationState
@@ -101,10 +106,17 @@ NOTIFICATION_TRANSITIONS: dict[NotificationState, frozenset[NotificationState]] 
     # another channel): who took the alarm is the truth that matters.
     _N.FAILED: frozenset({_N.ACKNOWLEDGED}),
     _N.ACKNOWLEDGED: frozenset(),
+    # A held row becomes the digest's own SMS (sending), or one the digest names.
+    _N.HELD: frozenset({_N.SENDING, _N.DIGESTED, _N.WITHDRAWN, _N.ACKNOWLEDGED}),
+    _N.DIGESTED: frozenset({_N.ACKNOWLEDGED}),
+    _N.WITHDRAWN: frozenset(),
 }
 
 #: Rows a restart must reconcile with Twilio before anything is resent.
 UNFINISHED_NOTIFICATION_STATES = frozenset({_N.PENDING, _N.SENDING})
+#: Rows that never told their recipient of their alarm by an SMS of its own: no
+#: follow-up ("taken by", "cancelled") goes to them.
+UNTOLD_NOTIFICATION_STATES = frozenset({_N.HELD, _N.DIGESTED, _N.WITHDRAWN})
 
 
 class IllegalNotificationTransition(Exception):

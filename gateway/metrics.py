@@ -53,9 +53,26 @@ class Metrics:
         self.calls = Counter("gateway_calls", "Calls by how they ended (accepted, declined, "
                              "unanswered, busy, no-answer, machine, failed, rang, skipped)",
                              ["state"], registry=r)
+        self.supervisor_held = Counter(
+            "gateway_supervisor_held", "Supervisor alarm SMS held for a digest (a storm)",
+            registry=r)
+        self.supervisor_digests = Counter(
+            "gateway_supervisor_digests", "Digest SMS planned to supervisors", registry=r)
         self.sms_latency = Histogram(
-            "gateway_receipt_to_sms_ms", "Receipt to SMS accepted (ms)",
+            "gateway_receipt_to_sms_ms", "Receipt to first-wave SMS accepted (ms)",
             buckets=_LATENCY_BUCKETS_MS, registry=r)
+        self.press_to_sms = Histogram(
+            "gateway_press_to_sms_ms", "Press to first-wave SMS accepted (ms): from the "
+            "device's own time when it stamps its messages (the SMS budget)",
+            buckets=_LATENCY_BUCKETS_MS, registry=r)
+        self.device_wait = Histogram(
+            "gateway_device_to_receipt_ms", "A stamped device message's time to its "
+            "receipt (ms): the bridge, the broker, the network", buckets=_LATENCY_BUCKETS_MS,
+            registry=r)
+        self.device_clock_off = Counter(
+            "gateway_device_clock_off", "Stamped device messages whose time is implausible "
+            "(ahead of the gateway, or over a day old): latency counted from receipt",
+            registry=r)
         self.sms_budget_breaches = Counter(
             "gateway_sms_budget_breaches", "SMS accepted later than the latency budget",
             registry=r)

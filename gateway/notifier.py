@@ -120,6 +120,7 @@ class Origin(Protocol):
     alarm_id: str
     received_at: float  # wall clock: the give-up deadline counts from the press
     t0: float  # monotonic at receipt: latencies
+    waited_s: float  # before receipt: at the device, its bridge and the broker
     sent: int
     failed: int
 
@@ -375,7 +376,8 @@ class Notifier:
                        segments=result.num_segments, latency_ms=latency, budget_ms=budget,
                        wave_latency_ms=self._wave_latency(rec))
         if first_wave:  # the budget is for the first wave; later waves wait on purpose
-            self._metrics.sms_latency.observe(latency)
+            self._metrics.sms_latency.observe(latency - origin.waited_s * 1000)
+            self._metrics.press_to_sms.observe(latency)
             if latency > budget:
                 self._metrics.sms_budget_breaches.inc()
                 bound.warning("sms.budget_exceeded", latency_ms=latency, budget_ms=budget)
@@ -588,4 +590,5 @@ def _bind(rec: NotificationRecord) -> Any:
 
 
 def _since(monotonic: Callable[[], float], origin: Origin) -> float:
-    return round((monotonic() - origin.t0) * 1000, 2)
+    """Milliseconds since the press: the wait before receipt included."""
+    return round((monotonic() - origin.t0 + origin.waited_s) * 1000, 2)

@@ -36,6 +36,12 @@ DEFAULT_TEMPLATES: Mapping[str, Mapping[str, str]] = {
         "taken": "【一键通】编号{ref}：{name}的紧急呼叫已由{who}接单处理，谢谢。",
         "cancelled": "【一键通】编号{ref}：{name}已取消紧急呼叫（老人自行取消），"
                      "社区将回访确认。",
+        # A supervisor's digest in a storm (gateway/digest.py): {alarms} lists the
+        # newest first as "digest_item"s, {count} counts them all.
+        "digest": "【一键通汇总】{minutes}分钟内另有{count}起紧急呼叫未获接单：{alarms}。"
+                  "详情见指挥中心，回复“编号 1”接单。",
+        "digest_item": "{ref} {name}（{community}）",
+        "digest_more": "等",
         "spoken": "紧急呼叫。{community}，{name}，{address}。",
         "spoken_unknown": "紧急呼叫。未登记的设备，{address}。请立即处理。",
         "reply_thanks": "已确认由您接单，谢谢！编号{ref}",
@@ -57,6 +63,10 @@ DEFAULT_TEMPLATES: Mapping[str, Mapping[str, str]] = {
         "no_staff": "The command center is calling community staff. ",
         "taken": "[SOS] Ref {ref}: {name}'s call has been taken by {who}. Thank you.",
         "cancelled": "[SOS] Ref {ref}: {name} cancelled the call; the community will check in.",
+        "digest": "[SOS digest] {count} more alarms in {minutes} min not yet taken: "
+                  "{alarms}. See the command center; reply \"<ref> 1\" to take one.",
+        "digest_item": "{ref} {name} ({community})",
+        "digest_more": " and more",
         "spoken": "Emergency call. {community}, {name}, {address}.",
         "spoken_unknown": "Emergency call from an unregistered device, {address}.",
         "reply_thanks": "Confirmed: the alarm is yours. Thank you! Ref {ref}",
@@ -147,6 +157,22 @@ class Composer:
     def facility(self, facts: AlarmFacts, language: str = "zh") -> str:
         return _fit(self._lang(language)["facility"], self._common(facts, language))
 
+    def digest(self, alarms: Sequence[AlarmFacts], interval_s: float,
+               language: str = "zh") -> str:
+        """One SMS naming ``alarms`` (newest first) for a supervisor: as many as fit in
+        three segments, then "and more"; the count is of them all."""
+        t = self._lang(language)
+        fields = {"count": str(len(alarms)), "minutes": f"{interval_s / 60:g}"}
+        items = [t["digest_item"].format(**self._common(a, language)) for a in alarms]
+        sep = "；" if language == "zh" else "; "
+        shown = len(items)
+        while True:
+            listed = sep.join(items[:shown]) + ("" if shown == len(items) else t["digest_more"])
+            text = t["digest"].format(**fields, alarms=listed)
+            if shown <= 1 or segments(text) <= MAX_SEGMENTS + 1:
+                return text
+            shown -= 1
+
     def spoken(self, facts: AlarmFacts | None, address: str = "", language: str = "zh") -> str:
         t = self._lang(language)
         if facts is None:
@@ -159,7 +185,7 @@ def validate_templates(templates: Mapping[str, Mapping[str, str]]) -> Sequence[s
     problems: list[str] = []
     sample = {"ref": "ABCD-EFGH", "name": "x", "community": "x", "address": "x",
               "time": "00:00", "staff": "", "distance": "1", "responder": "x", "map": "",
-              "who": "x", "whence": ""}
+              "who": "x", "whence": "", "count": "2", "minutes": "2", "alarms": "x"}
     for lang, kinds in templates.items():
         for kind in DEFAULT_TEMPLATES["zh"]:
             if kind not in kinds:

@@ -554,3 +554,33 @@ def test_confirmation_follows_a_custom_base() -> None:
     assert decoder.confirmation(event)[0] == "kenli/buttons/b-1/confirm"  # type: ignore[index]
     # An event of another decoder's base is not this decoder's to confirm.
     assert MqttDecoder().confirmation(event) is None
+
+
+@pytest.mark.parametrize(
+    ("last_seen", "expected"),
+    [
+        (1728995880500, 1728995880.5),  # advanced.last_seen: epoch (milliseconds)
+        ("2024-10-15T12:38:00.500+0000", 1728995880.5),  # ISO_8601 as Zigbee2MQTT writes it
+        ("2024-10-15T20:38:00.500+08:00", 1728995880.5),  # ISO_8601_local
+    ],
+)
+def test_zigbee2mqtt_last_seen_is_the_time_the_bridge_heard_it(
+    last_seen: object, expected: float
+) -> None:
+    [event] = decode("zigbee2mqtt/sos-0001", {"action": "emergency", "last_seen": last_seen})
+    assert event.sent_at == pytest.approx(expected)
+    [plain] = decode("zigbee2mqtt/sos-0001", {"action": "emergency"})
+    assert plain.sent_at is None
+
+
+def test_a_bad_last_seen_never_costs_the_alarm() -> None:
+    [event] = decode("zigbee2mqtt/sos-0001",
+                     {"action": "emergency", "last_seen": "2024-10-15 12:38"})  # no offset
+    assert event.kind is EventKind.EMERGENCY and event.sent_at is None
+    assert dict(event.extra) == {"invalid_fields": "last_seen"}
+
+
+def test_own_schema_ts_is_the_time_the_device_sent_it() -> None:
+    [event] = decode("alarm/buttons/kl-0042/event",
+                     {"v": 1, "event": "sos", "ts": "2024-10-15T20:38:00+08:00"})
+    assert event.sent_at == 1728995880.0

@@ -92,6 +92,7 @@ class Alarm:
     alarm_id: str
     received_at: float = T0
     t0: float = 0.0
+    waited_s: float = 0.0
     sent: int = 0
     failed: int = 0
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import aiomqtt
 import pytest
@@ -161,3 +162,44 @@ async def test_serial_surgard_press_is_acked_only_after_journal_commit(
         pty.write(b"1011           @    \x14")
         assert await pty.read() == ACK
         assert len(await gw.journal.open_alarms()) == 1
+
+
+async def test_latency_counts_from_the_bridges_time_so_a_wait_at_the_broker_shows(
+    tmp_path: Path, mosquitto: Mosquitto, twilio: TwilioDouble
+) -> None:
+    """Issue 13: a press that waited at the broker before intake is late by the device's
+    clock (Zigbee2MQTT's last_seen), and its SMS latency and budget say so; a stamp from a
+    clock far ahead is not believed (counted, latency from receipt)."""
+    cfg = gateway_config(tmp_path, twilio, mqtt={"enabled": True, "port": mosquitto.port})
+    gw = Gateway(cfg, secrets_for(twilio))
+    async with running(gw):
+        assert gw.mqtt is not None and gw.journal is not None and gw.dispatcher is not None
+        await eventually(gw.mqtt.connected.is_set)
+        late, ahead = z2m_devices(2)
+        now_ms = gw.clock() * 1000
+        await publish(mosquitto, late.address, json.dumps(
+            {"action": "emergency", "last_seen": int(now_ms - 5000)}).encode())
+        await publish(mosquitto, ahead.address, json.dumps(
+            {"action": "emergency", "last_seen": int(now_ms + 3_600_000)}).encode())
+        alarms = await eventually(
+            lambda: _when(gw.journal.open_alarms(), lambda found: len(found) == 2))
+        await gw.dispatcher.wait_idle(timeout=15)
+        by_device = {a.device_id: a.alarm_id for a in alarms}
+        sample = gw.metrics.registry.get_sample_value
+        late_notes = [n for n in await gw.journal.notifications(by_device[late.device_id])
+                      if n.wave == 1]
+        assert late_notes and all(n.latency_ms is not None and n.latency_ms >= 5000
+                                  for n in late_notes)
+        assert sample("gateway_device_to_receipt_ms_count") == 1
+        assert (sample("gateway_device_to_receipt_ms_sum") or 0) >= 5000
+        assert sample("gateway_sms_budget_breaches_total") == len(late_notes)
+        assert sample("gateway_device_clock_off_total") == 1
+        ahead_notes = [n for n in await gw.journal.notifications(by_device[ahead.device_id])
+                       if n.wave == 1]
+        assert ahead_notes and all(n.latency_ms is not None and 0 <= n.latency_ms < 60_000
+                                   for n in ahead_notes)
+
+
+async def _when(value: Any, ok: Any) -> Any:
+    found = await value
+    return found if ok(found) else None
