@@ -355,7 +355,8 @@ class Dispatcher:
                 called |= {c.phone for c in (*calls.single, *calls.tree)}
                 if calls.single or calls.tree:
                     self._call_task(self._calls.wave(alarm.alarm_id, number, calls,
-                                                     t0=alarm.t0, closed=alarm.closed),
+                                                     t0=alarm.t0 - alarm.waited_s,
+                                                     closed=alarm.closed),
                                     f"calls-{alarm.alarm_id}-{number}")
             told |= {p.phone for p in skipped}  # logged once per alarm, not every wave
             if alarm.drill is not None:  # the withheld too: each is planned only once
