@@ -199,7 +199,8 @@ class SupervisorDigest:
             rows = by_phone.get(phone, [])
             open_rows = [(r, found) for r in rows
                          if (found := self._open_alarm(r.alarm_id)) is not None]
-            gone = [r.id for r in rows if r.alarm_id not in {o.alarm_id for o, _ in open_rows}]
+            still_open = {o.alarm_id for o, _ in open_rows}
+            gone = [r.id for r in rows if r.alarm_id not in still_open]
             if not open_rows:
                 if gone:
                     await self._journal.withdraw_held(gone)
