@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 from devices.events import AddressScheme, DeviceAddress
 
@@ -151,6 +152,11 @@ class Registry:
             + [r.phone for r in responders.values() if not r.sms_capable]
             + [f.duty_phone for f in facilities.values() if not f.sms_capable])
         return cls(elders, devices, responders, facilities, by_address, no_sms)
+
+    def mappings(self) -> tuple[Mapping[Any, object], ...]:
+        """Its mappings, the registry's bulk (see :func:`gateway.world.release_world`)."""
+        return (self.elders, self.devices, self.responders, self.facilities,
+                self._by_address)
 
     def device_by_address(self, address: DeviceAddress) -> Device | None:
         return self._by_address.get(address)

@@ -708,7 +708,14 @@ def load_registry(
             raise ValueError(f"bbox {bbox!r} is not (min_lon, min_lat, max_lon, max_lat)")
 
     with _gc_paused():
-        return _load(directory, default_region, bbox, cache_dir, write_cache)
+        registry = _load(directory, default_region, bbox, cache_dir, write_cache)
+        # It lives until a reload: frozen before the collector is on again. Else the next
+        # collection, in whichever thread, walks all of its objects at once (about 100 ms
+        # holding the GIL for a city: an event-loop stall when a reload loads in a
+        # worker thread). Nothing of it is garbage; what the loop made meanwhile is
+        # freed by reference counting, only its cycles (rare) are kept.
+        gc.freeze()
+        return registry
 
 
 @contextmanager

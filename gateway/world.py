@@ -13,8 +13,10 @@ import gc
 import os
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
 import structlog
@@ -30,6 +32,11 @@ log = structlog.get_logger(__name__)
 REGISTRY_CACHE = "registry-cache"
 #: A reload whose validation takes longer than this is refused (the old registry stays).
 VALIDATE_TIMEOUT_S = 300.0
+#: Records of a replaced world freed per step of :func:`release_world` (about 1 ms).
+RELEASE_STEP = 2000
+#: The GIL's switch interval while a reload builds the new world in a worker thread.
+#: Python's 5 ms would let each wake-up of the event loop wait that long for the GIL.
+RELOAD_SWITCH_INTERVAL_S = 0.0005
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +99,48 @@ def _owns(state_dir: Path) -> bool:
         return False
 
 
+@contextmanager
+def _gil_shared_often() -> Iterator[None]:
+    """A shorter GIL switch interval meanwhile (:data:`RELOAD_SWITCH_INTERVAL_S`)."""
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(min(before, RELOAD_SWITCH_INTERVAL_S))
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(before)
+
+
+async def release_world(box: list[World]) -> None:
+    """Free the world in ``box`` (its only reference) on the loop thread, a step at a time.
+
+    A city's registry is about a million objects. Dropped at once, they are freed in
+    one uninterruptible call of about 100 ms, in whichever thread lets go last: a stall
+    of intake and dispatch. Here its mappings go first, while a list still holds their
+    entries, and then the entries, :data:`RELEASE_STEP` at a time, with the loop free to
+    run between steps. Where something else still holds the world (an alarm in flight
+    keeps its own records, not the world), whatever is left goes with it.
+    """
+    world = box.pop()
+    held = await _entries(world.registry)
+    del world  # the world, its indexes and mappings: what `held` holds lives on
+    while held:
+        del held[-1]
+        await asyncio.sleep(0)
+
+
+async def _entries(registry: Registry) -> list[list[object]]:
+    """The keys and values of the registry's mappings, in lists of :data:`RELEASE_STEP`.
+    (Its own frame, so that no variable of the caller's still holds a mapping.)"""
+    held: list[list[object]] = []
+    for mapping in registry.mappings():
+        for view in (mapping.keys(), mapping.values()):
+            entries = iter(view)
+            while batch := list(islice(entries, RELEASE_STEP)):
+                held.append(batch)
+                await asyncio.sleep(0)
+    return held
+
+
 class WorldKeeper:
     """Loads the world at start and reloads it when asked or when its files change.
 
@@ -143,19 +192,21 @@ class WorldKeeper:
                               action="kept the old registry")
                     return False
             try:
-                fresh = await asyncio.to_thread(load_world, self._config)
+                with _gil_shared_often():
+                    fresh = await asyncio.to_thread(load_world, self._config)
             except (RegistryError, GeoError, OSError) as exc:
                 self._failed = files
                 log.error("registry.reload_failed", error=str(exc),
                           action="kept the old registry")
                 return False
             fresh.geo.adopt_live_state(ref.geo)  # on the loop thread: the old index is live
-            ref.swap(fresh)
+            replaced = [ref.swap(fresh)]
             self._seen, self._failed = files, None
             gc.freeze()
             registry = fresh.registry
             log.info("registry.reloaded", elders=len(registry.elders),
                      devices=len(registry.devices), responders=len(registry.responders))
+            await release_world(replaced)
             if self._on_reloaded is not None:
                 await self._on_reloaded()
             return True
