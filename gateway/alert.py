@@ -62,6 +62,7 @@ import numpy as np
 import numpy.typing as npt
 import structlog
 
+from gateway.aio import first_of
 from gateway.config import AlertSection
 
 __all__ = [
@@ -844,17 +845,8 @@ class AlertPlayer:
     async def _pause(self, seconds: float) -> bool:
         """Sleep between rounds; True if a new alarm cut the pause short."""
         self._wakeup.clear()
-        sleeper = asyncio.ensure_future(self._sleep(seconds))
-        waker = asyncio.ensure_future(self._wakeup.wait())
-        try:
-            done, _ = await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            sleeper.cancel()
-            waker.cancel()
-            await asyncio.gather(sleeper, waker, return_exceptions=True)
-        if sleeper in done and not sleeper.cancelled():
-            sleeper.result()  # surface an error from an injected sleep to the loop
-        return waker in done and not waker.cancelled()
+        await first_of(self._sleep(seconds), self._wakeup.wait())
+        return self._wakeup.is_set()
 
     async def _play_once(self, item: _Item) -> None:
         # A child task so that stop() or a new alarm can cut exactly this play.

@@ -35,6 +35,7 @@ from typing import Any, Final, Protocol
 
 import structlog
 
+from gateway.aio import first_of
 from gateway.config import VoiceSection
 from gateway.escalation import CallWave
 from gateway.journal import CallRecord, CallState, Journal, JournalError
@@ -303,17 +304,12 @@ class CallDesk:
         call's longest plausible duration (bounded by ``limit_s``) passed."""
         ended = self._ended.setdefault(sid, asyncio.Event())
         bound = min(limit_s, self._s.ring_timeout_s + self._s.gather_timeout_s + _TALK_MARGIN_S)
-        waiters = {asyncio.ensure_future(ended.wait()), asyncio.ensure_future(closed.wait()),
-                   asyncio.ensure_future(self._sleep(bound)),
-                   # With callbacks too, now and then: a callback lost while the gateway
-                   # was down (or a proxy hiccup) must not hold a call tree until its bound.
-                   asyncio.ensure_future(self._poll(sid, self._s.poll_s if not self._callbacks
-                                                    else max(6 * self._s.poll_s, 30.0)))}
-        try:
-            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for w in waiters:
-                w.cancel()
+        await first_of(ended.wait(), closed.wait(), self._sleep(bound),
+                       # With callbacks too, now and then: a callback lost while the gateway
+                       # was down (or a proxy hiccup) must not hold a call tree until its
+                       # bound.
+                       self._poll(sid, self._s.poll_s if not self._callbacks
+                                  else max(6 * self._s.poll_s, 30.0)))
         return ended.is_set()
 
     async def _poll(self, sid: str, every_s: float) -> None:

@@ -34,6 +34,7 @@ from typing import Protocol
 
 import structlog
 
+from gateway.aio import first_of
 from gateway.config import EscalationSection
 from gateway.journal import Journal, JournalError, NotificationPlan, NotificationRecord
 from gateway.redact import mask_phone
@@ -176,13 +177,7 @@ class SupervisorDigest:
 
     async def _until(self, delay: float) -> None:
         """Sleep ``delay``, or less if more messages are held meanwhile."""
-        waiters = {asyncio.ensure_future(self._wake.wait()),
-                   asyncio.ensure_future(self._sleep(delay))}
-        try:
-            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for w in waiters:
-                w.cancel()
+        await first_of(self._wake.wait(), self._sleep(delay))
 
     async def send_due(self) -> int:
         """The digests of every supervisor whose budget allows one now; how many."""

@@ -49,6 +49,7 @@ from typing import Any, Literal
 import structlog
 
 from devices.events import Drill
+from gateway.aio import first_of
 from gateway.alert import AlertPlayer
 from gateway.calling import CallDesk
 from gateway.config import EscalationSection, GeoSection, SmsSection
@@ -402,14 +403,7 @@ class Dispatcher:
         A waiting alarm is idle: a stop need not wait for its timer, which the next
         start rebuilds from the journal."""
         alarm.idle.set()
-        waiters = {asyncio.ensure_future(alarm.closed.wait()),
-                   asyncio.ensure_future(alarm.hurry.wait()),
-                   asyncio.ensure_future(self._sleep(delay))}
-        try:
-            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for w in waiters:
-                w.cancel()
+        await first_of(alarm.closed.wait(), alarm.hurry.wait(), self._sleep(delay))
         alarm.hurry.clear()
         return alarm.closed.is_set()
 
