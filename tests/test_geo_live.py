@@ -15,6 +15,7 @@ import aiomqtt
 import pytest
 from structlog.testing import capture_logs
 
+from gateway import registry_worker
 from gateway.daemon import Gateway, install_signal_handlers
 from gateway.model import ResponderRole
 from gateway.registry import load_registry
@@ -266,3 +267,14 @@ async def test_a_reload_validates_in_a_child_process_and_loads_its_snapshot(
     assert loads[-1].get("snapshot") is True  # the gateway rebuilt, it did not validate
     [failed] = [e for e in logs if e["event"] == "registry.reload_failed"]
     assert "elders.csv" in failed["error"]
+
+
+def test_the_reload_validator_runs_below_the_gateways_cpu_priority(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Seconds of validation for a city must not take a core from intake and dispatch.
+    asked: list[int] = []
+    monkeypatch.setattr(registry_worker.os, "nice", lambda inc: asked.append(inc) or inc)
+    assert registry_worker.main([str(SAMPLE), "--cache", str(tmp_path / "cache")]) == 0
+    assert asked == [registry_worker.NICE_INCREMENT] and registry_worker.NICE_INCREMENT >= 10
+    assert json.loads(capsys.readouterr().out)["elders"] == 88
