@@ -64,12 +64,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import csv
 import json
 import logging
 import math
 import os
 import platform
 import secrets
+import shutil
 import signal
 import socket
 import sqlite3
@@ -78,7 +80,7 @@ import sys
 import tempfile
 import time
 import tomllib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -498,17 +500,26 @@ class StatusWatch:
                     self.online.set()
 
 
-async def gateway_run(ctx: Context, spec: RunSpec, alert: str) -> RunRecord:
+#: What runs beside a gateway run's presses (the reload run's edit and SIGHUP); what it
+#: returns goes into the run's record.
+During = Callable[["GatewayProcess", Path], Awaitable[dict[str, Any]]]
+
+
+async def gateway_run(ctx: Context, spec: RunSpec, alert: str, *,
+                      registry: BenchRegistry | None = None,
+                      during: During | None = None) -> RunRecord:
     """A fresh gateway: warm-up presses, then the run's presses, until every one has a
     first SMS accepted (journal) and the process is idle again."""
+    registry = registry or ctx.registry
     workdir = ctx.workdir / f"gateway-{alert}-{spec.slug}"
     workdir.mkdir(parents=True)
     state = workdir / "state"
-    config = write_config(workdir / "gateway.toml", state=state, registry=ctx.registry.directory,
+    config = write_config(workdir / "gateway.toml", state=state, registry=registry.directory,
                           broker_port=ctx.port, double=ctx.double,
                           alert="none" if alert == "off" else "file", source=ctx.source)
+    state.mkdir()  # as StateDirectory= under the unit: the registry snapshot goes there
     journal = state / "journal.sqlite3"
-    warm, measured = ctx.presses(spec)
+    warm, measured = presses(registry, spec)
     profile = (RESULTS.parent / f"e2e-{alert}-{spec.slug}.prof") if ctx.profile else None
     ctx.watch.online.clear()
     async with gateway_process(config, workdir, ctx.double, ctx.source, profile) as gw:
@@ -517,7 +528,13 @@ async def gateway_run(ctx: Context, spec: RunSpec, alert: str) -> RunRecord:
         await wait_for(lambda: _sent_alarms(journal) >= WARMUP, 60, "the warm-up's SMS")
         await settle(gw.pid)
         cpu0, wall0 = proc_cpu_s(gw.pid), time.monotonic()
-        recorded = await publish(workdir, "measured", ctx.port, measured, _publish_rate(spec))
+        beside = asyncio.ensure_future(during(gw, workdir) if during else _nothing())
+        try:
+            recorded = await publish(workdir, "measured", ctx.port, measured,
+                                     _publish_rate(spec))
+            happened = await beside
+        finally:
+            beside.cancel()
         await wait_for(lambda: _sent_alarms(journal) >= WARMUP + spec.presses,
                        120 + spec.presses / 20, f"{spec.presses} alarms' first SMS", 0.2)
         ended = time.monotonic()
@@ -535,13 +552,98 @@ async def gateway_run(ctx: Context, spec: RunSpec, alert: str) -> RunRecord:
         {"ready_s": round(gw.ready_s, 3), "rss_ready_mb": round(gw.rss_ready_kb / 1024, 1),
          "rss_peak_mb": round(hwm / 1024, 1), "rss_end_mb": round(rss_end / 1024, 1),
          "stop_s": round(gw.stop_s, 3), "exit_code": gw.exit_code,
-         "profile": str(profile) if profile else None, "profile_top_tottime": top})
+         "profile": str(profile) if profile else None, "profile_top_tottime": top,
+         **happened})
+
+
+async def _nothing() -> dict[str, Any]:
+    return {}
+
+
+def presses(registry: BenchRegistry, spec: RunSpec) -> tuple[list[Press], list[Press]]:
+    """Warm-up presses (the last buttons) and the run's (the first), one per button."""
+    b = registry.buttons
+    if len(b) < spec.presses + WARMUP:
+        raise BenchError(f"{len(b)} MQTT buttons, {spec.name} needs {spec.presses + WARMUP}")
+    return [_press(d) for d in b[-WARMUP:]], [_press(d) for d in b[:spec.presses]]
+
+
+# ----------------------------------------------------------------------------- reload
+
+
+def city_copy(ctx: Context, name: str) -> BenchRegistry:
+    """A copy of the city (100k elders, 5k responders, every one on duty), its MQTT
+    buttons read with the bench's own snapshot cache."""
+    out = ctx.workdir / name
+    city = ctx.workdir / "city"
+    if not city.exists():
+        generate_district(city, city=True)
+    shutil.copytree(city, out)
+    all_on_duty(out)
+    registry = load_registry(out, cache_dir=ctx.workdir / "bench-registry-cache")
+    buttons = tuple(sorted((d for d in registry.devices.values()
+                            if d.scheme is AddressScheme.MQTT), key=lambda d: d.device_id))
+    counts = {"elders": len(registry.elders), "mqtt_buttons": len(buttons),
+              "responders": len(registry.responders)}
+    return BenchRegistry(out, buttons, counts)
+
+
+def edit_one_elder(registry: BenchRegistry, spare: set[str]) -> str:
+    """An operator's edit: one elder's notes changed (an elder none of the run's presses
+    is about), written as editors do, to a new file renamed over the old one."""
+    path = registry.directory / "elders.csv"
+    with path.open(encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        header = list(reader.fieldnames or ())
+        rows = list(reader)
+    row = next(r for r in rows if r["elder_id"] not in spare)
+    row["notes"] = (row["notes"] + " 已复核").strip()
+    tmp = path.with_suffix(".csv.new")
+    with tmp.open("w", encoding="utf-8", newline="") as f:
+        writer = csv.DictWriter(f, header, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(path)
+    return row["elder_id"]
+
+
+def reloader(registry: BenchRegistry, spec: RunSpec, after_s: float) -> During:
+    """``after_s`` into the run's presses: edit the registry, SIGHUP the gateway, and
+    time it until the gateway logs ``registry.reloaded`` (bench clock)."""
+    _, measured = presses(registry, spec)
+    pressed = {d.elder_id for d in registry.buttons[:spec.presses]} | {
+        d.elder_id for d in registry.buttons[-WARMUP:]}
+
+    async def during(gw: GatewayProcess, workdir: Path) -> dict[str, Any]:
+        log = workdir / "gateway.log"
+        seen = log.stat().st_size
+        await asyncio.sleep(after_s)
+        elder = await asyncio.to_thread(edit_one_elder, registry, pressed)
+        if gw.proc is None:
+            raise BenchError("the gateway is not running")
+        signalled = time.monotonic()
+        gw.proc.send_signal(signal.SIGHUP)
+        deadline = signalled + 120
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+            with log.open("rb") as f:
+                f.seek(seen)
+                text = f.read()
+            if b'"registry.reload_failed"' in text:
+                raise BenchError(f"the reload failed; see {log}")
+            if b'"registry.reloaded"' in text:
+                return {"reload": {"signalled_at": signalled, "reloaded_at": time.monotonic(),
+                                   "reload_s": round(time.monotonic() - signalled, 3),
+                                   "edited_elder": elder, "presses": len(measured)}}
+        raise BenchError(f"no registry.reloaded within 120 s of SIGHUP; see {log}")
+
+    return during
 
 
 async def peer_run(ctx: Context, spec: RunSpec) -> RunRecord:
     workdir = ctx.workdir / f"peer-{spec.slug}"
     workdir.mkdir(parents=True)
-    warm, measured = ctx.presses(spec)
+    warm, measured = presses(ctx.registry, spec)
     async with peer_process(ctx.port, ctx.double, workdir) as (proc, count):
         await publish(workdir, "warmup", ctx.port, warm, 20.0)
         await wait_for(lambda: count[0] >= WARMUP, 60, "the peer's warm-up")
@@ -599,11 +701,6 @@ class Context:
     profile: bool
     source: Path
 
-    def presses(self, spec: RunSpec) -> tuple[list[Press], list[Press]]:
-        """Warm-up presses (the last buttons) and the run's (the first), one per button."""
-        b = self.registry.buttons
-        return [_press(d) for d in b[-WARMUP:]], [_press(d) for d in b[:spec.presses]]
-
 
 # ----------------------------------------------------------------------------- analysis
 
@@ -639,6 +736,16 @@ def analyse(run: RunRecord, requests: list[dict[str, Any]]) -> dict[str, Any]:
         "cpu_ms_per_alarm": round(1000 * run.cpu_s / n, 3),
         **run.extra,
     }
+    reload = run.extra.get("reload")
+    if reload is not None:
+        # Presses published from the SIGHUP until the reload was seen done, and the rest.
+        began, done = reload["signalled_at"], reload["reloaded_at"]
+        during = [(first[d] - t) * 1000 for d, t in run.published.items()
+                  if d in first and began <= t <= done]
+        outside = [(first[d] - t) * 1000 for d, t in run.published.items()
+                   if d in first and not began <= t <= done]
+        out["latency_during_reload_ms"] = percentiles(during)
+        out["latency_outside_reload_ms"] = percentiles(outside)
     if first:
         pubs = sorted(run.published.values())
         out["drain_s"] = round(max(first.values()) - pubs[0], 3)
@@ -684,7 +791,14 @@ def table_rows(results: list[dict[str, Any]], city: dict[str, dict[str, Any]],
         p = peers.get(g["run"], {})
         gl, pl = g["latency_ms"], p.get("latency_ms", {})
         label = g["run"]
-        if g["rate_per_s"] is not None:
+        if "reload" in g:
+            add(f"{label}: SIGHUP -> registry.reloaded", g["reload"]["reload_s"], None, "s")
+            for q in ("p50", "p99", "max"):
+                add(f"{label}: publish -> 1st SMS {q}, published during the reload",
+                    g["latency_during_reload_ms"].get(q), None, "ms")
+                add(f"{label}: publish -> 1st SMS {q}, the rest of the run",
+                    g["latency_outside_reload_ms"].get(q), None, "ms")
+        elif g["rate_per_s"] is not None:
             for q in ("p50", "p99", "p99.9", "max"):
                 add(f"{label}: publish -> 1st SMS {q}", gl.get(q), pl.get(q), "ms")
         else:
@@ -807,13 +921,21 @@ async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     if not args.quick:
         specs.append(RunSpec("1000/s", 1000.0, 10_000))  # 10 s
     storm = 1_000 if args.quick else 10_000
+    # The city at 100/s, its registry edited and reloaded (SIGHUP) a quarter in.
+    reload = RunSpec("reload at 100/s, city", 100.0, int(100 * duration))
     specs.append(RunSpec(f"storm {storm}", math.inf, storm))
     alerts = {"both": ["off", "on"], "on": ["on"], "off": ["off"]}[args.alert]
+    only = [o for o in (args.only or "").split(",") if o]
+
+    def chosen(name: str) -> bool:
+        return not only or any(o in name for o in only)
+
+    specs = [spec for spec in specs if chosen(spec.name)]
     source = ROOT if args.worktree else await asyncio.to_thread(snapshot, workdir / "src")
     load_before = os.getloadavg()
     t_start = time.monotonic()
-    reg = await asyncio.to_thread(build_registry, workdir / "registry",
-                                  max(s.presses for s in specs) + WARMUP, seed=args.seed)
+    needed = max((s.presses for s in specs), default=0) + WARMUP
+    reg = await asyncio.to_thread(build_registry, workdir / "registry", needed, seed=args.seed)
     print(f"registry: {reg.counts}", file=sys.stderr, flush=True)
     broker = Mosquitto(workdir / "mosquitto", extra_conf=SHIPPED_BROKER)
     broker.start()
@@ -828,8 +950,9 @@ async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             runs: list[RunRecord] = []
             try:
                 for alert in alerts:
-                    print(f"city start, alert {alert} ...", file=sys.stderr, flush=True)
-                    city[alert] = await city_start(ctx, alert)
+                    if chosen("city start"):
+                        print(f"city start, alert {alert} ...", file=sys.stderr, flush=True)
+                        city[alert] = await city_start(ctx, alert)
                     for spec in specs:
                         print(f"gateway {spec.name}, alert {alert} ...", file=sys.stderr,
                               flush=True)
@@ -837,6 +960,14 @@ async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                         if alert == alerts[0]:
                             print(f"peer {spec.name} ...", file=sys.stderr, flush=True)
                             runs.append(await peer_run(ctx, spec))
+                    if not chosen(reload.name):
+                        continue
+                    print(f"gateway {reload.name}, alert {alert} ...", file=sys.stderr,
+                          flush=True)
+                    city_reg = await asyncio.to_thread(city_copy, ctx, f"city-reload-{alert}")
+                    runs.append(await gateway_run(
+                        ctx, reload, alert, registry=city_reg,
+                        during=reloader(city_reg, reload, after_s=duration / 4)))
             finally:
                 watcher.cancel()
                 with suppress(asyncio.CancelledError, Exception):
@@ -887,6 +1018,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--worktree", action="store_true",
                         help="run the gateway from the working tree (default: git HEAD)")
     parser.add_argument("--seed", type=int, default=2026)
+    parser.add_argument("--only", metavar="NAMES",
+                        help="only the runs whose names contain one of these (comma "
+                             "separated: e.g. 'reload', '100/s,storm', 'city start')")
     parser.add_argument("--markdown", type=Path, metavar="JSON",
                         help="print the README's table from a report (e.g. "
                              "bench/results/e2e.json) and exit; runs nothing")

@@ -747,7 +747,7 @@ async def run_once(workdir: Path, reg: BenchRegistry, *, sync: str, alarms: int,
     return data
 
 
-def _stamped(press: Press) -> bytes:
+def _stamped(press: dict[str, str]) -> bytes:
     """The payload with the time it leaves, as the button or bridge stamps it (our
     schema's ``ts``; Zigbee2MQTT's ``last_seen: epoch``, in ms): the gateway's own
     latency figures then count a wait at the broker."""
