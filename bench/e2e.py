@@ -507,9 +507,12 @@ During = Callable[["GatewayProcess", Path], Awaitable[dict[str, Any]]]
 
 async def gateway_run(ctx: Context, spec: RunSpec, alert: str, *,
                       registry: BenchRegistry | None = None,
-                      during: During | None = None) -> RunRecord:
+                      during: During | None = None,
+                      check_config: bool = False) -> RunRecord:
     """A fresh gateway: warm-up presses, then the run's presses, until every one has a
-    first SMS accepted (journal) and the process is idle again."""
+    first SMS accepted (journal) and the process is idle again. With ``check_config``,
+    ``gateway check-config`` runs first, as the unit's ``ExecStartPre`` does (it leaves
+    the validated registry snapshot that the start then loads)."""
     registry = registry or ctx.registry
     workdir = ctx.workdir / f"gateway-{alert}-{spec.slug}"
     workdir.mkdir(parents=True)
@@ -518,6 +521,16 @@ async def gateway_run(ctx: Context, spec: RunSpec, alert: str, *,
                           broker_port=ctx.port, double=ctx.double,
                           alert="none" if alert == "off" else "file", source=ctx.source)
     state.mkdir()  # as StateDirectory= under the unit: the registry snapshot goes there
+    if check_config:
+        checked = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gateway.cli", "check-config", "--config", str(config),
+            cwd=ctx.source, stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+            env={**os.environ, "TWILIO_ACCOUNT_SID": ctx.double.account_sid,
+                 "TWILIO_AUTH_TOKEN": ctx.double.auth_token,
+                 "CONTROL_TOKEN": secrets.token_hex(32)})
+        if await checked.wait() != 0:
+            raise BenchError(f"check-config of {config} exited {checked.returncode}")
     journal = state / "journal.sqlite3"
     warm, measured = presses(registry, spec)
     profile = (RESULTS.parent / f"e2e-{alert}-{spec.slug}.prof") if ctx.profile else None
@@ -967,7 +980,8 @@ async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                     city_reg = await asyncio.to_thread(city_copy, ctx, f"city-reload-{alert}")
                     runs.append(await gateway_run(
                         ctx, reload, alert, registry=city_reg,
-                        during=reloader(city_reg, reload, after_s=duration / 4)))
+                        during=reloader(city_reg, reload, after_s=duration / 4),
+                        check_config=True))
             finally:
                 watcher.cancel()
                 with suppress(asyncio.CancelledError, Exception):
