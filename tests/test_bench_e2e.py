@@ -74,3 +74,29 @@ def test_the_table_puts_issue_13s_figures_beside_the_new_and_finds_the_sustained
     assert "| before (issue 13) |" in table.splitlines()[0]
     line = next(x for x in table.splitlines() if x.startswith("| 100/s: publish -> 1st SMS p99"))
     assert "35-78 ms (alert on)" in line and "| 80 |" in line
+
+
+def test_the_reload_run_splits_presses_published_during_the_reload_from_the_rest() -> None:
+    e2e = _e2e()
+    spec = e2e.RunSpec("reload at 100/s, city", 100.0, 4)
+    published = {"D1": 10.0, "D2": 11.0, "D3": 12.0, "D4": 13.0}
+    run = e2e.RunRecord(spec, "gateway", "off", 10.0, 14.0, published, {},
+                        cpu_s=0.1, wall_s=4.0,
+                        alarms={"AAAA-0001": "D1", "AAAA-0002": "D2", "AAAA-0003": "D3",
+                                "AAAA-0004": "D4"},
+                        extra={"reload": {"signalled_at": 10.5, "reloaded_at": 12.5,
+                                          "reload_s": 2.0},
+                               "rss_ready_mb": 1.0, "rss_peak_mb": 1.0, "stop_s": 0.1})
+    # The first SMS of each alarm, its reference in the body, at the double.
+    delays = {"D1": 0.010, "D2": 0.200, "D3": 0.300, "D4": 0.020}
+    requests = [{"arrived_at": published[d] + delays[d], "body": f"[AAAA-000{d[1]}] SOS"}
+                for d in published]
+    result = e2e.analyse(run, requests)
+    assert result["zero_loss"]
+    assert result["latency_during_reload_ms"]["max"] == 300.0  # D2, D3
+    assert result["latency_during_reload_ms"]["n"] == 2
+    assert result["latency_outside_reload_ms"]["max"] == 20.0  # D1, D4
+    rows = {r["figure"]: r for r in e2e.table_rows([result], {}, "off")}
+    assert rows["reload at 100/s, city: SIGHUP -> registry.reloaded"]["gateway"] == 2.0
+    assert rows["reload at 100/s, city: publish -> 1st SMS max, published during the "
+                "reload"]["gateway"] == 300.0
