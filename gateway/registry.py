@@ -682,6 +682,7 @@ def load_registry(
     bbox: tuple[float, float, float, float] | None = None,
     cache_dir: Path | None = None,
     write_cache: bool = True,
+    pace: Callable[[], None] | None = None,
 ) -> Registry:
     """Read and validate the registry CSV files in ``directory``.
 
@@ -694,6 +695,9 @@ def load_registry(
     bytes and these parameters, the registry is rebuilt from it without validating
     rows again; otherwise the files are validated in full and, if valid, a new snapshot
     is written there (unless ``write_cache`` is false). ``None``: always validate.
+
+    ``pace``, if given, is called between the steps of a rebuild from the snapshot (a
+    reload in a worker thread passes one that waits for the event loop's turn).
 
     Raises :class:`RegistryError` listing every problem found. Raises
     :class:`ValueError` for a bad ``default_region`` or ``bbox`` (caller errors, not
@@ -708,7 +712,7 @@ def load_registry(
             raise ValueError(f"bbox {bbox!r} is not (min_lon, min_lat, max_lon, max_lat)")
 
     with _gc_paused():
-        registry = _load(directory, default_region, bbox, cache_dir, write_cache)
+        registry = _load(directory, default_region, bbox, cache_dir, write_cache, pace)
         # It lives until a reload: frozen before the collector is on again. Else the next
         # collection, in whichever thread, walks all of its objects at once (about 100 ms
         # holding the GIL for a city: an event-loop stall when a reload loads in a
@@ -737,6 +741,7 @@ def _load(
     bbox: tuple[float, float, float, float] | None,
     cache_dir: Path | None,
     write_cache: bool,
+    pace: Callable[[], None] | None = None,
 ) -> Registry:
     problems = _Problems()
     if not directory.is_dir():
@@ -746,7 +751,7 @@ def _load(
     key: str | None = None
     if cache_dir is not None and not problems.items:
         key = snapshot_key(files, default_region, bbox)
-        cached = read_snapshot(cache_dir, key)
+        cached = read_snapshot(cache_dir, key, pace)
         if cached is not None:
             log.info("registry.loaded", directory=str(directory), snapshot=True,
                      **registry_summary(cached))

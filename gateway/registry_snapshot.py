@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final
@@ -169,14 +169,16 @@ def _ignored(path: Path, exc: SnapshotError) -> None:
     level("registry.snapshot_ignored", path=str(path), reason=str(exc))
 
 
-def read_snapshot(cache_dir: Path, key: str) -> Registry | None:
-    """The registry stored under ``key``, or ``None`` when there is no usable one."""
+def read_snapshot(cache_dir: Path, key: str,
+                  pace: Callable[[], None] | None = None) -> Registry | None:
+    """The registry stored under ``key``, or ``None`` when there is no usable one.
+    ``pace`` is called after each line (:data:`_CHUNK` rows) is decoded."""
     path = cache_dir / SNAPSHOT_FILE
     found = _read(path, key)
     if found is None:
         return None
     try:
-        return _decode(*found)
+        return _decode(*found, pace)
     except SnapshotError as exc:
         _ignored(path, exc)
         return None
@@ -202,13 +204,13 @@ def _check(data: bytes, key: str) -> int:
     return newline + 1
 
 
-def _decode(data: bytes, start: int) -> Registry:
+def _decode(data: bytes, start: int, pace: Callable[[], None] | None) -> Registry:
     # Millions of new containers, none of them garbage: cyclic GC passes over them
     # would take as long as the decode itself.
     was_enabled = gc.isenabled()
     gc.disable()
     try:
-        return _build(data, start)
+        return _build(data, start, pace)
     except (orjson.JSONDecodeError, TypeError, ValueError, IndexError, KeyError) as exc:
         raise SnapshotError(f"damaged: {type(exc).__name__}: {exc}") from None
     finally:
@@ -274,7 +276,7 @@ def _chunks(data: bytes, start: int) -> Iterator[memoryview]:
         start = stop + 1
 
 
-def _build(data: bytes, start: int) -> Registry:
+def _build(data: bytes, start: int, pace: Callable[[], None] | None) -> Registry:
     # Repeated values (names, communities, relations, notes, models, languages, numbers)
     # share one string object, and devices point at their elder's id string, as after a
     # full load: a city has 100k+ of each.
@@ -327,5 +329,7 @@ def _build(data: bytes, start: int) -> Registry:
                     LonLat(float(lon), float(lat)),
                     address, line_types[lt], bool(sms))
         del rows
+        if pace is not None:
+            pace()
     return Registry.build(MappingProxyType(elders), MappingProxyType(devices),
                           MappingProxyType(responders), MappingProxyType(facilities))

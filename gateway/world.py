@@ -12,6 +12,7 @@ import asyncio
 import gc
 import os
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -37,6 +38,9 @@ RELEASE_STEP = 2000
 #: The GIL's switch interval while a reload builds the new world in a worker thread.
 #: Python's 5 ms would let each wake-up of the event loop wait that long for the GIL.
 RELOAD_SWITCH_INTERVAL_S = 0.0005
+#: The longest a reload's step waits for the event loop's turn (a stuck loop must not
+#: hold the reload for ever; the watchdog deals with the loop).
+PACE_WAIT_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,8 +75,9 @@ class WorldRef:
         return old
 
 
-def load_world(cfg: Config) -> World:
+def load_world(cfg: Config, pace: Callable[[], None] | None = None) -> World:
     """Registry and geo indexes, validated. Raises RegistryError / GeoError / OSError.
+    ``pace``: see :func:`gateway.registry.load_registry`.
 
     The registry's validated snapshot lives in ``state_dir/registry-cache`` (see
     :data:`REGISTRY_CACHE`): ``check-config`` (the unit's ``ExecStartPre``) validates
@@ -83,7 +88,7 @@ def load_world(cfg: Config) -> World:
     state_dir = m.gateway.state_dir
     registry = load_registry(cfg.registry_dir, default_region=m.registry.default_region,
                              bbox=m.registry.bbox, cache_dir=state_dir / REGISTRY_CACHE,
-                             write_cache=_owns(state_dir))
+                             write_cache=_owns(state_dir), pace=pace)
     projector = Projector(m.geo.crs, m.geo.source_crs, m.registry.bbox)
     return World(registry, GeoService(registry, projector, stale_after_s=m.geo.stale_after_s))
 
@@ -108,6 +113,23 @@ def _gil_shared_often() -> Iterator[None]:
         yield
     finally:
         sys.setswitchinterval(before)
+
+
+def _loop_first(loop: asyncio.AbstractEventLoop) -> Callable[[], None]:
+    """A ``pace`` for a load in a worker thread: each call waits until the event loop
+    has run what was ready (alarms first), at most :data:`PACE_WAIT_S`. A loop busy
+    with a burst of alarms thus gets whole turns between the load's steps; sharing
+    the GIL at the switch interval alone, it got half the CPU and fell behind."""
+
+    def pace() -> None:
+        turn = threading.Event()
+        try:
+            loop.call_soon_threadsafe(turn.set)
+        except RuntimeError:  # the loop is closed: nothing to wait for
+            return
+        turn.wait(PACE_WAIT_S)
+
+    return pace
 
 
 async def release_world(box: list[World]) -> None:
@@ -193,7 +215,8 @@ class WorldKeeper:
                     return False
             try:
                 with _gil_shared_often():
-                    fresh = await asyncio.to_thread(load_world, self._config)
+                    fresh = await asyncio.to_thread(load_world, self._config,
+                                                    _loop_first(asyncio.get_running_loop()))
             except (RegistryError, GeoError, OSError) as exc:
                 self._failed = files
                 log.error("registry.reload_failed", error=str(exc),

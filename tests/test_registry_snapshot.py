@@ -334,6 +334,31 @@ def test_a_replaced_world_is_freed_a_step_at_a_time_with_the_loop_running(
     assert min(ticks[:freed_at]) == held_by_world and freed_at > len(ticks) - 20
 
 
+def test_a_rebuild_from_the_snapshot_paces_itself_line_by_line(tmp_path: Path) -> None:
+    load_registry(SAMPLE, cache_dir=tmp_path)  # validates, writes the snapshot
+    steps: list[int] = []
+    registry = load_registry(SAMPLE, cache_dir=tmp_path, pace=lambda: steps.append(1))
+    same(registry, load_registry(SAMPLE))
+    assert len(steps) == 4  # one line per section: 88 elders, 88 devices, 143 staff, 11
+
+
+async def test_a_reloads_step_waits_until_the_loop_ran_what_was_ready() -> None:
+    loop = asyncio.get_running_loop()
+    pace = world_module._loop_first(loop)
+    order: list[str] = []
+
+    def step() -> None:  # in the worker thread, as load_world's steps are
+        loop.call_soon_threadsafe(order.append, "alarm work")  # ready before the turn
+        pace()
+        order.append("next step")
+
+    await asyncio.to_thread(step)
+    assert order == ["alarm work", "next step"]
+    loop_closed = asyncio.new_event_loop()
+    loop_closed.close()
+    world_module._loop_first(loop_closed)()  # a closed loop: returns at once
+
+
 # ---------------------------------------------------------------------------
 # What phonenumbers said is kept across changes of the files
 
