@@ -85,8 +85,10 @@ def snapshot_key(
 
 
 #: Rows per line of the snapshot: the decoder parses one line at a time, so that the
-#: parsed lists of a whole city never exist at once next to the objects built from them.
-_CHUNK: Final = 2000
+#: parsed lists of a whole city never exist at once next to the objects built from them,
+#: and a reload's rebuild gives the event loop its turn after each line (~2 ms of
+#: Python for 250 elders; any size reads back, the writer's is not part of the format).
+_CHUNK: Final = 250
 
 
 def _sections(reg: Registry) -> list[tuple[str, list[list[Any]]]]:
