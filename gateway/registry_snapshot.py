@@ -86,9 +86,9 @@ def snapshot_key(
 
 #: Rows per line of the snapshot: the decoder parses one line at a time, so that the
 #: parsed lists of a whole city never exist at once next to the objects built from them,
-#: and a reload's rebuild gives the event loop its turn after each line (~2 ms of
-#: Python for 250 elders; any size reads back, the writer's is not part of the format).
-_CHUNK: Final = 250
+#: and a reload's rebuild gives the event loop its turn after each line (~8 ms of
+#: Python for 1000 elders; any size reads back, the writer's is not part of the format).
+_CHUNK: Final = 1000
 
 
 def _sections(reg: Registry) -> list[tuple[str, list[list[Any]]]]:
