@@ -24,9 +24,6 @@ import os
 import sys
 from pathlib import Path
 
-from gateway.logs import configure_logging
-from gateway.registry import RegistryError, load_registry, registry_summary
-
 #: Added to the niceness this process inherits from the gateway (never needs privileges).
 NICE_INCREMENT = 10
 
@@ -46,6 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache", type=Path, required=True)
     args = p.parse_args(argv)
     os.nice(NICE_INCREMENT)
+    # Imported only now: importing them (phonenumbers, pydantic) is CPU too.
+    from gateway.logs import configure_logging
+    from gateway.registry import RegistryError, load_registry, registry_summary
+
     configure_logging("warning", "json", sys.stderr)  # stdout carries the answer alone
     try:
         registry = load_registry(args.directory, default_region=args.region, bbox=args.bbox,
