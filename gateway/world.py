@@ -126,10 +126,11 @@ def _loop_first(loop: asyncio.AbstractEventLoop) -> Callable[[], None]:
     took half of it from a loop that needs most of a core at 100 alarms/s, and alarms
     fell behind for as long as the load ran. Resting, the load takes at most a
     third, and the reload takes a few seconds longer."""
-    last = [time.perf_counter()]
+    last = time.perf_counter()
 
     def pace() -> None:
-        step = time.perf_counter() - last[0]
+        nonlocal last
+        step = time.perf_counter() - last
         time.sleep(min(step * PACE_REST, PACE_WAIT_S))
         turn = threading.Event()
         try:
@@ -137,7 +138,7 @@ def _loop_first(loop: asyncio.AbstractEventLoop) -> Callable[[], None]:
         except RuntimeError:  # the loop is closed: nothing to wait for
             return
         turn.wait(PACE_WAIT_S)
-        last[0] = time.perf_counter()
+        last = time.perf_counter()
 
     return pace
 
@@ -239,9 +240,9 @@ class WorldKeeper:
             registry = fresh.registry
             log.info("registry.reloaded", elders=len(registry.elders),
                      devices=len(registry.devices), responders=len(registry.responders))
-            await release_world(replaced)
             if self._on_reloaded is not None:
                 await self._on_reloaded()
+            await release_world(replaced)
             return True
 
     async def _validate_apart(self) -> str | None:
