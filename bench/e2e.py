@@ -103,7 +103,7 @@ from bench.sms import (
 from devices.events import AddressScheme
 from gateway.config import parse_config
 from gateway.district import DISTRICT, generate, generate_district
-from gateway.model import Device
+from gateway.model import Device, Registry
 from gateway.registry import load_registry
 from tests.helpers import Mosquitto
 from tests.support.ports import free_port
@@ -198,15 +198,20 @@ def build_registry(out: Path, buttons_needed: int, *, seed: int) -> BenchRegistr
              width_km=DISTRICT.width_km, height_km=DISTRICT.height_km,
              area_name=DISTRICT.area_name)
     all_on_duty(out)
-    registry = load_registry(out)
+    bench = _bench_registry(out, load_registry(out))
+    if len(bench.buttons) < buttons_needed:
+        raise BenchError(f"{len(bench.buttons)} MQTT buttons generated, need {buttons_needed}")
+    return bench
+
+
+def _bench_registry(directory: Path, registry: Registry) -> BenchRegistry:
+    """Its MQTT buttons in device-id order, and its counts."""
     buttons = tuple(sorted((d for d in registry.devices.values()
                             if d.scheme is AddressScheme.MQTT), key=lambda d: d.device_id))
-    if len(buttons) < buttons_needed:
-        raise BenchError(f"{len(buttons)} MQTT buttons generated, need {buttons_needed}")
     counts = {"elders": len(registry.elders), "mqtt_buttons": len(buttons),
               "contacts": sum(len(e.contacts) for e in registry.elders.values()),
               "responders": len(registry.responders)}
-    return BenchRegistry(out, buttons, counts)
+    return BenchRegistry(directory, buttons, counts)
 
 
 # ----------------------------------------------------------------------------- config
@@ -593,12 +598,7 @@ def city_copy(ctx: Context, name: str) -> BenchRegistry:
         generate_district(city, city=True)
     shutil.copytree(city, out)
     all_on_duty(out)
-    registry = load_registry(out, cache_dir=ctx.workdir / "bench-registry-cache")
-    buttons = tuple(sorted((d for d in registry.devices.values()
-                            if d.scheme is AddressScheme.MQTT), key=lambda d: d.device_id))
-    counts = {"elders": len(registry.elders), "mqtt_buttons": len(buttons),
-              "responders": len(registry.responders)}
-    return BenchRegistry(out, buttons, counts)
+    return _bench_registry(out, load_registry(out, cache_dir=ctx.workdir / "bench-registry-cache"))
 
 
 def edit_one_elder(registry: BenchRegistry, spare: set[str]) -> str:
@@ -623,7 +623,6 @@ def edit_one_elder(registry: BenchRegistry, spare: set[str]) -> str:
 def reloader(registry: BenchRegistry, spec: RunSpec, after_s: float) -> During:
     """``after_s`` into the run's presses: edit the registry, SIGHUP the gateway, and
     time it until the gateway logs ``registry.reloaded`` (bench clock)."""
-    _, measured = presses(registry, spec)
     pressed = {d.elder_id for d in registry.buttons[:spec.presses]} | {
         d.elder_id for d in registry.buttons[-WARMUP:]}
 
@@ -645,9 +644,10 @@ def reloader(registry: BenchRegistry, spec: RunSpec, after_s: float) -> During:
             if b'"registry.reload_failed"' in text:
                 raise BenchError(f"the reload failed; see {log}")
             if b'"registry.reloaded"' in text:
-                return {"reload": {"signalled_at": signalled, "reloaded_at": time.monotonic(),
-                                   "reload_s": round(time.monotonic() - signalled, 3),
-                                   "edited_elder": elder, "presses": len(measured)}}
+                done = time.monotonic()
+                return {"reload": {"signalled_at": signalled, "reloaded_at": done,
+                                   "reload_s": round(done - signalled, 3),
+                                   "edited_elder": elder, "presses": spec.presses}}
         raise BenchError(f"no registry.reloaded within 120 s of SIGHUP; see {log}")
 
     return during
