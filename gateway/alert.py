@@ -430,6 +430,8 @@ class _Alert:
     announced: bool = False  # heard at least once (its first announcement is not owed)
     consecutive_failures: int = 0
     stopped: bool = False
+    pressed_at: float | None = None  # time.monotonic() of the press; None: not measured
+    heard: bool = False  # something that covers it has sounded (a tone counts)
 
 
 @dataclass(slots=True, eq=False)
@@ -485,7 +487,10 @@ class AlertPlayer:
     Use as ``async with AlertPlayer(settings) as player:`` with the validated
     ``[alert]`` section (:class:`gateway.config.AlertSection`: backend, device,
     pauses, espeak-ng, ``summary_over``, ``max_wav_files``). ``sleep`` is the pause
-    between rounds (inject a fast one in tests). Single use: it cannot be re-entered.
+    between rounds (inject a fast one in tests). ``heard`` is called once per alarm
+    started with ``age_s``, with the milliseconds from its press until the first sound
+    that covers it (its tone, its announcement or a summary) began: the metric of "the
+    center hears within a second". Single use: it cannot be re-entered.
     """
 
     def __init__(
@@ -493,9 +498,11 @@ class AlertPlayer:
         settings: AlertSection,
         *,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        heard: Callable[[float], None] | None = None,
     ) -> None:
         self._settings = settings
         self._sleep = sleep
+        self._heard = heard
         self._backend: Backend = "none"
         self._wav_dir: Path | None = None
         self._owned_dir: Path | None = None
@@ -599,8 +606,11 @@ class AlertPlayer:
             )
             self._notify()
 
-    async def start(self, alarm_id: str, text: str) -> None:
+    async def start(self, alarm_id: str, text: str, *, age_s: float | None = None) -> None:
         """Add the alarm to the rotation; it is announced next (newest first).
+
+        ``age_s``: how long ago the alarm's press was (a new alarm; None for one resumed
+        after a restart, or a notice): the time until the center hears it is measured.
 
         Nothing is rendered here: the announcement is rendered just before it
         plays, so a storm of alarms costs no espeak-ng runs and no files. Idempotent
@@ -621,6 +631,7 @@ class AlertPlayer:
             text=text,
             seq=next(self._seq),
             path=self._dir() / f"{_file_stem(alarm_id)}.wav",
+            pressed_at=None if age_s is None else time.monotonic() - max(0.0, age_s),
         )
         self._active[alarm_id] = alert
         self._fresh[alarm_id] = alert
@@ -986,7 +997,7 @@ class AlertPlayer:
         """The plain tone, while the announcement is still rendering."""
         if self._tone is None or not self._tone.path.exists():
             self._tone = await self._in_thread(self._dir() / _TONE_WAV, None)
-        self._mark_sounding(item)
+        self._mark_sounding(item, "tone")
         try:
             await self._sound(item, self._tone, kind="tone")
         except _PlaybackError as exc:
@@ -995,10 +1006,32 @@ class AlertPlayer:
             return
         log.info("alert.tone_played", item=item.label, backend=self._backend)
 
-    def _mark_sounding(self, item: _Item) -> None:
-        if not item.sounding.is_set():
-            item.sounding_at = asyncio.get_running_loop().time()
-            item.sounding.set()
+    def _mark_sounding(self, item: _Item, kind: str | None = None) -> None:
+        if item.sounding.is_set():
+            return
+        item.sounding_at = asyncio.get_running_loop().time()
+        item.sounding.set()
+        if self._backend != "none":
+            self._first_heard(item, kind)
+
+    def _first_heard(self, item: _Item, kind: str | None) -> None:
+        """The alarms this sound is the first to cover: their press-to-heard time."""
+        now = time.monotonic()
+        heard, worst_ms = 0, None
+        for alert in item.alerts:
+            if alert.heard:
+                continue
+            alert.heard = True
+            heard += 1
+            if alert.pressed_at is not None:
+                ms = (now - alert.pressed_at) * 1000
+                worst_ms = ms if worst_ms is None else max(worst_ms, ms)
+                if self._heard is not None:
+                    self._heard(ms)
+        if heard:
+            log.info("alert.heard", item=item.label,
+                     kind=kind or ("summary" if item.count else "alarm"), alarms=heard,
+                     press_to_heard_ms=None if worst_ms is None else round(worst_ms, 1))
 
     async def _sound(self, item: _Item, info: RenderInfo, kind: str | None = None) -> None:
         if self._backend == "file":

@@ -201,7 +201,8 @@ class Gateway:
         fallback = None
         if m.gsm is not None:
             fallback = await self._open("gsm", GsmModemSender(m.gsm))
-        self.player = player = await self._open("alert", AlertPlayer(m.alert))
+        self.player = player = await self._open("alert", AlertPlayer(
+            m.alert, heard=self.metrics.press_to_alert.observe))
         notices.attach(player=player)
         self.feed = feed = AlarmStateFeed(m.mqtt.alarm_topic)
         self.dispatcher = dispatcher = await self._open("dispatch", Dispatcher(

@@ -309,7 +309,7 @@ class Dispatcher:
     async def _run(self, alarm: ActiveAlarm, resume: AlarmRecord | None) -> None:
         state = resume.state if resume else AlarmState.JOURNALED
         if state in ALERTING_STATES:
-            await self._start_alert(alarm)
+            await self._start_alert(alarm, resumed=resume is not None)
         if alarm.elder is None:
             log.error("alarm.unregistered_device", address=alarm.address_text)
             return
@@ -605,19 +605,22 @@ class Dispatcher:
             text = self._composer.spoken(None, alarm.address_text)
         return DRILL_SPOKEN_PREFIX + text if alarm.drill is not None else text
 
-    async def _start_alert(self, alarm: ActiveAlarm) -> None:
+    async def _start_alert(self, alarm: ActiveAlarm, *, resumed: bool) -> None:
         text = self._spoken(alarm)
         # In its own task: the SMS never wait for the player.
         if self._tg is None:
             raise RuntimeError("dispatcher is not running")
-        task = self._tg.create_task(self._alert(alarm, text), name=f"alert-{alarm.alarm_id}")
+        # A new alarm's press-to-heard is measured; a resumed one was pressed before a restart.
+        age_s = None if resumed else self._since(alarm) / 1000
+        task = self._tg.create_task(self._alert(alarm, text, age_s),
+                                    name=f"alert-{alarm.alarm_id}")
         self._alert_starts.add(task)
         task.add_done_callback(self._alert_starts.discard)
 
-    async def _alert(self, alarm: ActiveAlarm, text: str) -> None:
+    async def _alert(self, alarm: ActiveAlarm, text: str, age_s: float | None) -> None:
         structlog.contextvars.bind_contextvars(alarm_id=alarm.alarm_id)
         try:
-            await self._player.start(alarm.alarm_id, text)
+            await self._player.start(alarm.alarm_id, text, age_s=age_s)
         except Exception:
             log.exception("alert.failed")
             return

@@ -65,6 +65,10 @@ class Metrics:
             "gateway_press_to_sms_ms", "Press to first-wave SMS accepted (ms): from the "
             "device's own time when it stamps its messages (the SMS budget)",
             buckets=_LATENCY_BUCKETS_MS, registry=r)
+        self.press_to_alert = Histogram(
+            "gateway_press_to_alert_ms", "Press to the center hearing the alarm (ms): the "
+            "player started the first tone, announcement or summary that covers it",
+            buckets=_LATENCY_BUCKETS_MS, registry=r)
         self.device_wait = Histogram(
             "gateway_device_to_receipt_ms", "A stamped device message's time to its "
             "receipt (ms): the bridge, the broker, the network", buckets=_LATENCY_BUCKETS_MS,

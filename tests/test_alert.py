@@ -16,7 +16,7 @@ import shutil
 import subprocess
 import time
 import wave
-from collections.abc import Callable, MutableMapping, Sequence
+from collections.abc import Callable, Iterator, MutableMapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ from gateway.alert import (
     render_alert_wav,
 )
 from gateway.config import AlertSection, ConfigError, parse_config
+from tests.support import pulse
 
 SENTENCE = "紧急呼叫。张秀英，建设社区，胜利路12号3单元。"
 SHORT = "紧急呼叫。张秀英。"
@@ -1049,3 +1050,139 @@ async def test_closing_with_500_open_alarms_and_a_slow_backend_is_quick(
     [closed] = events(logs, "alert.closed")
     assert closed["open_alarms"] == 500
     assert len(closed["unacknowledged"]) == 20
+
+
+# -- how soon the center hears an alarm ---------------------------------------------------
+
+
+@pytest.mark.integration
+@needs_espeak
+async def test_press_to_heard_is_measured_once_per_new_alarm(out: Path) -> None:
+    """``heard`` gets each new alarm's press-to-first-sound once; an alarm started
+    without ``age_s`` (resumed after a restart, a notice) is not measured."""
+    heard: list[float] = []
+    settings = AlertSection(backend="file", output_dir=out, repeat_interval_s=0.0)
+    with capture_logs() as logs:
+        async with AlertPlayer(settings, sleep=FastSleep(), heard=heard.append) as player:
+            await player.start("A", SHORT, age_s=0.25)
+            await player.start("R", SHORT)  # resumed: pressed before the restart
+            await player.wait_played("A", 3)
+            await player.wait_played("R", 2)
+    assert len(heard) == 1
+    assert heard[0] >= 250  # the press was 0.25 s before the player saw it
+    first = [e for e in events(logs, "alert.heard")]
+    assert [(e["item"], e["alarms"]) for e in first] == [("R", 1), ("A", 1)]  # newest first
+    assert first[0]["press_to_heard_ms"] is None
+    assert first[1]["press_to_heard_ms"] == pytest.approx(heard[0], abs=0.1)
+
+
+@pytest.mark.integration
+@needs_espeak
+async def test_a_summary_is_the_first_sound_of_every_alarm_it_covers(out: Path) -> None:
+    heard: list[float] = []
+    settings = AlertSection(backend="file", output_dir=out, repeat_interval_s=0.0,
+                            summary_over=3)
+    ids = [f"S{i}" for i in range(10)]
+    with capture_logs() as logs:
+        async with AlertPlayer(settings, sleep=FastSleep(), heard=heard.append) as player:
+            for alarm_id in ids:
+                await player.start(alarm_id, SENTENCE, age_s=0.0)
+            await player.wait_played(ids[0], 2)
+    assert len(heard) == len(ids)
+    [summary] = events(logs, "alert.heard")
+    assert (summary["kind"], summary["alarms"]) == ("summary", 10)
+    assert summary["press_to_heard_ms"] == pytest.approx(max(heard), abs=0.1)
+
+
+async def test_nothing_is_heard_with_the_none_backend(tmp_path: Path) -> None:
+    heard: list[float] = []
+    async with AlertPlayer(AlertSection(backend="none"), sleep=FastSleep(),
+                           heard=heard.append) as player:
+        await player.start("A", SHORT, age_s=0.0)
+        await player.wait_played("A", 2)  # processed: played twice, silently
+    assert heard == []
+
+
+# -- a real sound server: PulseAudio with a null sink, which plays in real time -------
+
+
+needs_pulse = pytest.mark.skipif(not pulse.AVAILABLE, reason="pulseaudio is not installed")
+
+
+@pytest.fixture
+def pulse_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[pulse.PulseServer]:
+    server = pulse.PulseServer(tmp_path / "pulse")
+    server.start()
+    for key, value in server.env.items():
+        monkeypatch.setenv(key, value)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def sounding_span_s(samples: npt.NDArray[np.int16], rate: int) -> float:
+    """Seconds from the first to the last 10 ms frame with sound in it."""
+    frame = rate // 100
+    frames = samples[: len(samples) // frame * frame].reshape(-1, frame).astype(np.float64)
+    loud = np.flatnonzero(np.sqrt(np.mean(frames ** 2, axis=1)) > 200)
+    return 0.0 if len(loud) == 0 else (loud[-1] - loud[0] + 1) / 100
+
+
+@pytest.mark.integration
+@needs_espeak
+@needs_pulse
+async def test_auto_finds_pulseaudio_and_the_speaker_gets_the_whole_alarm_in_real_time(
+    pulse_server: pulse.PulseServer, tmp_path: Path
+) -> None:
+    """``auto`` finds the server (pactl), paplay plays the alarm for as long as it lasts,
+    and what the sink got, recorded from its monitor, is the tone and the speech."""
+    heard: list[float] = []
+    settings = AlertSection(backend="auto", espeak=ESPEAK or "", repeat_interval_s=60.0)
+    recording = tmp_path / "speaker.wav"
+    with capture_logs() as logs, pulse_server.recording(recording):
+        async with AlertPlayer(settings, sleep=BlockingSleep(), heard=heard.append) as player:
+            assert player.backend == "paplay"
+            began = time.monotonic()
+            await player.start("A", SENTENCE, age_s=0.0)
+            await player.wait_played("A", 1, timeout=60)
+            took = time.monotonic() - began
+            assert player.output_dir is not None
+            params, source = read_wav(player.output_dir / "A.wav")
+            duration = params.nframes / params.framerate
+            source_span = sounding_span_s(source, params.framerate)
+    assert events(logs, "alert.playback_failed") == []
+    assert len(heard) == 1
+    # Real time: a player cannot finish a sound faster than it lasts.
+    assert took >= duration * 0.95
+    params, samples = read_wav(recording)
+    span = sounding_span_s(samples, params.framerate)
+    assert span == pytest.approx(source_span, abs=1.0)
+    tone = samples[np.flatnonzero(np.abs(samples) > 1000)[0]:][: int(0.2 * params.framerate)]
+    assert peak_hz(tone, params.framerate) == pytest.approx(880, abs=30)
+
+
+@pytest.mark.integration
+@needs_espeak
+@needs_pulse
+async def test_acknowledging_cuts_the_sound_on_the_pulseaudio_speaker(
+    pulse_server: pulse.PulseServer, tmp_path: Path
+) -> None:
+    settings = AlertSection(backend="paplay", espeak=ESPEAK or "", repeat_interval_s=60.0)
+    recording = tmp_path / "speaker.wav"
+    with capture_logs() as logs, pulse_server.recording(recording):
+        async with AlertPlayer(settings, sleep=BlockingSleep()) as player:
+            await player.start("A", SENTENCE, age_s=0.0)
+            await wait_for(lambda: bool(events(logs, "alert.heard")), 30)
+            assert player.output_dir is not None
+            params, _ = read_wav(player.output_dir / "A.wav")  # rendered, on the speaker
+            duration = params.nframes / params.framerate
+            await asyncio.sleep(2.0)  # on the speaker for a while (paplay starts in ~0.5 s)
+            assert await player.stop("A")
+            assert player.plays("A") == 0  # cut: not a whole play
+            # Processed: after the stop the speaker stays quiet while the player idles.
+            await asyncio.sleep(1.0)
+    assert events(logs, "alert.played") == []
+    params, samples = read_wav(recording)
+    span = sounding_span_s(samples, params.framerate)
+    assert 0 < span < duration - 1.0

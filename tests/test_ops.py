@@ -351,6 +351,31 @@ async def test_metrics_count_devices_deliveries_reconnects_and_build(
         assert metric(text, "gateway_sms_deliveries_total", '{status="delivered"}') == 1
 
 
+
+@pytest.mark.integration
+async def test_press_to_heard_in_the_center_is_a_metric_for_new_alarms(
+    tmp_path: Path, mosquitto: Mosquitto, twilio: TwilioDouble
+) -> None:
+    """A press over MQTT: the alert player (file backend) announces it and
+    ``gateway_press_to_alert_ms`` counts it once, however often it repeats."""
+    cfg = gateway_config(tmp_path, twilio, mqtt={"enabled": True, "port": mosquitto.port})
+    gw = Gateway(cfg, secrets_for(twilio))
+    async with running(gw):
+        assert gw.mqtt is not None and gw.player is not None
+        await eventually(gw.mqtt.connected.is_set)
+        _, text = await _metrics(gw)
+        assert metric(text, "gateway_press_to_alert_ms_count") == 0
+        z2m = next(d for d in load_registry(SAMPLE).devices.values()
+                   if d.address.startswith("zigbee2mqtt/"))
+        await asyncio.to_thread(mosquitto_publish, mosquitto, z2m.address,
+                                json.dumps({"action": "emergency"}))
+        [alarm_id] = await eventually(lambda: gw.player is not None and gw.player.active())
+        await gw.player.wait_played(alarm_id, 2)  # heard, then repeated
+        _, text = await _metrics(gw)
+        assert metric(text, "gateway_press_to_alert_ms_count") == 1
+        assert (metric(text, "gateway_press_to_alert_ms_bucket", '{le="30000.0"}') or 0) == 1
+
+
 def mosquitto_publish(mq: Mosquitto, topic: str, payload: str) -> None:
     subprocess.run(["mosquitto_pub", "-h", mq.host, "-p", str(mq.port), "-q", "1",
                     "-t", topic, "-m", payload], check=True, timeout=10)
