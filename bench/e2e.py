@@ -52,7 +52,14 @@ Figures (publisher clock, ``CLOCK_MONOTONIC``, system-wide on Linux)
   or its topic (peer); p50/p99/p99.9/max per rate;
 * storm drain: N presses published at once -> the last first SMS request;
 * zero loss: every press has an alarm (journal) and a first SMS (double);
-* CPU per alarm: utime+stime (+ reaped children: espeak-ng) of the process from
+* heard in the center (alert on): the gateway's own ``gateway_press_to_alert_ms`` (from
+  the press's stamp to the player starting the first tone, announcement or summary that
+  covers the alarm), read from /metrics on its control socket before and after the run:
+  the share within 1 s and the p99's bucket; the max is exact, from the ``alert.heard``
+  log lines. Alert on plays with ``paplay`` to a private PulseAudio server's null sink
+  (:mod:`tests.support.pulse`), which takes as long as each sound lasts, as a speaker
+  does; where PulseAudio is not installed, to files (instant: the figures flatter);
+* CPU per alarm: utime+stime (+ reaped children: espeak-ng, paplay) of the process from
   /proc/<pid>/stat over the run, until it is idle again, divided by the presses;
 * RSS: VmRSS at READY and VmHWM (peak) at the end of the run, /proc/<pid>/status.
 
@@ -106,6 +113,7 @@ from gateway.district import DISTRICT, generate, generate_district
 from gateway.model import Device, Registry
 from gateway.registry import load_registry
 from tests.helpers import Mosquitto
+from tests.support import pulse
 from tests.support.ports import free_port
 
 ROOT: Final = Path(__file__).resolve().parent.parent
@@ -273,8 +281,8 @@ def write_config(path: Path, *, state: Path, registry: Path, broker_port: int,
     data["registry"]["watch_interval_s"] = 0  # nothing changes the files during a run
     data["logging"].update(format="json")
     data["mqtt"].update(port=broker_port, client_id=CLIENT_ID)
-    data["alert"] = {"backend": alert, **({"output_dir": str(state / "alert")}
-                                          if alert == "file" else {})}
+    data["alert"] = {**data.get("alert", {}), "backend": alert,
+                     **({"output_dir": str(state / "alert")} if alert == "file" else {})}
     data["sms"]["base_url"] = double.base_url
     data["control"]["port"] = free_port()
     data["webhooks"]["port"] = free_port()
@@ -296,6 +304,7 @@ class GatewayProcess:
     double: DoubleInfo
     source: Path  # the tree it runs from (its working directory, first on sys.path)
     profile: Path | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)  # the speaker's server
     proc: asyncio.subprocess.Process | None = None
     ready_s: float = float("nan")
     rss_ready_kb: int = 0
@@ -319,7 +328,8 @@ class GatewayProcess:
                if k not in ("TWILIO_EDGE", "TWILIO_REGION", "WATCHDOG_USEC", "WATCHDOG_PID")}
         env.update(NOTIFY_SOCKET=str(sock_path), TWILIO_ACCOUNT_SID=self.double.account_sid,
                    TWILIO_AUTH_TOKEN=self.double.auth_token,
-                   CONTROL_TOKEN=secrets.token_hex(32), PYTHONUNBUFFERED="1")
+                   CONTROL_TOKEN=secrets.token_hex(32), PYTHONUNBUFFERED="1",
+                   **self.extra_env)
         prof = ["-m", "cProfile", "-o", str(self.profile)] if self.profile else []
         cmd = [sys.executable, *prof, "-m", "gateway.cli", "run", "--config", str(self.config)]
         loop = asyncio.get_running_loop()
@@ -361,8 +371,9 @@ class GatewayProcess:
 
 @asynccontextmanager
 async def gateway_process(config: Path, workdir: Path, double: DoubleInfo, source: Path,
-                          profile: Path | None = None) -> AsyncIterator[GatewayProcess]:
-    gw = GatewayProcess(config, workdir, double, source, profile)
+                          profile: Path | None = None, env: dict[str, str] | None = None
+                          ) -> AsyncIterator[GatewayProcess]:
+    gw = GatewayProcess(config, workdir, double, source, profile, dict(env or {}))
     try:
         await gw.start()
         yield gw
@@ -524,7 +535,7 @@ async def gateway_run(ctx: Context, spec: RunSpec, alert: str, *,
     state = workdir / "state"
     config = write_config(workdir / "gateway.toml", state=state, registry=registry.directory,
                           broker_port=ctx.port, double=ctx.double,
-                          alert="none" if alert == "off" else "file", source=ctx.source)
+                          alert=ctx.speaker.config(alert), source=ctx.source)
     state.mkdir()  # as StateDirectory= under the unit: the registry snapshot goes there
     if check_config:
         checked = await asyncio.create_subprocess_exec(
@@ -540,11 +551,14 @@ async def gateway_run(ctx: Context, spec: RunSpec, alert: str, *,
     warm, measured = presses(registry, spec)
     profile = (RESULTS.parent / f"e2e-{alert}-{spec.slug}.prof") if ctx.profile else None
     ctx.watch.online.clear()
-    async with gateway_process(config, workdir, ctx.double, ctx.source, profile) as gw:
+    async with gateway_process(config, workdir, ctx.double, ctx.source, profile,
+                               ctx.speaker.env) as gw:
         await asyncio.wait_for(ctx.watch.online.wait(), 60)
         await publish(workdir, "warmup", ctx.port, warm, 20.0)
         await wait_for(lambda: _sent_alarms(journal) >= WARMUP, 60, "the warm-up's SMS")
         await settle(gw.pid)
+        heard0 = await heard_histogram(state) if alert == "on" else None
+        log_mark = (workdir / "gateway.log").stat().st_size
         cpu0, wall0 = proc_cpu_s(gw.pid), time.monotonic()
         beside = asyncio.ensure_future(during(gw, workdir) if during else _nothing())
         try:
@@ -556,6 +570,9 @@ async def gateway_run(ctx: Context, spec: RunSpec, alert: str, *,
         await wait_for(lambda: _sent_alarms(journal) >= WARMUP + spec.presses,
                        120 + spec.presses / 20, f"{spec.presses} alarms' first SMS", 0.2)
         ended = time.monotonic()
+        heard = (await heard_in_center(state, heard0, spec.presses,
+                                       workdir / "gateway.log", log_mark)
+                 if heard0 is not None else {})
         await settle(gw.pid)
         cpu1, wall1 = proc_cpu_s(gw.pid), time.monotonic()
         hwm, rss_end = proc_status_kb(gw.pid, "VmHWM"), proc_status_kb(gw.pid, "VmRSS")
@@ -571,7 +588,61 @@ async def gateway_run(ctx: Context, spec: RunSpec, alert: str, *,
          "rss_peak_mb": round(hwm / 1024, 1), "rss_end_mb": round(rss_end / 1024, 1),
          "stop_s": round(gw.stop_s, 3), "exit_code": gw.exit_code,
          "profile": str(profile) if profile else None, "profile_top_tottime": top,
-         **happened})
+         **({"heard": heard} if heard else {}), **happened})
+
+
+HEARD_METRIC: Final = "gateway_press_to_alert_ms"
+
+
+async def heard_histogram(state: Path) -> dict[float, float]:
+    """``gateway_press_to_alert_ms``'s cumulative buckets (le -> count), read from the
+    gateway's /metrics on its control socket (an operator's way in, no token)."""
+    import aiohttp
+
+    connector = aiohttp.UnixConnector(path=str(state / "control.sock"))
+    async with aiohttp.ClientSession(connector=connector) as session, \
+            session.get("http://localhost/metrics", timeout=aiohttp.ClientTimeout(10)) as answer:
+        text = await answer.text()
+        if answer.status != 200:
+            raise BenchError(f"/metrics answered {answer.status}: {text[:200]}")
+    buckets: dict[float, float] = {}
+    for line in text.splitlines():
+        if line.startswith(HEARD_METRIC + "_bucket{"):
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            buckets[math.inf if le == "+Inf" else float(le)] = float(line.rsplit(" ", 1)[1])
+    if math.inf not in buckets:
+        raise BenchError(f"no {HEARD_METRIC} in the gateway's /metrics")
+    return buckets
+
+
+async def heard_in_center(state: Path, before: dict[float, float], presses: int, log: Path,
+                          mark: int, timeout_s: float = 60.0) -> dict[str, Any]:
+    """How soon the center heard the run's alarms (the gateway's own measure, from the
+    press's stamp): waits until every alarm was heard, or ``timeout_s``. Quantiles are
+    bucket bounds (a histogram); the max is exact, from the ``alert.heard`` log lines."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        after = await heard_histogram(state)
+        got = {le: after[le] - before.get(le, 0.0) for le in after}
+        if got[math.inf] >= presses or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.5)
+    n = got[math.inf]
+
+    def bound(q: float) -> float | str | None:
+        le = next((le for le in sorted(got) if n and got[le] >= q * n), None)
+        return f"> {max(k for k in got if k < math.inf):.0f}" if le == math.inf else le
+
+    worst = 0.0
+    with log.open("rb") as f:
+        f.seek(mark)
+        for raw in f:
+            if b'"alert.heard"' in raw:
+                with suppress(ValueError):
+                    worst = max(worst, json.loads(raw).get("press_to_heard_ms") or 0.0)
+    return {"alarms": int(n), "of": presses,
+            "within_1s": round(got.get(1000.0, 0.0) / n, 4) if n else None,
+            "p50_le_ms": bound(0.5), "p99_le_ms": bound(0.99), "max_ms": round(worst, 1)}
 
 
 async def _nothing() -> dict[str, Any]:
@@ -686,16 +757,18 @@ async def city_start(ctx: Context, alert: str) -> dict[str, Any]:
         await asyncio.to_thread(generate_district, registry, city=True)
     config = write_config(workdir / "gateway.toml", state=workdir / "state", registry=registry,
                           broker_port=ctx.port, double=ctx.double,
-                          alert="none" if alert == "off" else "file", source=ctx.source)
+                          alert=ctx.speaker.config(alert), source=ctx.source)
     # As under the unit: StateDirectory= exists before the start. The first start finds
     # no validated snapshot (a changed registry: validated in full, snapshot written);
     # the second is a start after an unchanged registry (check-config in ExecStartPre
     # leaves the same snapshot for a changed one).
     (workdir / "state").mkdir(parents=True, exist_ok=True)
-    async with gateway_process(config, workdir, ctx.double, ctx.source) as cold:
+    async with gateway_process(config, workdir, ctx.double, ctx.source,
+                               env=ctx.speaker.env) as cold:
         pass
     await asyncio.to_thread(clear_session, ctx.port)
-    async with gateway_process(config, workdir, ctx.double, ctx.source) as gw:
+    async with gateway_process(config, workdir, ctx.double, ctx.source,
+                               env=ctx.speaker.env) as gw:
         pass
     await asyncio.to_thread(clear_session, ctx.port)
     return {"ready_s": round(gw.ready_s, 3), "rss_ready_mb": round(gw.rss_ready_kb / 1024, 1),
@@ -713,6 +786,20 @@ class Context:
     watch: StatusWatch
     profile: bool
     source: Path
+    speaker: Speaker
+
+
+@dataclass
+class Speaker:
+    """The alert-on runs' backend: ``paplay`` on a private PulseAudio null sink, which
+    plays in real time like the center's speaker (or ``file`` where PulseAudio is not
+    installed: it plays instantly, so the heard figures would flatter)."""
+
+    backend: str
+    env: dict[str, str] = field(default_factory=dict)
+
+    def config(self, alert: str) -> str:
+        return "none" if alert == "off" else self.backend
 
 
 # ----------------------------------------------------------------------------- analysis
@@ -818,6 +905,17 @@ def table_rows(results: list[dict[str, Any]], city: dict[str, dict[str, Any]],
             add(f"{label}: drain until every 1st SMS left", g.get("drain_s"),
                 p.get("drain_s"), "s")
             add(f"{label}: publish -> 1st SMS p99", gl.get("p99"), pl.get("p99"), "ms")
+        heard = g.get("heard")
+        if heard:
+            add(f"{label}: press -> heard in the center, share within 1 s",
+                None if heard["within_1s"] is None else round(100 * heard["within_1s"], 1),
+                None, "%")
+            add(f"{label}: press -> heard p99 (histogram bucket, at most)", heard["p99_le_ms"],
+                None, "ms")
+            add(f"{label}: press -> heard max", heard["max_ms"], None, "ms")
+            if heard["alarms"] < heard["of"]:
+                add(f"{label}: alarms heard within a minute of the last 1st SMS",
+                    heard["alarms"], heard["of"], "")
         add(f"{label}: CPU per alarm", g["cpu_ms_per_alarm"], p.get("cpu_ms_per_alarm"), "ms")
         add(f"{label}: zero loss (alarms, 1st SMS / presses)",
             None, None, f"{g['alarms']}, {g['first_sms']} / {g['presses']}"
@@ -840,8 +938,8 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def print_table(rows: list[dict[str, Any]], alert: str) -> None:
-    print(f"\n== alert {alert} ({'backend none' if alert == 'off' else 'backend file, WAVs'})")
+def print_table(rows: list[dict[str, Any]], alert: str, backend: str) -> None:
+    print(f"\n== alert {alert} (backend {backend})")
     print(f"{'figure':<52} {'unit':<8} {'gateway':>14} {'peer':>9} {'ratio':>7}")
     print("-" * 94)
     for r in rows:
@@ -962,7 +1060,17 @@ async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             double, fetch = await stack.enter_async_context(twilio_double(workdir / "double.json"))
             watch = StatusWatch()
             watcher = asyncio.create_task(watch.run(broker.port), name="status-watch")
-            ctx = Context(workdir, broker.port, double, reg, watch, args.profile, source)
+            speaker = Speaker("file")
+            if "on" in alerts and pulse.AVAILABLE:
+                server = pulse.PulseServer(workdir / "pulse")
+                await asyncio.to_thread(server.start)
+                stack.callback(server.stop)
+                speaker = Speaker("paplay", server.env)
+            elif "on" in alerts:
+                print("PulseAudio is not installed: alert on plays to files, instantly "
+                      "(apt-get install pulseaudio pulseaudio-utils)", file=sys.stderr)
+            ctx = Context(workdir, broker.port, double, reg, watch, args.profile, source,
+                          speaker)
             runs: list[RunRecord] = []
             try:
                 for alert in alerts:
@@ -996,7 +1104,7 @@ async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     results = [analyse(r, requests) for r in runs]
     tables = {alert: table_rows(results, city, alert) for alert in alerts}
     for alert in alerts:
-        print_table(tables[alert], alert)
+        print_table(tables[alert], alert, speaker.config(alert))
     return {
         "benchmark": "as deployed: MQTT press -> first SMS request at the Twilio double, "
                      "gateway vs a bare MQTT->HTTP forward",
@@ -1005,6 +1113,7 @@ async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "runtime_s": round(time.monotonic() - t_start, 1),
         "registry": {**reg.counts, "note": "generated, district area; every responder on duty"},
         "city": city,
+        "alert_on_backend": speaker.config("on"),
         "tables": tables,
         "results": results,
         "double": {"requests": len(requests), "messages": dumped.get("messages"),
@@ -1027,8 +1136,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="10 and 100/s for 5 s, a 1,000 storm, alert off (about 2 min)")
     parser.add_argument("--alert", choices=("on", "off", "both"),
-                        help="alert backend none (off) and/or file (on); default off with "
-                             "--quick, both without")
+                        help="alert backend none (off) and/or paplay on a private "
+                             "PulseAudio null sink (on); default off with --quick, both "
+                             "without")
     parser.add_argument("--profile", action="store_true",
                         help="run each gateway under cProfile; .prof files beside the JSON")
     parser.add_argument("--keep", type=Path, help="keep the work files in this directory")
