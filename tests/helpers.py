@@ -22,6 +22,7 @@ from gateway.registry import load_registry
 from gateway.sandbox.pty_device import PtyDevice
 from gateway.sandbox.twilio_double import TwilioDouble
 from tests.support.ports import free_port, wait_port
+from tests.support.procs import end_process
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "config" / "sample"
@@ -70,12 +71,7 @@ class Mosquitto:
 
     def stop(self) -> None:
         if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+            end_process(self.proc)
             self.proc = None
 
     def restart(self) -> None:

@@ -1070,7 +1070,7 @@ async def test_press_to_heard_is_measured_once_per_new_alarm(out: Path) -> None:
             await player.wait_played("R", 2)
     assert len(heard) == 1
     assert heard[0] >= 250  # the press was 0.25 s before the player saw it
-    first = [e for e in events(logs, "alert.heard")]
+    first = events(logs, "alert.heard")
     assert [(e["item"], e["alarms"]) for e in first] == [("R", 1), ("A", 1)]  # newest first
     assert first[0]["press_to_heard_ms"] is None
     assert first[1]["press_to_heard_ms"] == pytest.approx(heard[0], abs=0.1)

@@ -38,6 +38,7 @@ from gateway.model import Device, ResponderRole
 from gateway.registry import load_registry
 from gateway.sandbox.twilio_double import TwilioDouble
 from tests.helpers import REPO, SAMPLE, eventually, free_port, gateway_config, running, wait_port
+from tests.support.procs import end_process
 
 pytestmark = pytest.mark.integration
 
@@ -108,12 +109,7 @@ class Broker:
 
     def stop(self) -> None:
         if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+            end_process(self.proc)
             self.proc = None
 
 

@@ -19,6 +19,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.support.procs import end_process
+
 SINK = "alarm_sink"
 PULSEAUDIO = shutil.which("pulseaudio")
 TOOLS = all(shutil.which(t) for t in ("paplay", "pactl", "parecord"))
@@ -100,10 +102,5 @@ class PulseServer:
 
     def stop(self) -> None:
         if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+            end_process(self.proc)
             self.proc = None

@@ -29,6 +29,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
 from tests.support.ports import free_port, wait_port
+from tests.support.procs import end_process
 
 REPO = Path(__file__).resolve().parents[2]
 STOCK_CONF = Path(__file__).resolve().parent / "debian-mosquitto.conf"
@@ -172,12 +173,7 @@ class StockBroker:
 
     def stop(self) -> None:
         if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+            end_process(self.proc, 10)
             self.proc = None
 
 
